@@ -1,0 +1,22 @@
+# PTM-Mamba training pipeline: split -> embed (ESM-2, sharded) -> train.
+#   snakemake --cores all                      # run on this machine
+#   snakemake --profile profiles/slurm         # run on a SLURM cluster
+#   snakemake --report report.html             # HTML report of the last run
+# Settings: config/config.yaml (schema: workflow/schemas/config.schema.yaml).
+
+from snakemake.utils import min_version
+
+min_version("8.20")
+
+
+configfile: "config/config.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/split.smk"
+
+
+rule all:
+    input:
+        all_targets(),
+    default_target: True

@@ -1,0 +1,582 @@
+"""HDF5 storage of precomputed ESM-2 embeddings: shard writer, validation, gather, reader.
+
+The embed stage computes, per protein and per mask replicate k in 0..K-1, ESM-2
+features (L, dim) of a masked input plus the bool mask (L,) that was used.
+One job writes one shard file; ``gather`` joins a split's shards into one file
+whose arrays are HDF5 virtual datasets pointing at the shards (no copy).
+
+Layout (a shard and a gathered file look the same to a reader)::
+
+    ids              (n,)            variable-length UTF-8 strings
+    offsets          (n+1,) int64    rows of protein i are offsets[i]:offsets[i+1]
+    embeddings/<k>   (R, dim) float16, chunked, resizable along axis 0
+    masks/<k>        (R,) bool
+    attrs            esm_model, repr_layer, dim, dtype, split, split_fingerprint,
+                     mask_replicates, mask_prob, mask_seed, format_version,
+                     [shard_index, num_shards | num_shards, shard_files], complete
+
+R is the total residue count (a PTM token counts as one residue). ``complete``
+is set last, just before the atomic rename, so a file without it is the
+remains of a crashed writer.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Mapping, NamedTuple, Sequence
+
+import h5py
+import numpy as np
+
+from ptm_mamba.errors import PipelineError
+
+FORMAT_VERSION = 1
+# Attributes every writer must be given (the others are set by the writer/gather).
+REQUIRED_ATTRS = ("esm_model", "repr_layer", "split", "split_fingerprint", "mask_prob", "mask_seed")
+SHARD_ONLY_ATTRS = ("shard_index", "num_shards")
+# Attributes that are bookkeeping, not content: gather does not compare them across shards.
+_BOOKKEEPING_ATTRS = ("complete", "shard_index", "num_shards", "shard_files")
+_BUFFER_BYTES = 64 * 2**20  # default write buffer per shard (all replicates together)
+_CHECK_BLOCK_BYTES = 64 * 2**20  # NaN/Inf scan block size in validate_shard
+_MASK_CHUNK = 16384
+
+
+def _chunk_rows(dim: int) -> int:
+    """Rows per chunk: ~0.5-1 MiB chunks, a power of two in [64, 1024] (1024 for dim 320, 256 for 1280)."""
+    rows = 2 ** int(np.floor(np.log2(max(1, 2**20 // (2 * dim)))))
+    return int(np.clip(rows, 64, 1024))
+
+
+def _attr_value(v: Any) -> Any:
+    """An HDF5 attribute as a plain Python value (str, int, float, bool or list of those)."""
+    if isinstance(v, bytes):
+        return v.decode("utf-8")
+    if isinstance(v, np.ndarray):
+        return [_attr_value(x) for x in v.tolist()]
+    if isinstance(v, np.generic):
+        return v.item()
+    return v
+
+
+def _read_attrs(f: h5py.File) -> dict[str, Any]:
+    return {k: _attr_value(v) for k, v in f.attrs.items()}
+
+
+def _read_ids(f: h5py.File) -> list[str]:
+    return [str(x) for x in f["ids"].asstr()[()]]
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class _AtomicH5:
+    """An HDF5 file written under a temp name in the target folder, renamed into place on commit.
+
+    A crash leaves only ``.{name}.tmp-{pid}``, which has no ``complete`` attribute and
+    is never at the final path, so nothing downstream accepts it.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        self.file = h5py.File(self.tmp, "w")
+
+    def commit(self) -> None:
+        self.file.attrs["complete"] = True
+        self.file.close()
+        _fsync(self.tmp)
+        os.replace(self.tmp, self.path)
+        _fsync(self.path.parent)
+
+    def abort(self) -> None:
+        try:
+            self.file.close()
+        finally:
+            self.tmp.unlink(missing_ok=True)
+
+
+class ShardWriter:
+    """Appends proteins to one shard file, batch by batch, never holding the shard in RAM.
+
+    Usage::
+
+        with ShardWriter(path, dim=320, replicates=2, attrs={...}) as w:
+            w.add("P12345", [feat0, feat1], [mask0, mask1])   # feat_k (L, dim), mask_k (L,) bool
+
+    Rows are buffered and written in blocks of at least ``buffer_rows`` rows (default:
+    a 64 MiB budget). On clean exit the file gets ``complete`` and is renamed to
+    ``path``; on an exception the temp file is removed.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        dim: int,
+        replicates: int,
+        attrs: Mapping[str, Any],
+        buffer_rows: int | None = None,
+        chunk_rows: int | None = None,
+        compression: str | None = None,
+    ):
+        if dim < 1 or replicates < 1:
+            raise ValueError(f"dim and replicates must be >= 1, got dim={dim} replicates={replicates}")
+        missing = [k for k in REQUIRED_ATTRS if k not in attrs]
+        if missing:
+            raise PipelineError(f"{path}: shard attributes missing: {', '.join(missing)}")
+        fixed = {"dim": dim, "mask_replicates": replicates, "dtype": "float16", "format_version": FORMAT_VERSION}
+        for k, v in fixed.items():
+            if k in attrs and attrs[k] != v:
+                raise PipelineError(f"{path}: attribute {k}={attrs[k]!r} contradicts the writer's {v!r}")
+        self.path = Path(path)
+        self.dim, self.replicates = dim, replicates
+        self.attrs = {**dict(attrs), **fixed}
+        self.buffer_rows = buffer_rows or max(1, _BUFFER_BYTES // (2 * dim * replicates))
+        self.chunk_rows = chunk_rows or _chunk_rows(dim)
+        self.compression = compression
+        self._out: _AtomicH5 | None = None
+
+    def __enter__(self) -> "ShardWriter":
+        self._out = out = _AtomicH5(self.path)
+        try:
+            f = out.file
+            self._emb = [
+                f.create_dataset(
+                    f"embeddings/{k}", shape=(0, self.dim), maxshape=(None, self.dim), dtype=np.float16,
+                    chunks=(self.chunk_rows, self.dim), compression=self.compression,
+                )
+                for k in range(self.replicates)
+            ]
+            self._mask = [
+                f.create_dataset(f"masks/{k}", shape=(0,), maxshape=(None,), dtype=bool, chunks=(_MASK_CHUNK,))
+                for k in range(self.replicates)
+            ]
+        except BaseException:
+            out.abort()
+            raise
+        self._ids: list[str] = []
+        self._seen: set[str] = set()
+        self._offsets = [0]
+        self._buf_feat: list[list[np.ndarray]] = [[] for _ in range(self.replicates)]
+        self._buf_mask: list[list[np.ndarray]] = [[] for _ in range(self.replicates)]
+        self.buffered_rows = 0
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        out, self._out = self._out, None
+        if exc_type is not None:
+            out.abort()
+            return False
+        try:
+            self._flush()
+            f = out.file
+            f.create_dataset("ids", data=np.array(self._ids, dtype=object), dtype=h5py.string_dtype("utf-8"))
+            f.create_dataset("offsets", data=np.array(self._offsets, dtype=np.int64))
+            for k, v in self.attrs.items():
+                f.attrs[k] = v
+            out.commit()
+        except BaseException:
+            out.abort()
+            raise
+        return False
+
+    @property
+    def rows_written(self) -> int:
+        """Rows already in the HDF5 file (not counting the buffer)."""
+        return int(self._emb[0].shape[0])
+
+    def add(self, id: str, features: Sequence[np.ndarray], masks: Sequence[np.ndarray]) -> None:
+        """Append one protein: ``features[k]`` (L, dim) and ``masks[k]`` (L,) bool for k in 0..K-1."""
+        if self._out is None:
+            raise RuntimeError("ShardWriter.add outside of its `with` block")
+        where = f"{self.path}: protein {id!r}"
+        if not id or id in self._seen:
+            raise PipelineError(f"{where}: empty or duplicate id")
+        if len(features) != self.replicates or len(masks) != self.replicates:
+            raise PipelineError(
+                f"{where}: got {len(features)} feature and {len(masks)} mask replicates, expected {self.replicates}"
+            )
+        with np.errstate(over="ignore"):  # overflow becomes Inf, refused below
+            feats = [np.asarray(x, dtype=np.float16) for x in features]
+        msks = [np.asarray(m) for m in masks]
+        L = feats[0].shape[0] if feats[0].ndim == 2 else -1
+        for k, (x, m) in enumerate(zip(feats, msks)):
+            if x.shape != (L, self.dim) or m.shape != (L,):
+                raise PipelineError(
+                    f"{where} replicate {k}: features {x.shape} / mask {m.shape}, expected ({L}, {self.dim}) / ({L},)"
+                )
+            if m.dtype != np.bool_:
+                raise PipelineError(f"{where} replicate {k}: mask dtype {m.dtype}, expected bool")
+            if not np.isfinite(x).all():
+                raise PipelineError(f"{where} replicate {k}: features contain NaN/Inf (after float16 cast)")
+        for k in range(self.replicates):
+            self._buf_feat[k].append(feats[k])
+            self._buf_mask[k].append(msks[k])
+        self._ids.append(id)
+        self._seen.add(id)
+        self._offsets.append(self._offsets[-1] + L)
+        self.buffered_rows += L
+        if self.buffered_rows >= self.buffer_rows:
+            self._flush()
+
+    def _flush(self) -> None:
+        """Write the buffered rows of every replicate in one block each."""
+        if self.buffered_rows == 0:
+            return
+        start = self.rows_written
+        end = start + self.buffered_rows
+        for k in range(self.replicates):
+            self._emb[k].resize(end, axis=0)
+            self._emb[k][start:end] = np.concatenate(self._buf_feat[k])
+            self._mask[k].resize((end,))
+            self._mask[k][start:end] = np.concatenate(self._buf_mask[k])
+            self._buf_feat[k].clear()
+            self._buf_mask[k].clear()
+        self.buffered_rows = 0
+
+
+def _check_layout(f: h5py.File, where: str) -> tuple[list[str], np.ndarray, dict[str, Any]]:
+    """Structural checks shared by shards and gathered files; returns (ids, offsets, attrs)."""
+    attrs = _read_attrs(f)
+    if not attrs.get("complete", False):
+        raise PipelineError(f"{where}: not marked complete (an interrupted or foreign write)")
+    if attrs.get("format_version") != FORMAT_VERSION:
+        raise PipelineError(f"{where}: format_version {attrs.get('format_version')!r}, expected {FORMAT_VERSION}")
+    for key in ("dim", "mask_replicates"):
+        if not isinstance(attrs.get(key), int):
+            raise PipelineError(f"{where}: attribute {key} missing or not an integer")
+    dim, K = attrs["dim"], attrs["mask_replicates"]
+    names = ["ids", "offsets"] + [f"{g}/{k}" for g in ("embeddings", "masks") for k in range(K)]
+    for name in names:
+        if not isinstance(f.get(name), h5py.Dataset):
+            raise PipelineError(f"{where}: dataset {name} missing")
+    ids = _read_ids(f)
+    offsets = f["offsets"][()]
+    if len(set(ids)) != len(ids):
+        dup = next(i for i in ids if ids.count(i) > 1)
+        raise PipelineError(f"{where}: duplicate id {dup!r}")
+    if (
+        offsets.shape != (len(ids) + 1,)
+        or offsets[0] != 0
+        or np.any(np.diff(offsets) < 0)
+    ):
+        raise PipelineError(f"{where}: offsets inconsistent (shape {offsets.shape} for {len(ids)} ids, or not increasing from 0)")
+    rows = int(offsets[-1])
+    for k in range(K):
+        emb, mask = f[f"embeddings/{k}"], f[f"masks/{k}"]
+        if emb.shape != (rows, dim) or emb.dtype != np.float16:
+            raise PipelineError(f"{where}: embeddings/{k} is {emb.dtype}{emb.shape}, expected float16({rows}, {dim})")
+        if mask.shape != (rows,):
+            raise PipelineError(f"{where}: masks/{k} has shape {mask.shape}, expected ({rows},)")
+    return ids, offsets, attrs
+
+
+def _check_ids(found: Sequence[str], expected: Sequence[str], where: str) -> None:
+    """Raise unless ``found`` and ``expected`` hold the same ids (order free, no duplicates)."""
+    f, e = set(found), set(expected)
+    if len(e) != len(expected):
+        raise PipelineError(f"{where}: the expected id list itself has duplicates")
+    if f != e or len(found) != len(f):
+        missing, extra = sorted(e - f), sorted(f - e)
+        parts = [f"{len(missing)} missing" + (f" (e.g. {missing[0]!r})" if missing else ""),
+                 f"{len(extra)} extra" + (f" (e.g. {extra[0]!r})" if extra else "")]
+        if len(found) != len(f):
+            parts.append(f"{len(found) - len(f)} duplicated")
+        raise PipelineError(f"{where}: ids differ from expected: {', '.join(parts)}")
+
+
+def _check_attrs(attrs: Mapping[str, Any], expected: Mapping[str, Any], where: str) -> None:
+    for key, want in expected.items():
+        if key not in attrs:
+            raise PipelineError(f"{where}: attribute {key} missing, expected {want!r}")
+        if attrs[key] != _attr_value(want):
+            raise PipelineError(f"{where}: attribute {key} is {attrs[key]!r}, expected {want!r} (stale file?)")
+
+
+def _check_finite(f: h5py.File, K: int, where: str) -> None:
+    """Scan every embeddings/<k> block by block (bounded memory) for NaN/Inf."""
+    for k in range(K):
+        dset = f[f"embeddings/{k}"]
+        step = max(1, _CHECK_BLOCK_BYTES // (2 * max(1, dset.shape[1])))
+        for start in range(0, dset.shape[0], step):
+            block = dset[start:start + step]
+            if not np.isfinite(block).all():
+                row = start + int(np.argwhere(~np.isfinite(block))[0, 0])
+                raise PipelineError(f"{where}: embeddings/{k} has NaN/Inf at row {row}")
+
+
+def _virtual_sources(f: h5py.File, path: Path) -> list[Path]:
+    """Source files of the virtual datasets in ``f``, resolved like HDF5 does (relative to the file's folder)."""
+    files: dict[str, None] = {}
+    for group in ("embeddings", "masks"):
+        for dset in f[group].values():
+            if dset.is_virtual:
+                files.update((m.file_name, None) for m in dset.virtual_sources())
+    return [Path(n) if os.path.isabs(n) else path.parent / n for n in files if n != "."]
+
+
+def _check_sources(f: h5py.File, path: Path) -> None:
+    """A missing VDS source reads as fill values without error in HDF5, so look for it ourselves."""
+    for src in _virtual_sources(f, path):
+        if not src.is_file():
+            raise PipelineError(f"{path}: points at missing shard file {src} (moved or deleted after gather?)")
+
+
+def _open(path: Path) -> h5py.File:
+    if not path.is_file():
+        raise PipelineError(f"{path}: embedding file does not exist")
+    try:
+        return h5py.File(path, "r")
+    except OSError as e:
+        raise PipelineError(f"{path}: not a readable HDF5 file (truncated or corrupt): {str(e).splitlines()[0]}") from None
+
+
+def _validate(path: Path, expected_ids, expected_attrs, check_values: bool):
+    """validate_shard's body; returns (ids, offsets, attrs) for gather."""
+    f = _open(path)
+    try:
+        with f:
+            ids, offsets, attrs = _check_layout(f, str(path))
+            if expected_ids is not None:
+                _check_ids(ids, expected_ids, str(path))
+            _check_attrs(attrs, expected_attrs or {}, str(path))
+            _check_sources(f, path)
+            if check_values:
+                _check_finite(f, attrs["mask_replicates"], str(path))
+    except OSError as e:  # damage found only while reading data
+        raise PipelineError(f"{path}: HDF5 read failed (truncated or corrupt): {str(e).splitlines()[0]}") from None
+    return ids, offsets, attrs
+
+
+def validate_shard(
+    path: str | os.PathLike,
+    *,
+    expected_ids: Sequence[str] | None,
+    expected_attrs: Mapping[str, Any],
+    check_values: bool = True,
+) -> None:
+    """Raise PipelineError (one line naming ``path``) unless it is a complete, consistent shard.
+
+    Checks: readable HDF5, ``complete`` set, datasets present with consistent shapes,
+    ids equal to ``expected_ids`` (as a set), every ``expected_attrs`` entry equal, and
+    (``check_values``) no NaN/Inf, scanned in bounded blocks. Also works on a gathered file.
+    """
+    _validate(Path(path), expected_ids, expected_attrs, check_values)
+
+
+class _Shard(NamedTuple):
+    path: Path
+    ids: list[str]
+    offsets: np.ndarray
+    attrs: dict[str, Any]
+
+    @property
+    def rows(self) -> int:
+        return int(self.offsets[-1])
+
+
+def gather(
+    shard_paths: Sequence[str | os.PathLike],
+    out_path: str | os.PathLike,
+    *,
+    expected_ids: Sequence[str] | None = None,
+    expected_attrs: Mapping[str, Any] | None = None,
+    check_values: bool = True,
+) -> None:
+    """Join validated shards into ``out_path`` (atomic) without copying their arrays.
+
+    ``ids`` and rebased ``offsets`` are real datasets; ``embeddings/<k>`` and ``masks/<k>``
+    are virtual datasets over the shards, in ``shard_paths`` order. Sources in
+    ``out_path``'s folder or below are stored as relative paths, so the folder can be
+    moved as a whole; others are stored absolute. The shards must stay in place.
+    """
+    out_path = Path(out_path)
+    if not shard_paths:
+        raise PipelineError(f"{out_path}: no shards to gather")
+    shards = [_Shard(Path(p), *_validate(Path(p), None, expected_attrs, check_values)) for p in shard_paths]
+
+    ref = shards[0]
+    content = {k: v for k, v in ref.attrs.items() if k not in _BOOKKEEPING_ATTRS}
+    for s in shards[1:]:
+        _check_attrs(s.attrs, content, f"{s.path} (compared with {ref.path.name})")
+        extra = set(s.attrs) - set(content) - set(_BOOKKEEPING_ATTRS)
+        if extra:
+            raise PipelineError(f"{s.path}: attribute {sorted(extra)[0]} not present in {ref.path.name}")
+    n = len(shards)
+    indices = sorted(s.attrs.get("shard_index", -1) for s in shards)
+    counts = sorted({s.attrs.get("num_shards") for s in shards}, key=str)
+    if "shard_index" in ref.attrs and (indices != list(range(n)) or counts != [n]):
+        raise PipelineError(
+            f"{out_path}: the {n} shards given have shard_index {indices} and num_shards {counts}, "
+            f"expected 0..{n - 1} of {n} (a shard missing or stale?)"
+        )
+
+    owner: dict[str, Path] = {}
+    for s in shards:
+        for i in s.ids:
+            if i in owner:
+                raise PipelineError(f"{s.path}: id {i!r} also in shard {owner[i]}")
+            owner[i] = s.path
+    all_ids = [i for s in shards for i in s.ids]
+    if expected_ids is not None:
+        _check_ids(all_ids, expected_ids, f"{out_path} (union of {n} shards)")
+
+    base = out_path.parent.resolve()
+    sources = [
+        str(rp.relative_to(base)) if rp.is_relative_to(base) else str(rp)
+        for rp in (s.path.resolve() for s in shards)
+    ]
+    rows = [s.rows for s in shards]
+    starts = np.concatenate([[0], np.cumsum(rows)]).astype(np.int64)
+    total = int(starts[-1])
+    offsets = np.concatenate([[0]] + [s.offsets[1:] + st for s, st in zip(shards, starts)])
+    dim, K = ref.attrs["dim"], ref.attrs["mask_replicates"]
+
+    out = _AtomicH5(out_path)
+    try:
+        f = out.file
+        f.create_dataset("ids", data=np.array(all_ids, dtype=object), dtype=h5py.string_dtype("utf-8"))
+        f.create_dataset("offsets", data=offsets.astype(np.int64))
+        for k in range(K):
+            for group, shape, dtype, fill in (
+                ("embeddings", (total, dim), np.float16, np.nan),  # NaN marks rows whose source went missing
+                ("masks", (total,), np.bool_, False),
+            ):
+                name = f"{group}/{k}"
+                layout = h5py.VirtualLayout(shape=shape, dtype=dtype)
+                for src, start, r in zip(sources, starts, rows):
+                    if r:
+                        layout[start:start + r] = h5py.VirtualSource(src, name, shape=(r,) + shape[1:], dtype=dtype)
+                if total:
+                    f.create_virtual_dataset(name, layout, fillvalue=fill)
+                else:  # HDF5 cannot map an empty extent; an empty real dataset reads the same
+                    f.create_dataset(name, shape=shape, dtype=dtype)
+        for k, v in content.items():
+            f.attrs[k] = v
+        f.attrs["num_shards"] = len(shards)
+        f.attrs["shard_files"] = sources
+        out.commit()
+    except BaseException:
+        out.abort()
+        raise
+
+
+class EmbeddingReader:
+    """Reads one protein's (or a batch's) embeddings of one replicate from a shard or gathered file.
+
+    The h5py handle is opened on first access and reopened when ``os.getpid()``
+    changes: HDF5 handles must not cross a fork, so each DataLoader worker opens
+    its own. Pickling drops the handle. ids/offsets/attrs are loaded once.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self._file: h5py.File | None = None
+        self._pid: int | None = None
+        self._meta: tuple[list[str], dict[str, int], np.ndarray, dict[str, Any]] | None = None
+
+    def _h5(self) -> h5py.File:
+        if self._file is None or self._pid != os.getpid():
+            # An inherited handle belongs to the parent: drop it and its datasets (so HDF5 does
+            # not hand back the inherited file id) and never use it.
+            self._file, self._emb, self._mask = None, [], []
+            f = _open(self.path)
+            try:
+                if self._meta is None:
+                    ids, offsets, attrs = _check_layout(f, str(self.path))
+                    self._meta = (ids, {i: n for n, i in enumerate(ids)}, offsets, attrs)
+                _check_sources(f, self.path)
+            except BaseException:
+                f.close()
+                raise
+            K = self._meta[3]["mask_replicates"]
+            self._emb = [f[f"embeddings/{k}"] for k in range(K)]
+            self._mask = [f[f"masks/{k}"] for k in range(K)]
+            self._file, self._pid = f, os.getpid()
+        return self._file
+
+    def _metadata(self):
+        if self._meta is None:
+            self._h5()
+        return self._meta
+
+    @property
+    def ids(self) -> list[str]:
+        return self._metadata()[0]
+
+    @property
+    def attrs(self) -> dict[str, Any]:
+        return dict(self._metadata()[3])
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def index(self, id: str) -> int:
+        try:
+            return self._metadata()[1][id]
+        except KeyError:
+            raise PipelineError(f"{self.path}: unknown protein id {id!r}") from None
+
+    def length(self, id: str) -> int:
+        offsets = self._metadata()[2]
+        i = self.index(id)
+        return int(offsets[i + 1] - offsets[i])
+
+    def _datasets(self, replicate: int) -> tuple[h5py.Dataset, h5py.Dataset]:
+        self._h5()
+        K = len(self._emb)
+        if not 0 <= replicate < K:
+            raise PipelineError(f"{self.path}: replicate {replicate} out of range 0..{K - 1}")
+        return self._emb[replicate], self._mask[replicate]
+
+    def get(self, id: str, replicate: int) -> tuple[np.ndarray, np.ndarray]:
+        """Features (L, dim) float16 and mask (L,) bool of protein ``id``, replicate ``replicate``."""
+        emb, mask = self._datasets(replicate)
+        offsets = self._metadata()[2]
+        i = self.index(id)
+        a, b = int(offsets[i]), int(offsets[i + 1])
+        return emb[a:b], mask[a:b]
+
+    def get_many(self, ids: Sequence[str], replicate: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Like ``get`` for a batch, in ``ids`` order; proteins adjacent in the file are read in one go."""
+        emb, mask = self._datasets(replicate)
+        offsets = self._metadata()[2]
+        rows = sorted({self.index(i) for i in ids})
+        out: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        j = 0
+        while j < len(rows):  # runs of consecutive proteins -> one contiguous read each
+            end = j
+            while end + 1 < len(rows) and rows[end + 1] == rows[end] + 1:
+                end += 1
+            a, b = int(offsets[rows[j]]), int(offsets[rows[end] + 1])
+            x, m = emb[a:b], mask[a:b]
+            for r in rows[j:end + 1]:
+                s, e = int(offsets[r]) - a, int(offsets[r + 1]) - a
+                out[r] = (x[s:e], m[s:e])
+            j = end + 1
+        return [out[self.index(i)] for i in ids]
+
+    def close(self) -> None:
+        if self._file is not None and self._pid == os.getpid():
+            self._file.close()
+        self._file = self._pid = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state.update(_file=None, _pid=None)
+        state.pop("_emb", None)
+        state.pop("_mask", None)
+        return state
+
+    def __enter__(self) -> "EmbeddingReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,443 @@
+"""ESM-2 per-residue embeddings: loading fair-esm checkpoints and a fast batched forward.
+
+Loading goes through fair-esm's own loader (``esm.pretrained.load_model_and_alphabet_local``)
+with ``torch.load``'s default ``weights_only=True``; the only extra class allowed in the
+unpickler is ``argparse.Namespace``, which fair-esm checkpoints use for their config.
+fair-esm's hub path is not used because ``torch.hub.load_state_dict_from_url`` loads
+with ``weights_only=False``: pretrained names are fetched into the torch hub cache
+(``torch.hub.get_dir()/checkpoints/``, the folder fair-esm itself uses) and loaded
+from there as local files.
+
+The forward (``esm_forward``) re-implements fair-esm's ``ESM2.forward`` over the same
+weights, with fused q/k/v projections and ``F.scaled_dot_product_attention`` under a
+key-padding mask. It reproduces fair-esm exactly, quirks included: ESM-2 checkpoints
+set ``token_dropout``, and fair-esm applies it in eval too: ``<mask>`` embeddings are
+zeroed and every embedding is scaled by ``(1 - 0.15 * 0.8) / (1 - mask_ratio)``, where
+``mask_ratio`` is the sequence's fraction of ``<mask>`` tokens over its length with
+``<cls>``/``<eos>`` (so 0.88 for a sequence without masks).
+
+``embed`` runs length-sorted batches under a padded-token budget, splits sequences
+longer than ``window`` residues into overlapping windows (averaged where they
+overlap), and yields one float32 ``(L, embed_dim)`` array per key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import os
+import pickle
+import re
+import tempfile
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Hashable, Iterable, Iterator, NamedTuple
+
+import esm as fair_esm
+import esm.pretrained
+import numpy as np
+import torch
+import torch.nn.functional as F
+from esm.model.esm2 import ESM2
+from tqdm import tqdm
+
+from ptm_mamba.errors import PipelineError
+
+ESM2_NAMES: tuple[str, ...] = tuple(
+    sorted((n for n in dir(esm.pretrained) if n.startswith("esm2_t")),
+           key=lambda n: int(re.match(r"esm2_t(\d+)_", n).group(1)))
+)
+_URL = "https://dl.fbaipublicfiles.com/fair-esm/{folder}/{file}"
+_DOWNLOAD_TIMEOUT_S = 20  # per socket operation: an offline machine fails fast
+
+
+@dataclass
+class EsmModel:
+    """A frozen fair-esm ESM-2 model, its alphabet, and the layer we read embeddings from."""
+
+    model: ESM2
+    alphabet: fair_esm.Alphabet
+    name: str
+    num_layers: int
+    embed_dim: int
+    repr_layer: int
+    _weights: dict = field(default_factory=dict, repr=False)  # (device, dtype) -> weights
+
+    @classmethod
+    def wrap(cls, model: ESM2, alphabet, name: str, repr_layer: int | None = None,
+             device: str | torch.device = "cpu") -> "EsmModel":
+        """Put ``model`` in eval mode without gradients on ``device`` and check ``repr_layer``."""
+        if not isinstance(model, ESM2):
+            raise PipelineError(f"ESM model {name} is {type(model).__name__}, not ESM-2")
+        model = model.eval().requires_grad_(False).to(device)
+        n = model.num_layers
+        if repr_layer is None:
+            repr_layer = n
+        if isinstance(repr_layer, bool) or not isinstance(repr_layer, int) or not 0 <= repr_layer <= n:
+            raise PipelineError(f"esm repr_layer {repr_layer!r} is not in 0..{n} ({name} has {n} layers)")
+        return cls(model, alphabet, name, n, model.embed_dim, repr_layer)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed_tokens.weight.device
+
+
+# ----------------------------------------------------------------------------- loading
+
+def hub_checkpoint_dir() -> Path:
+    """The folder where fair-esm (through torch.hub) caches pretrained weights."""
+    return Path(torch.hub.get_dir()) / "checkpoints"
+
+
+def _checkpoint_files(name: str) -> tuple[str, str]:
+    return f"{name}.pt", f"{name}-contact-regression.pt"
+
+
+def _download(url: str, dest: Path) -> None:
+    """Fetch ``url`` into ``dest`` atomically (temp file in the same folder, then rename)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+    try:
+        with urllib.request.urlopen(url, timeout=_DOWNLOAD_TIMEOUT_S) as response, \
+                os.fdopen(fd, "wb") as out:
+            size = int(getattr(response, "headers", {}).get("Content-Length", 0) or 0) or None
+            with tqdm(total=size, unit="B", unit_scale=True, desc=dest.name) as bar:
+                while chunk := response.read(1 << 20):
+                    out.write(chunk)
+                    bar.update(len(chunk))
+        os.replace(tmp, dest)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _cached_pretrained(name: str) -> Path:
+    """Path of ``<name>.pt`` in the hub cache, downloading the missing files first."""
+    folder = hub_checkpoint_dir()
+    model_file, regression_file = _checkpoint_files(name)
+    for file, kind in ((model_file, "models"), (regression_file, "regression")):
+        if (folder / file).is_file():
+            continue
+        try:
+            _download(_URL.format(folder=kind, file=file), folder / file)
+        except (urllib.error.URLError, OSError) as e:  # offline, DNS, timeout, HTTP error
+            reason = str(getattr(e, "reason", e)).replace("\n", " ")
+            raise PipelineError(
+                f"ESM weights {name} are not cached and could not be downloaded ({reason}): "
+                f"place {model_file} and {regression_file} in {folder}, "
+                f"or set esm.model: /path/to/{model_file}"
+            ) from None
+    return folder / model_file
+
+
+def _load_local(path: Path) -> tuple[ESM2, fair_esm.Alphabet]:
+    """fair-esm's local loader under weights_only=True, allowing only argparse.Namespace."""
+    if not path.is_file():
+        raise PipelineError(f"ESM checkpoint not found: {path}")
+    if not path.stem.startswith("esm2"):
+        raise PipelineError(f"ESM checkpoint {path}: the file name must start with 'esm2' "
+                            "(fair-esm picks the ESM-2 format from the name)")
+    regression = path.with_name(_checkpoint_files(path.stem)[1])
+    if not regression.is_file():
+        raise PipelineError(f"ESM checkpoint {path} needs {regression.name} beside it: {regression}")
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return esm.pretrained.load_model_and_alphabet_local(str(path))
+    except (pickle.UnpicklingError, RuntimeError, KeyError, AttributeError) as e:
+        detail = " ".join(str(e).split())[:400]
+        raise PipelineError(f"cannot load ESM checkpoint {path}: {detail}") from None
+
+
+def load_esm(model: str, repr_layer: int | None = None, device: str | torch.device = "cpu") -> EsmModel:
+    """Load a fair-esm ESM-2 model by pretrained name (e.g. esm2_t33_650M_UR50D) or ``.pt`` path."""
+    model = str(model)
+    if model in ESM2_NAMES:
+        path, name = _cached_pretrained(model), model
+    elif model.endswith(".pt") or os.sep in model or Path(model).exists():
+        path = Path(model).expanduser()
+        name = path.stem
+    else:
+        raise PipelineError(f"unknown ESM model {model!r}: use one of {', '.join(ESM2_NAMES)} "
+                            "or a path to a fair-esm .pt checkpoint")
+    module, alphabet = _load_local(path)
+    return EsmModel.wrap(module, alphabet, name, repr_layer, device)
+
+
+# ----------------------------------------------------------------------------- tokens and batches
+
+def esm_token_ids(alphabet, residues: str, mask: np.ndarray | None = None, key: Hashable = None) -> np.ndarray:
+    """Token ids (L,) uint8 of ``residues`` without <cls>/<eos>; positions where ``mask`` is True get <mask>."""
+    lut = np.full(256, 255, dtype=np.uint8)
+    for tok, idx in alphabet.tok_to_idx.items():
+        if len(tok) == 1:
+            lut[ord(tok)] = idx
+    try:
+        ids = lut[np.frombuffer(residues.encode("ascii"), dtype=np.uint8)]
+    except UnicodeEncodeError:
+        ids = np.full(len(residues), 255, dtype=np.uint8)
+    if (bad := np.flatnonzero(ids == 255)).size:
+        i = int(bad[0])
+        raise PipelineError(f"sequence {key}: residue {residues[i]!r} at position {i + 1} "
+                            "is not in the ESM alphabet")
+    if mask is not None:
+        mask = np.asarray(mask, dtype=bool)
+        if mask.shape != ids.shape:
+            raise PipelineError(f"sequence {key}: mask has shape {mask.shape}, expected ({len(ids)},)")
+        ids[mask] = alphabet.mask_idx
+    return ids
+
+
+def window_starts(length: int, window: int, overlap: int) -> list[int]:
+    """Starts of the fewest ``window``-long windows covering ``length`` residues with at least
+    ``overlap`` residues shared by neighbours, spread evenly; ``[0]`` when it fits in one."""
+    if length <= window:
+        return [0]
+    n = math.ceil((length - overlap) / (window - overlap))
+    return [i * (length - window) // (n - 1) for i in range(n)]
+
+
+def plan_batches(token_lengths: list[int], max_tokens: int, batch_size: int | None = None) -> list[list[int]]:
+    """Group indices, longest first, so that ``len(batch) * max_len <= max_tokens`` (and at most
+    ``batch_size`` per batch); an item longer than the budget goes alone in its batch."""
+    order = sorted(range(len(token_lengths)), key=lambda i: -token_lengths[i])
+    batches: list[list[int]] = []
+    for i in order:
+        b = batches[-1] if batches else None
+        if b and (len(b) + 1) * token_lengths[b[0]] <= max_tokens and (batch_size is None or len(b) < batch_size):
+            b.append(i)
+        else:
+            batches.append([i])
+    return batches
+
+
+# ----------------------------------------------------------------------------- forward
+
+class _Layer(NamedTuple):
+    ln1: tuple[torch.Tensor, torch.Tensor, float]
+    qkv_w: torch.Tensor  # (3D, D), q rows pre-multiplied by fair-esm's head_dim**-0.5
+    qkv_b: torch.Tensor
+    out_w: torch.Tensor
+    out_b: torch.Tensor
+    ln2: tuple[torch.Tensor, torch.Tensor, float]
+    fc1_w: torch.Tensor
+    fc1_b: torch.Tensor
+    fc2_w: torch.Tensor
+    fc2_b: torch.Tensor
+
+
+class _Weights(NamedTuple):
+    embed: torch.Tensor  # (V, D) fp32
+    inv_freq: torch.Tensor  # (head_dim / 2,) rotary frequencies
+    layers: list[_Layer]
+    final_ln: tuple[torch.Tensor, torch.Tensor, float]
+
+
+def _ln(norm: torch.nn.Module, device) -> tuple[torch.Tensor, torch.Tensor, float]:
+    return norm.weight.to(device), norm.bias.to(device), norm.eps
+
+
+@torch.no_grad()
+def _weights(esm_model: EsmModel, device: torch.device, dtype: torch.dtype) -> _Weights:
+    """The model's weights on ``device``: matmul weights in ``dtype``, the rest in fp32.
+    Cached on the EsmModel (one device/dtype at a time)."""
+    key = (str(device), dtype)
+    if key not in esm_model._weights:
+        esm_model._weights.clear()
+        m = esm_model.model
+        cast = lambda t: t.to(device=device, dtype=dtype)  # noqa: E731
+        layers = []
+        for layer in m.layers:
+            att = layer.self_attn
+            qkv_w = torch.cat([att.q_proj.weight * att.scaling, att.k_proj.weight, att.v_proj.weight])
+            qkv_b = torch.cat([att.q_proj.bias * att.scaling, att.k_proj.bias, att.v_proj.bias])
+            layers.append(_Layer(
+                _ln(layer.self_attn_layer_norm, device), cast(qkv_w), cast(qkv_b),
+                cast(att.out_proj.weight), cast(att.out_proj.bias), _ln(layer.final_layer_norm, device),
+                cast(layer.fc1.weight), cast(layer.fc1.bias), cast(layer.fc2.weight), cast(layer.fc2.bias),
+            ))
+        esm_model._weights[key] = _Weights(
+            m.embed_tokens.weight.to(device), m.layers[0].self_attn.rot_emb.inv_freq.to(device),
+            layers, _ln(m.emb_layer_norm_after, device))
+    return esm_model._weights[key]
+
+
+def _rotary_tables(inv_freq: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin (T, head_dim) exactly as fair-esm's RotaryEmbedding builds them."""
+    t = torch.arange(length, device=inv_freq.device).type_as(inv_freq)
+    freqs = torch.einsum("i,j->ij", t, inv_freq)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+def _compute_dtype(device: torch.device) -> torch.dtype:
+    if device.type != "cuda":
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def esm_forward(esm_model: EsmModel, tokens: torch.Tensor, layer: int | None = None) -> torch.Tensor:
+    """Hidden states (B, T, D) after ``layer`` (default: repr_layer) for tokens (B, T) with
+    <cls>/<eos>/<pad>, equal to fair-esm's ``model(tokens, repr_layers=[layer])["representations"][layer]``.
+
+    Runs on ``tokens.device`` under inference_mode; on CUDA under autocast (bf16, else fp16)
+    with the residual stream and layer norms in fp32, on CPU in fp32. Returns fp32.
+    """
+    layer = esm_model.repr_layer if layer is None else layer
+    m, device = esm_model.model, tokens.device
+    dtype = _compute_dtype(device)
+    w = _weights(esm_model, device, dtype)
+    autocast = torch.autocast("cuda", dtype=dtype) if device.type == "cuda" else contextlib.nullcontext()
+    with torch.inference_mode(), autocast:
+        pad = tokens.eq(m.padding_idx)  # (B, T)
+        x = m.embed_scale * F.embedding(tokens, w.embed)  # (B, T, D) fp32
+        if m.token_dropout:  # applied by fair-esm in eval too
+            is_mask = tokens.eq(m.mask_idx)
+            x = x.masked_fill(is_mask.unsqueeze(-1), 0.0)
+            mask_ratio = is_mask.sum(-1).to(x.dtype) / (~pad).sum(-1)
+            x = x * (1 - 0.15 * 0.8) / (1 - mask_ratio)[:, None, None]
+        x = x * (~pad).unsqueeze(-1).type_as(x)
+        B, T, D = x.shape
+        H = m.attention_heads
+        keep = (~pad)[:, None, None, :] if pad.any() else None  # (B, 1, 1, T): True = attend
+        if layer > 0:
+            cos, sin = _rotary_tables(w.inv_freq, T)
+            cos, sin = cos.to(dtype), sin.to(dtype)
+        for lw in w.layers[:layer]:
+            h = F.layer_norm(x, (D,), *lw.ln1[:2], eps=lw.ln1[2])
+            q, k, v = F.linear(h, lw.qkv_w, lw.qkv_b).view(B, T, 3, H, D // H).permute(2, 0, 3, 1, 4)
+            a = F.scaled_dot_product_attention(_rotate(q, cos, sin), _rotate(k, cos, sin), v,
+                                               attn_mask=keep, scale=1.0)  # q is pre-scaled
+            x = x + F.linear(a.transpose(1, 2).reshape(B, T, D), lw.out_w, lw.out_b)
+            h = F.layer_norm(x, (D,), *lw.ln2[:2], eps=lw.ln2[2])
+            x = x + F.linear(F.gelu(F.linear(h, lw.fc1_w, lw.fc1_b)), lw.fc2_w, lw.fc2_b)
+        if layer == esm_model.num_layers:  # fair-esm normalises the last layer's representation
+            x = F.layer_norm(x, (D,), *w.final_ln[:2], eps=w.final_ln[2])
+        return x.float()
+
+
+# ----------------------------------------------------------------------------- embedding
+
+class _Piece(NamedTuple):
+    item: int  # index into the item list
+    start: int  # first residue of this window
+    length: int  # residues in this window
+
+
+def _check_positive(name: str, value, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise PipelineError(f"esm {name} must be a positive integer, got {value!r}")
+
+
+def embed(
+    esm_model: EsmModel,
+    items: Iterable[tuple[Hashable, str, np.ndarray | None]],
+    *,
+    max_tokens_per_batch: int = 4096,
+    batch_size: int | None = None,
+    window: int = 1022,
+    overlap: int = 256,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+) -> Iterator[tuple[Hashable, np.ndarray]]:
+    """Yield ``(key, float32 (L, embed_dim))`` per item ``(key, residues, mask)``, row i for residue i.
+
+    Batches are length-sorted (longest first) with ``batch * max_len <= max_tokens_per_batch``
+    padded tokens, <cls>/<eos> included. Sequences longer than ``window`` are embedded as
+    overlapping windows (each its own ESM input) and averaged where windows overlap.
+    Keys come out in the order their batches finish, each exactly once. On CUDA the next
+    batch is computed while the current one is being yielded.
+    """
+    for name, value in (("max_tokens_per_batch", max_tokens_per_batch), ("window", window)):
+        _check_positive(name, value)
+    _check_positive("batch_size", batch_size, allow_none=True)
+    if isinstance(overlap, bool) or not isinstance(overlap, int) or not 0 <= overlap < window:
+        raise PipelineError(f"esm overlap must be an integer in 0..{window - 1} (window {window}), got {overlap!r}")
+    device = torch.device(device) if device is not None else esm_model.device
+    alphabet = esm_model.alphabet
+
+    keys: list[Hashable] = []
+    ids: list[np.ndarray] = []
+    seen: set = set()
+    for key, residues, mask in items:
+        if key in seen:
+            raise PipelineError(f"duplicate sequence key {key!r}")
+        seen.add(key)
+        keys.append(key)
+        ids.append(esm_token_ids(alphabet, residues, mask, key))
+    del seen
+
+    pieces = [_Piece(i, s, min(window, len(t))) for i, t in enumerate(ids) if len(t)
+              for s in window_starts(len(t), window, overlap)]
+    batches = plan_batches([p.length + 2 for p in pieces], max_tokens_per_batch, batch_size)
+    n_windows = np.bincount([p.item for p in pieces], minlength=len(ids))
+    partial: dict[int, tuple[np.ndarray, np.ndarray, int]] = {}  # item -> (sum, count, windows left)
+
+    def launch(batch: list[int]):
+        """Start the forward of one batch; returns what ``collect`` needs."""
+        bp = [pieces[j] for j in batch]
+        width = max(p.length for p in bp)
+        toks = np.full((len(bp), width + 2), alphabet.padding_idx, dtype=np.int64)
+        for r, p in enumerate(bp):
+            toks[r, 0] = alphabet.cls_idx
+            toks[r, 1:p.length + 1] = ids[p.item][p.start:p.start + p.length]
+            toks[r, p.length + 1] = alphabet.eos_idx
+        toks = torch.from_numpy(toks)
+        if device.type == "cuda":
+            toks = toks.pin_memory().to(device, non_blocking=True)
+        out = esm_forward(esm_model, toks)[:, 1:width + 1]
+        if device.type == "cuda":
+            host = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
+            host.copy_(out, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+            return bp, host, done
+        return bp, out.cpu(), None
+
+    def collect(bp, host, done) -> Iterator[tuple[Hashable, np.ndarray]]:
+        if done is not None:
+            done.synchronize()
+        out = host.numpy()
+        for r, p in enumerate(bp):
+            rows = out[r, :p.length]
+            if n_windows[p.item] == 1:
+                yield keys[p.item], rows.copy()
+                continue
+            total, count, left = partial.get(p.item) or (
+                np.zeros((len(ids[p.item]), out.shape[-1]), np.float32),
+                np.zeros(len(ids[p.item]), np.float32), n_windows[p.item])
+            total[p.start:p.start + p.length] += rows
+            count[p.start:p.start + p.length] += 1
+            if left == 1:
+                partial.pop(p.item, None)
+                yield keys[p.item], total / count[:, None]
+            else:
+                partial[p.item] = (total, count, left - 1)
+
+    bar = tqdm(total=sum(p.length for p in pieces), unit="res", unit_scale=True,
+               desc=f"ESM {esm_model.name}", disable=not progress)
+    try:
+        for i, t in enumerate(ids):
+            if len(t) == 0:  # nothing to embed
+                yield keys[i], np.zeros((0, esm_model.embed_dim), np.float32)
+        pending = None
+        for batch in batches:
+            started = launch(batch)
+            if pending is not None:
+                yield from collect(*pending)
+                bar.update(sum(p.length for p in pending[0]))
+            pending = started
+        if pending is not None:
+            yield from collect(*pending)
+            bar.update(sum(p.length for p in pending[0]))
+    finally:
+        bar.close()
