@@ -14,6 +14,8 @@ configfile: "config/config.yaml"
 
 include: "workflow/rules/common.smk"
 include: "workflow/rules/split.smk"
+include: "workflow/rules/embed.smk"
+include: "workflow/rules/train.smk"
 
 
 rule all:

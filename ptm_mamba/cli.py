@@ -36,6 +36,57 @@ def cmd_split(args: argparse.Namespace) -> None:
               f"{s['longer_than_max_sequence_length']} longer than max_sequence_length")
 
 
+def cmd_embed_shard(args: argparse.Namespace) -> None:
+    from .config import load_config
+    from .embed import embed_shard
+
+    config = load_config(args.config)
+    n = embed_shard(config, args.split, args.shard, args.num_shards, args.split_file, args.output)
+    print(f"{args.split} shard {args.shard}/{args.num_shards}: {n} proteins -> {args.output}")
+
+
+def cmd_gather(args: argparse.Namespace) -> None:
+    from .config import load_config
+    from .embed import gather_split
+
+    config = load_config(args.config)
+    gather_split(config, args.split, args.split_file, args.shards, args.output)
+    print(f"{args.split}: {len(args.shards)} shards -> {args.output}")
+
+
+def cmd_embed(args: argparse.Namespace) -> None:
+    from .config import load_config
+    from .distributed import process_group
+    from .embed import embed_all
+    from .split import run_split
+
+    config = load_config(args.config)
+    split_dir = args.split_dir or f"{args.output_dir}/split"
+    with process_group() as (rank, world_size, barrier):
+        if rank == 0 and not args.split_dir:
+            run_split(config, split_dir)
+        barrier()
+        embed_all(config, split_dir, args.output_dir, batch_size=args.batch_size,
+                  rank=rank, world_size=world_size, barrier=barrier)
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from .config import load_config
+    from .train import train
+
+    config = load_config(args.config)
+    out = train(config, split_dir=args.split_dir, run_name=args.run_name, progress=not args.no_progress)
+    print(f"outputs in {out}")
+
+
+def cmd_predict(args: argparse.Namespace) -> None:
+    from .predict import write_predictions
+
+    n = write_predictions(args.checkpoint, args.input, args.output, device=args.device,
+                          max_tokens_per_batch=args.max_tokens_per_batch)
+    print(f"{n} proteins -> {args.output}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ptm-mamba", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -44,6 +95,49 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(p)
     _opt(p, "output_dir", required=True, help="folder for train/val/test.csv, split_mapping.json, summary.json")
     p.set_defaults(func=cmd_split)
+
+    p = sub.add_parser("embed", help="ESM-2 embeddings of all three splits (the seed's one command; "
+                       "under accelerate launch the processes share the shards)")
+    _add_config(p)
+    _opt(p, "output_dir", required=True, help="embeddings folder ({split}_embeddings.h5 land here)")
+    _opt(p, "batch_size", type=int, default=None, help="cap on sequences per ESM batch")
+    _opt(p, "split_dir", default=None,
+         help="use the split stage's folder; without it the data is split as the split stage would")
+    p.set_defaults(func=cmd_embed)
+
+    p = sub.add_parser("embed-shard", help="ESM-2 embeddings of one shard of one split (one Snakemake job)")
+    _add_config(p)
+    p.add_argument("--split", required=True, choices=["train", "val", "test"])
+    _opt(p, "split_file", required=True, help="the split stage's {split}.csv")
+    p.add_argument("--shard", type=int, required=True, help="shard index, 0-based")
+    _opt(p, "num_shards", type=int, required=True)
+    p.add_argument("--output", required=True, help="the shard's .h5 file")
+    p.set_defaults(func=cmd_embed_shard)
+
+    p = sub.add_parser("gather", help="validate a split's shards and join them into {split}_embeddings.h5")
+    _add_config(p)
+    p.add_argument("--split", required=True, choices=["train", "val", "test"])
+    _opt(p, "split_file", required=True)
+    p.add_argument("--shards", nargs="+", required=True, help="the split's shard files, in order")
+    p.add_argument("--output", required=True)
+    p.set_defaults(func=cmd_gather)
+
+    p = sub.add_parser("train", help="train PTM-Mamba (run it under accelerate launch for several GPUs)")
+    _add_config(p)
+    _opt(p, "split_dir", default=None,
+         help="the split stage's folder; without it the data is split as the split stage would")
+    _opt(p, "run_name", default=None, help="outputs go to {training.output_dir}/ptm-mamba-{run_name} "
+         "(default: the config's run_name, else a timestamp)")
+    _opt(p, "no_progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("predict", help="per-residue hidden states of a trained model for a CSV/FASTA, to HDF5")
+    p.add_argument("--checkpoint", required=True, help="best.ckpt or last.ckpt of a training run")
+    p.add_argument("--input", required=True, help="CSV (unique_id, ptm_seq) or FASTA with PTM tokens")
+    p.add_argument("--output", required=True, help="HDF5 file (embedding-store layout)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    _opt(p, "max_tokens_per_batch", type=int, default=8192)
+    p.set_defaults(func=cmd_predict)
 
     return parser
 

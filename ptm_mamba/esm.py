@@ -42,6 +42,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from esm.model.esm2 import ESM2
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm import tqdm
 
 from ptm_mamba.errors import PipelineError
@@ -52,6 +53,9 @@ ESM2_NAMES: tuple[str, ...] = tuple(
 )
 _URL = "https://dl.fbaipublicfiles.com/fair-esm/{folder}/{file}"
 _DOWNLOAD_TIMEOUT_S = 20  # per socket operation: an offline machine fails fast
+# Not cuDNN attention: it builds an execution plan for every new (batch, length) shape,
+# and length-sorted batches of real proteins nearly all have a new shape.
+_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 @dataclass
@@ -146,8 +150,13 @@ def _load_local(path: Path) -> tuple[ESM2, fair_esm.Alphabet]:
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return esm.pretrained.load_model_and_alphabet_local(str(path))
-    except (pickle.UnpicklingError, RuntimeError, KeyError, AttributeError) as e:
-        detail = " ".join(str(e).split())[:400]
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        what = f"it pickles {found.group(1)}" if found else " ".join(str(e).split())[:200]
+        raise PipelineError(f"cannot load ESM checkpoint {path} with torch.load(weights_only=True): "
+                            f"{what}; only tensors, plain values and argparse.Namespace are allowed") from None
+    except (RuntimeError, KeyError, AttributeError) as e:  # not fair-esm's ESM-2 layout
+        detail = " ".join(str(e).split())[:300]
         raise PipelineError(f"cannot load ESM checkpoint {path}: {detail}") from None
 
 
@@ -283,19 +292,25 @@ def _compute_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
-def esm_forward(esm_model: EsmModel, tokens: torch.Tensor, layer: int | None = None) -> torch.Tensor:
+def esm_forward(esm_model: EsmModel, tokens: torch.Tensor, layer: int | None = None,
+                device: str | torch.device | None = None) -> torch.Tensor:
     """Hidden states (B, T, D) after ``layer`` (default: repr_layer) for tokens (B, T) with
     <cls>/<eos>/<pad>, equal to fair-esm's ``model(tokens, repr_layers=[layer])["representations"][layer]``.
 
-    Runs on ``tokens.device`` under inference_mode; on CUDA under autocast (bf16, else fp16)
-    with the residual stream and layer norms in fp32, on CPU in fp32. Returns fp32.
+    Runs on ``device`` (default: the tokens') under inference_mode; on CUDA under autocast
+    (bf16, else fp16) with the residual stream and layer norms in fp32, on CPU in fp32.
+    Returns fp32 on ``device``. Give CPU tokens to avoid a device sync (padding is checked there).
     """
     layer = esm_model.repr_layer if layer is None else layer
-    m, device = esm_model.model, tokens.device
+    m = esm_model.model
+    device = tokens.device if device is None else torch.device(device)
     dtype = _compute_dtype(device)
     w = _weights(esm_model, device, dtype)
+    padded = bool(tokens.eq(m.padding_idx).any())  # no padding: SDPA may pick flash attention
+    if tokens.device != device:
+        tokens = (tokens.pin_memory() if device.type == "cuda" else tokens).to(device, non_blocking=True)
     autocast = torch.autocast("cuda", dtype=dtype) if device.type == "cuda" else contextlib.nullcontext()
-    with torch.inference_mode(), autocast:
+    with torch.inference_mode(), autocast, sdpa_kernel(_SDPA_BACKENDS):
         pad = tokens.eq(m.padding_idx)  # (B, T)
         x = m.embed_scale * F.embedding(tokens, w.embed)  # (B, T, D) fp32
         if m.token_dropout:  # applied by fair-esm in eval too
@@ -306,7 +321,7 @@ def esm_forward(esm_model: EsmModel, tokens: torch.Tensor, layer: int | None = N
         x = x * (~pad).unsqueeze(-1).type_as(x)
         B, T, D = x.shape
         H = m.attention_heads
-        keep = (~pad)[:, None, None, :] if pad.any() else None  # (B, 1, 1, T): True = attend
+        keep = (~pad)[:, None, None, :] if padded else None  # (B, 1, 1, T): True = attend
         if layer > 0:
             cos, sin = _rotary_tables(w.inv_freq, T)
             cos, sin = cos.to(dtype), sin.to(dtype)
@@ -379,7 +394,7 @@ def embed(
     pieces = [_Piece(i, s, min(window, len(t))) for i, t in enumerate(ids) if len(t)
               for s in window_starts(len(t), window, overlap)]
     batches = plan_batches([p.length + 2 for p in pieces], max_tokens_per_batch, batch_size)
-    n_windows = np.bincount([p.item for p in pieces], minlength=len(ids))
+    n_windows = np.bincount(np.array([p.item for p in pieces], dtype=np.int64), minlength=len(ids))
     partial: dict[int, tuple[np.ndarray, np.ndarray, int]] = {}  # item -> (sum, count, windows left)
 
     def launch(batch: list[int]):
@@ -391,10 +406,7 @@ def embed(
             toks[r, 0] = alphabet.cls_idx
             toks[r, 1:p.length + 1] = ids[p.item][p.start:p.start + p.length]
             toks[r, p.length + 1] = alphabet.eos_idx
-        toks = torch.from_numpy(toks)
-        if device.type == "cuda":
-            toks = toks.pin_memory().to(device, non_blocking=True)
-        out = esm_forward(esm_model, toks)[:, 1:width + 1]
+        out = esm_forward(esm_model, torch.from_numpy(toks), device=device)[:, 1:width + 1]
         if device.type == "cuda":
             host = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
             host.copy_(out, non_blocking=True)
@@ -429,15 +441,12 @@ def embed(
         for i, t in enumerate(ids):
             if len(t) == 0:  # nothing to embed
                 yield keys[i], np.zeros((0, esm_model.embed_dim), np.float32)
-        pending = None
-        for batch in batches:
-            started = launch(batch)
+        pending = None  # one batch in flight while the previous one is yielded
+        for batch in [*batches, None]:
+            started = launch(batch) if batch is not None else None
             if pending is not None:
                 yield from collect(*pending)
                 bar.update(sum(p.length for p in pending[0]))
             pending = started
-        if pending is not None:
-            yield from collect(*pending)
-            bar.update(sum(p.length for p in pending[0]))
     finally:
         bar.close()

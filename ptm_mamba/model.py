@@ -16,6 +16,10 @@ the reversed protein, so a protein's outputs depended on how long its batch mate
 were. Here padding stays at the end in both directions and a protein's outputs do
 not depend on padding or batch mates. On an unpadded batch both are the same.
 
+The unidirectional ``model_type: mamba`` uses the same gated fusion, so the two types
+differ only in direction (the original's unidirectional model had no gate and let ESM
+features replace the token embedding; no checkpoint of it was published).
+
 Parameter names follow the original checkpoint layout (``backbone.embedding``,
 ``backbone.forward_layers.{i}.mixer.*``, ``lm_head``, ``esm_head`` ...).
 """
@@ -41,8 +45,9 @@ PAD_ID = VOCAB.index("<pad>")
 class ModelConfig:
     """Network shape. Plain values only, so it round-trips through YAML and checkpoints.
 
-    ``backend`` picks the Mamba mixer: "auto" (mamba-ssm's fused CUDA kernels
-    where they import, else the pure PyTorch one), "torch", or "mamba_ssm".
+    ``backend`` picks the Mamba mixer (see :func:`ptm_mamba.mamba_block.make_mixer`):
+    "auto" (mamba-ssm's fused CUDA kernels where they import, else pure PyTorch),
+    "torch", or "fused". Either way the state-dict layout is the same.
     """
 
     model_type: str = "bidirectional_mamba"
@@ -238,6 +243,39 @@ class PTMMamba(nn.Module):
         """Number of distinct parameters (the tied embedding/LM head counted once)."""
         return sum(p.numel() for p in self.parameters())
 
-    # ------------------------------------------------------------------------------------
-    # from_checkpoint(path): the lead adds it here, with the checkpoint format.
-    # ------------------------------------------------------------------------------------
+    @classmethod
+    def from_checkpoint(cls, path, device: str | torch.device = "cpu", backend: str = "auto") -> "PTMMamba":
+        """A trained model from ``best.ckpt``/``last.ckpt`` (``torch.load(weights_only=True)``), in eval mode.
+
+        The run's config travels with it (``model.run_config``), so :meth:`predict`
+        knows which ESM-2 model to run.
+        """
+        from . import checkpoint
+
+        state = checkpoint.load(path, map_location=device)
+        config = ModelConfig.from_dict({**state["model_config"], "backend": backend})
+        model = cls(config).to(device)
+        model.load_state_dict(_drop_unused_mixer_params(state["model"]))
+        model.run_config = state.get("config")
+        return model.eval()
+
+    @torch.no_grad()
+    def predict(self, sequences: list[str], esm_model=None, max_tokens_per_batch: int = 8192) -> list[ModelOutput]:
+        """Logits (L+2, vocab) and hidden states (L+2, d_model) per PTM sequence (with <cls>/<eos>).
+
+        When the model uses ESM-2, features are computed here (the run's ESM
+        model unless ``esm_model`` is given), with PTM positions masked as in
+        training.
+        """
+        from .predict import predict
+
+        return predict(self, sequences, esm_model=esm_model, max_tokens_per_batch=max_tokens_per_batch)
+
+
+_UNUSED_MIXER = ("A_b_log", "conv1d_b.weight", "conv1d_b.bias", "x_proj_b.weight", "dt_proj_b.weight",
+                 "dt_proj_b.bias", "D_b")
+
+
+def _drop_unused_mixer_params(state_dict: dict) -> dict:
+    """The published checkpoint's bundled mamba-ssm fork creates *_b mixer parameters it never uses."""
+    return {k: v for k, v in state_dict.items() if not k.endswith(_UNUSED_MIXER)}

@@ -51,3 +51,54 @@ def toy_config(tmp_path: Path) -> Path:
     data = write_csv(tmp_path / "data.csv", toy_rows())
     return write_config(tmp_path / "config.yaml",
                         dataset={"dataset_location": str(data), "val_size": 3, "test_size": 3})
+
+
+DEMO = REPO / "datasets" / "demo.csv"
+
+
+def demo_subset(path: Path, n: int, max_len: int = 400) -> Path:
+    """The first ``n`` demo proteins of at most ``max_len`` characters, as a CSV."""
+    lines = DEMO.read_text().splitlines()
+    rows = [line for line in lines[1:] if len(line) < max_len][:n]
+    path.write_text("\n".join([lines[0], *rows]) + "\n")
+    return path
+
+
+def tiny_config(root: Path, *, n: int = 60, **sections) -> dict:
+    """A complete tiny config rooted at ``root`` (data, tiny ESM-2, outputs), as a dict."""
+    from ptm_mamba.config import validate
+    from ptm_mamba.testing import write_tiny_esm2_checkpoint
+
+    esm_path = root / "esm" / "esm2_t2_tiny.pt"
+    if not esm_path.exists():
+        write_tiny_esm2_checkpoint(esm_path, num_layers=2, embed_dim=16, attention_heads=2)
+    config = {
+        "run_name": "tiny",
+        "dataset": {"dataset_location": str(demo_subset(root / "data.csv", n)), "val_size": 8, "test_size": 8},
+        "esm": {"model": str(esm_path)},
+        "embedding": {"shards": 2, "mask_replicates": 2, "max_tokens_per_batch": 4000},
+        "training": {"embeddings_dir": str(root / "embeddings"), "output_dir": str(root / "outputs"),
+                     "max_steps": 6, "log_steps": 3, "per_device_train_batch_size": 8,
+                     "max_tokens_per_batch": 3000, "warmup_steps": 2, "lr": 3e-3},
+        "model": {"d_model": 16, "n_layer": 1, "ssm_cfg": {"d_state": 4}},
+    }
+    for key, value in sections.items():
+        if isinstance(value, dict):
+            config.setdefault(key, {}).update(value)
+        else:
+            config[key] = value
+    return validate(config, source="tiny config")
+
+
+@pytest.fixture(scope="session")
+def embedded_project(tmp_path_factory) -> tuple[Path, dict]:
+    """A tiny dataset split and embedded once per test session (split dir, config)."""
+    from ptm_mamba.embed import embed_all
+    from ptm_mamba.split import run_split
+
+    root = tmp_path_factory.mktemp("embedded")
+    config = tiny_config(root)
+    run_split(config, root / "split")
+    embed_all(config, root / "split", root / "embeddings")
+    write_config(root / "config.yaml", **config)
+    return root, config

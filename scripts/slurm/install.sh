@@ -13,7 +13,7 @@ for bin in "${need[@]}"; do
     fi
 done
 if [ "$missing" -eq 0 ]; then
-    echo "slurm already installed: $(sinfo --version)"
+    echo "slurm already installed: $(dpkg-query -W -f='${Version}' slurmctld 2>/dev/null || echo unknown)"
     exit 0
 fi
 
@@ -25,4 +25,4 @@ fi
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
 apt-get install -y -qq --no-install-recommends slurmctld slurmd slurm-client munge >/dev/null
-echo "slurm installed: $(sinfo --version)"
+echo "slurm installed: $(dpkg-query -W -f='${Version}' slurmctld)"

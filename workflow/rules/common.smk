@@ -21,8 +21,28 @@ write_config(config, RESOLVED_CONFIG)
 
 SPLIT_DIR = "results/split"
 SPLITS = ["train", "val", "test"]
+EMBEDDINGS_DIR = config["training"]["embeddings_dir"]
+NUM_SHARDS = config["embedding"]["shards"]
+PRECOMPUTED = config["training"]["use_esm"] and config["training"]["use_precomputed_embeddings"]
 ENV = "../../environment.yml"
+RUN_NAME = config["run_name"] or "default"
+RUN_DIR = f"{config['training']['output_dir']}/ptm-mamba-{RUN_NAME}"
+NUM_PROCESSES = config["training"]["num_processes"]
+# One process per GPU; --multi_gpu makes accelerate start a process group (gloo on CPU, NCCL on GPU).
+LAUNCH = f"accelerate launch --num_machines 1 --num_processes {NUM_PROCESSES} --dynamo_backend no" + (
+    " --multi_gpu" if NUM_PROCESSES > 1 else ""
+)
+
+
+wildcard_constraints:
+    split="train|val|test",
+    shard=r"\d+",
+
+
+def embedding_files():
+    """The gathered embeddings training reads (none when ESM runs on the fly or not at all)."""
+    return [f"{EMBEDDINGS_DIR}/{split}_embeddings.h5" for split in SPLITS] if PRECOMPUTED else []
 
 
 def all_targets():
-    return [f"{SPLIT_DIR}/split_mapping.json"]
+    return [f"{RUN_DIR}/metrics.json", f"{RUN_DIR}/best.ckpt", f"{RUN_DIR}/last.ckpt"]

@@ -1,0 +1,191 @@
+"""The embed stage: ESM-2 features of every split, sharded, with mask replicates.
+
+Per protein and replicate k, ESM-2 reads the residue sequence with ``<mask>``
+at every PTM position and at the positions of :func:`replicate_mask` (the
+random part of the training mask); the features and that mask are stored.
+Training in epoch e uses replicate e mod K, so no residue the model must
+predict is visible through its ESM features.
+
+A split is cut into shards balanced by residues; each shard is an independent
+job (``embed_shard``), and ``gather_split`` joins a split's shards into
+``{embeddings_dir}/{split}_embeddings.h5`` without copying arrays.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from .dataset import Protein
+from .embedding_store import ShardWriter, gather
+from .errors import PipelineError
+from .masking import esm_mask, replicate_mask
+from .split import SPLITS, read_split, split_fingerprint
+from .tokenizer import PTMTokenizer
+
+log = logging.getLogger(__name__)
+MASK_SEED = 0  # replicate masks are seeded by (protein id, replicate) alone
+
+
+def shard_path(embeddings_dir: str | os.PathLike, split: str, index: int, num_shards: int) -> Path:
+    return Path(embeddings_dir) / "shards" / split / f"{index}-of-{num_shards}.h5"
+
+
+def split_store_path(embeddings_dir: str | os.PathLike, split: str) -> Path:
+    return Path(embeddings_dir) / f"{split}_embeddings.h5"
+
+
+def plan_shards(proteins: list[Protein], num_shards: int) -> list[list[Protein]]:
+    """Cut a split into ``num_shards`` parts of about equal residue counts.
+
+    Longest first onto the lightest shard (ties by index), then each shard
+    keeps the split's order. Deterministic; a shard may be empty only when
+    there are fewer proteins than shards.
+    """
+    loads = [0] * num_shards
+    members: list[list[int]] = [[] for _ in range(num_shards)]
+    for i in sorted(range(len(proteins)), key=lambda i: (-proteins[i].length, i)):
+        s = min(range(num_shards), key=lambda s: (loads[s], s))
+        loads[s] += proteins[i].length
+        members[s].append(i)
+    return [[proteins[i] for i in sorted(m)] for m in members]
+
+
+def store_attrs(config: dict, esm_name: str, repr_layer: int, split: str, proteins: list[Protein]) -> dict:
+    """The attributes that make a stored embedding valid for this config and split."""
+    return {
+        "esm_model": esm_name,
+        "repr_layer": int(repr_layer),
+        "split": split,
+        "split_fingerprint": split_fingerprint(proteins),
+        "mask_replicates": int(config["embedding"]["mask_replicates"]),
+        "mask_prob": float(config["training"]["mask_prob"]),
+        "mask_seed": MASK_SEED,
+    }
+
+
+def esm_inputs(proteins: list[Protein], replicates: int, mask_prob: float, tokenizer: PTMTokenizer
+               ) -> Iterator[tuple[tuple[str, int], str, np.ndarray, np.ndarray]]:
+    """``((id, k), residues, esm_mask, random_mask)`` for every protein and replicate k."""
+    for p in proteins:
+        residues = tokenizer.residue_sequence(list(p.tokens))
+        is_ptm = np.array([t.startswith("<") for t in p.tokens])
+        for k in range(replicates):
+            random_mask = replicate_mask(p.id, k, p.length, mask_prob)
+            yield (p.id, k), residues, esm_mask(random_mask, is_ptm), random_mask
+
+
+def embed_proteins(config: dict, esm_model, proteins: list[Protein], output: str | os.PathLike,
+                   attrs: dict, progress: bool = True) -> None:
+    """Embed ``proteins`` (every replicate) into one shard file, written atomically."""
+    from .esm import embed
+
+    emb = config["embedding"]
+    replicates, mask_prob = emb["mask_replicates"], config["training"]["mask_prob"]
+    inputs = list(esm_inputs(proteins, replicates, mask_prob, PTMTokenizer()))
+    random_masks = {key: random_mask for key, _, _, random_mask in inputs}
+    pending: dict[str, dict[int, np.ndarray]] = {}
+    with ShardWriter(output, dim=esm_model.embed_dim, replicates=replicates, attrs=attrs) as writer:
+        for (pid, k), features in embed(esm_model, [item[:3] for item in inputs],
+                                        max_tokens_per_batch=emb["max_tokens_per_batch"],
+                                        batch_size=emb["batch_size"], window=emb["window"],
+                                        overlap=emb["overlap"], progress=progress):
+            got = pending.setdefault(pid, {})
+            got[k] = features
+            if len(got) == replicates:  # all replicates of a protein are in: write it
+                del pending[pid]
+                writer.add(pid, [got[r] for r in range(replicates)],
+                           [random_masks[(pid, r)] for r in range(replicates)])
+    if pending:
+        raise RuntimeError(f"embedding ended with proteins missing replicates: {sorted(pending)[:3]}")
+
+
+def _check_overlap(config: dict) -> None:
+    emb = config["embedding"]
+    if emb["overlap"] >= emb["window"]:
+        raise PipelineError(f"embedding.overlap ({emb['overlap']}) must be smaller than "
+                            f"embedding.window ({emb['window']})")
+
+
+def esm_name(model: str) -> str:
+    """The name ``load_esm`` gives a model: the pretrained name, or a checkpoint's file stem."""
+    from .esm import ESM2_NAMES
+
+    return model if model in ESM2_NAMES else Path(model).expanduser().stem
+
+
+def load_esm_for(config: dict, device=None):
+    from .esm import load_esm
+    import torch
+
+    _check_overlap(config)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return load_esm(config["esm"]["model"], config["esm"]["repr_layer"], device=device)
+
+
+def embed_shard(config: dict, split: str, index: int, num_shards: int, split_file: str | os.PathLike,
+                output: str | os.PathLike, esm_model=None, progress: bool = True) -> int:
+    """Embed shard ``index`` of ``num_shards`` of one split file; returns its protein count."""
+    if not 0 <= index < num_shards:
+        raise PipelineError(f"shard index {index} is outside 0..{num_shards - 1}")
+    proteins = read_split(split_file, unknown_ptm=config["dataset"]["unknown_ptm"])
+    esm_model = esm_model or load_esm_for(config)
+    part = plan_shards(proteins, num_shards)[index]
+    attrs = store_attrs(config, esm_model.name, esm_model.repr_layer, split, proteins)
+    attrs.update(shard_index=index, num_shards=num_shards)
+    embed_proteins(config, esm_model, part, output, attrs, progress=progress)
+    return len(part)
+
+
+def gather_split(config: dict, split: str, split_file: str | os.PathLike, shard_files: list[str],
+                 output: str | os.PathLike) -> None:
+    """Validate a split's shards against its split file and config, then join them."""
+    proteins = read_split(split_file, unknown_ptm=config["dataset"]["unknown_ptm"])
+    attrs = store_attrs(config, esm_name(config["esm"]["model"]), config["esm"]["repr_layer"] or 0,
+                        split, proteins)
+    if config["esm"]["repr_layer"] is None:
+        del attrs["repr_layer"]  # "the last layer": whatever the shards agree on
+    gather(shard_files, output, expected_ids=[p.id for p in proteins], expected_attrs=attrs)
+
+
+def embed_all(config: dict, split_dir: str | os.PathLike, output_dir: str | os.PathLike,
+              batch_size: int | None = None, rank: int = 0, world_size: int = 1,
+              barrier=lambda: None) -> None:
+    """The seed's one-command embedding: every shard of every split, then gather.
+
+    Under several processes, process r embeds shards r, r+N, ...; rank 0 gathers
+    after a barrier. Finished shards (complete files) are not recomputed.
+    """
+    from .embedding_store import validate_shard
+
+    if batch_size is not None:
+        config["embedding"]["batch_size"] = batch_size
+    num_shards = config["embedding"]["shards"]
+    esm_model = None
+    jobs = [(split, i) for split in SPLITS for i in range(num_shards)]
+    for n, (split, i) in enumerate(jobs):
+        if n % world_size != rank:
+            continue
+        out = shard_path(output_dir, split, i, num_shards)
+        split_file = Path(split_dir) / f"{split}.csv"
+        if out.exists():
+            try:
+                proteins = read_split(split_file, unknown_ptm=config["dataset"]["unknown_ptm"])
+                validate_shard(out, expected_ids=[p.id for p in plan_shards(proteins, num_shards)[i]],
+                               expected_attrs={"split_fingerprint": split_fingerprint(proteins)})
+                log.info("shard %s is complete, skipping", out)
+                continue
+            except PipelineError as err:
+                log.info("recomputing %s: %s", out, err)
+        esm_model = esm_model or load_esm_for(config)
+        embed_shard(config, split, i, num_shards, split_file, out, esm_model=esm_model)
+    barrier()
+    if rank == 0:
+        for split in SPLITS:
+            gather_split(config, split, Path(split_dir) / f"{split}.csv",
+                         [str(shard_path(output_dir, split, i, num_shards)) for i in range(num_shards)],
+                         split_store_path(output_dir, split))

@@ -1,0 +1,128 @@
+"""Inference: logits and per-residue hidden states of a trained PTM-Mamba for PTM sequences.
+
+``ptm-mamba predict`` reads a CSV (``unique_id``/``ptm_seq`` or the config's
+column names) or a FASTA file whose sequences carry PTM tokens, and writes the
+final hidden states, one row per residue (``<cls>``/``<eos>`` dropped), to an
+HDF5 file in the embedding-store layout (read it with ``EmbeddingReader``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .batching import plan_batches
+from .data import BatchBuilder
+from .dataset import Protein, read_dataset
+from .embedding_store import ShardWriter
+from .errors import PipelineError
+from .tokenizer import PTMTokenizer
+
+
+def _proteins(sequences: list[str]) -> list[Protein]:
+    tok = PTMTokenizer()
+    return [Protein(f"seq{i}", s, tuple(tok.split(s))) for i, s in enumerate(sequences)]
+
+
+def _esm_for(model, esm_model):
+    if not model.config.use_esm or esm_model is not None:
+        return esm_model
+    run = getattr(model, "run_config", None)
+    if not run:
+        raise PipelineError("this model uses ESM-2 features but its checkpoint names no ESM model: "
+                            "pass esm_model=load_esm(...)")
+    from .esm import load_esm
+
+    device = next(model.parameters()).device
+    return load_esm(run["esm"]["model"], run["esm"]["repr_layer"], device=device)
+
+
+@torch.no_grad()
+def predict_batches(model, proteins: list[Protein], esm_model=None, max_tokens_per_batch: int = 8192,
+                    progress: bool = False):
+    """Yield ``(protein indices, logits (B, T, V), hidden (B, T, d), lengths (B,))`` batch by batch."""
+    from .train import forward_batch
+
+    esm_model = _esm_for(model, esm_model)
+    device = next(model.parameters()).device
+    builder = BatchBuilder(proteins, max_sequence_length=max(p.length for p in proteins) + 2, mask_prob=0.0,
+                           random_mask_only_prob=1.0,
+                           esm_alphabet=esm_model.alphabet if esm_model is not None else None)
+    batches = plan_batches(builder.lengths, max_tokens_per_batch)
+    for indices in tqdm(batches, disable=not progress, unit="batch"):
+        batch = builder.build(indices, replicate=0, generator=None).to(device)
+        out = forward_batch(model, batch, esm_model)
+        yield indices, out.logits, out.hidden_states, batch.lengths
+
+
+def predict(model, sequences: list[str], esm_model=None, max_tokens_per_batch: int = 8192) -> list:
+    """Per sequence, a ``ModelOutput`` of logits (L+2, V) and hidden states (L+2, d)."""
+    from .model import ModelOutput
+
+    proteins = _proteins(sequences)
+    results: list = [None] * len(proteins)
+    for indices, logits, hidden, lengths in predict_batches(model, proteins, esm_model, max_tokens_per_batch):
+        for row, i in enumerate(indices):
+            n = int(lengths[row])
+            results[i] = ModelOutput(logits=logits[row, :n].cpu(), hidden_states=hidden[row, :n].cpu())
+    return results
+
+
+def read_sequences(path: str | os.PathLike) -> list[Protein]:
+    """Proteins of a CSV (``unique_id``,``ptm_seq``) or FASTA file."""
+    path = Path(path)
+    if path.suffix.lower() in (".fa", ".fasta", ".faa"):
+        return read_fasta(path)
+    return read_dataset(path)
+
+
+def read_fasta(path: Path) -> list[Protein]:
+    if not path.is_file():
+        raise PipelineError(f"input file not found: {path}")
+    tok = PTMTokenizer()
+    records: list[tuple[int, str, list[str]]] = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        line = line.strip()
+        if line.startswith(">"):
+            records.append((n, line[1:].split()[0] if line[1:].strip() else "", []))
+        elif line:
+            if not records:
+                raise PipelineError(f"{path} line {n}: sequence before the first '>' header")
+            records[-1][2].append(line)
+    proteins, seen = [], set()
+    for n, pid, parts in records:
+        seq = "".join(parts)
+        if not pid or not seq or pid in seen:
+            raise PipelineError(f"{path} line {n}: {'empty header' if not pid else 'no sequence' if not seq else f'duplicate id {pid!r}'}")
+        seen.add(pid)
+        try:
+            proteins.append(Protein(pid, seq, tuple(tok.split(seq))))
+        except ValueError as exc:
+            raise PipelineError(f"{path} line {n} (id {pid}): {exc}") from None
+    if not proteins:
+        raise PipelineError(f"{path}: no sequences")
+    return proteins
+
+
+def write_predictions(checkpoint_path: str | os.PathLike, input_path: str | os.PathLike,
+                      output: str | os.PathLike, device: str | None = None, max_tokens_per_batch: int = 8192) -> int:
+    """Hidden states of every protein of ``input_path`` into ``output`` (HDF5, atomic)."""
+    from .model import PTMMamba
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = PTMMamba.from_checkpoint(checkpoint_path, device=device)
+    proteins = read_sequences(input_path)
+    digest = hashlib.sha256("".join(p.id + p.sequence for p in proteins).encode()).hexdigest()[:24]
+    attrs = {"esm_model": f"ptm-mamba:{Path(checkpoint_path).resolve()}", "repr_layer": -1, "split": "predict",
+             "split_fingerprint": digest, "mask_prob": 0.0, "mask_seed": 0}
+    with ShardWriter(output, dim=model.config.d_model, replicates=1, attrs=attrs) as writer:
+        for indices, _, hidden, lengths in predict_batches(model, proteins, None, max_tokens_per_batch, True):
+            for row, i in enumerate(indices):  # drop <cls>/<eos>: row j is residue j
+                states = hidden[row, 1:int(lengths[row]) - 1].float().cpu().numpy()
+                writer.add(proteins[i].id, [states], [np.zeros(proteins[i].length, dtype=bool)])
+    return len(proteins)

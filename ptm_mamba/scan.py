@@ -1,0 +1,311 @@
+"""Mamba's selective scan (the S6 recurrence) in plain PyTorch, fast enough to train on a CPU.
+
+For every batch b, channel d and state n (u, delta: (B, D, L); A: (D, N); B, C: (B, N, L)):
+
+    delta_t = softplus(delta_t + delta_bias)            (bias and softplus optional)
+    h_t     = exp(delta_t * A) * h_{t-1} + delta_t * B_t * u_t,    h_{-1} = 0
+    out_t   = sum_n C_t h_t + D * u_t,    then  out_t * silu(z_t)  when z is given
+
+`selective_scan` has the signature and semantics of mamba-ssm's `selective_scan_fn` for real A and
+per-position B, C of shape (B, N, L). It never loops over positions in Python: the linear recurrence
+runs as an in-place Blelloch scan over time, 2*log2(L) rounds of whole-tensor ops on strided views.
+That scan only multiplies decays exp(delta*A) <= 1 together (no division, no exp of a positive
+number), so it cannot overflow however strong the decay. The backward pass is written by hand: it
+saves only the inputs, recomputes the (B, L, N, D) states, and runs the adjoint recurrence as a
+second scan, so memory stays at a few (B, L, N, D) tensors and never (B, D, L, L).
+
+Internally everything is time-major, (B, L, N, D) for states and (B, L, D) / (B, L, N) for the
+rest, so each step of the scan touches contiguous blocks of N*D numbers. The arithmetic is fp32
+(fp64 when an input is fp64) whatever the input dtype; the output has u's dtype.
+
+`selective_scan_ref` is the plain loop over positions, for tests and benchmarks only.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from typing import Iterator, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+
+def _compute_dtype(*tensors: Tensor | None) -> torch.dtype:
+    """fp64 if any input is fp64, else fp32 (half-precision inputs are computed in fp32)."""
+    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _check_shapes(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor) -> None:
+    batch, dim, length = u.shape
+    if A.is_complex() or A.dim() != 2 or A.shape[0] != dim:
+        raise ValueError(f"A must be real with shape (D, N) = ({dim}, N), got {tuple(A.shape)} {A.dtype}")
+    want = (batch, A.shape[1], length)
+    if delta.shape != u.shape or B.shape != want or C.shape != want:
+        raise ValueError(
+            f"expected delta {tuple(u.shape)} and B, C {want}; got delta {tuple(delta.shape)}, "
+            f"B {tuple(B.shape)}, C {tuple(C.shape)} (only per-position B, C without groups are supported)"
+        )
+
+
+def _rounds(length: int) -> Iterator[tuple[int, int]]:
+    """(first target index, stride s) of each round of a Blelloch scan over `length` positions.
+
+    Round (first, s) updates j = first, first + 2s, ... from j - s. The up-sweep (first = 2s-1)
+    leaves at every index j with (j + 1) % 2s == 0 the composition of the 2s steps ending at j; the
+    down-sweep (first = 3s-1, largest s first) then completes the remaining prefixes.
+    """
+    s = 1
+    while 2 * s <= length:
+        yield 2 * s - 1, s
+        s *= 2
+    s //= 2
+    while s >= 1:
+        yield 3 * s - 1, s
+        s //= 2
+
+
+def _scan_(a: Tensor, b: Tensor, reverse: bool = False) -> Tensor:
+    """In-place linear recurrence over dim 1, as a work-efficient parallel (Blelloch) scan.
+
+    Forward:  b[:, t] <- a[:, t] * b[:, t-1] + b[:, t]   (b[:, -1] = 0)
+    reverse:  b[:, t] <- a[:, t] * b[:, t+1] + b[:, t]   (b[:, L] = 0)
+    a, b: (B, L, ...) of one shape, any L. Returns b, which then holds the states; a is clobbered
+    (it ends up holding partial products of decays). 2*log2(L) rounds, each two fused in-place ops on
+    disjoint strided views; the reverse scan runs the same rounds on mirrored indices.
+    """
+    length = a.shape[1]
+    rounds = [(first, s) for first, s in _rounds(length) if first < length]
+    for i, (first, s) in enumerate(rounds):
+        n = len(range(first, length, 2 * s))
+        if reverse:  # mirror j -> length-1-j: targets ascend to length-1-first, sources sit s later
+            lo = (length - 1 - first) % (2 * s)
+            dst, src = slice(lo, lo + 2 * s * n, 2 * s), slice(lo + s, lo + s + 2 * s * n, 2 * s)
+        else:
+            dst, src = slice(first, first + 2 * s * n, 2 * s), slice(first - s, first - s + 2 * s * n, 2 * s)
+        a_dst, b_dst = a[:, dst], b[:, dst]
+        b_dst.addcmul_(a_dst, b[:, src])  # compose: (a_d, b_d) o (a_s, b_s) = (a_d a_s, a_d b_s + b_d)
+        if i < len(rounds) - 1:  # the last round's decay products are never read
+            a_dst.mul_(a[:, src])
+    return b
+
+
+class _Workspace(threading.local):
+    """Scratch memory for the (B, L, N, D) tensors, kept between calls on the CPU.
+
+    A fresh 100 MB CPU tensor costs several times more in page faults than the arithmetic done in
+    it, so the scan writes its big intermediates into a few reused flat buffers ("slots"). Each
+    slot holds one live tensor at a time; nothing carved from a slot is returned to the caller.
+    On other devices the framework's caching allocator already does this, so slots are plain
+    allocations there. `release_workspace()` frees the memory.
+    """
+
+    def __init__(self) -> None:
+        self.buffers: dict[tuple[int, torch.device, torch.dtype], Tensor] = {}
+
+    def get(self, slot: int, shape: tuple[int, ...], like: Tensor) -> Tensor:
+        if like.device.type != "cpu":
+            return torch.empty(shape, dtype=like.dtype, device=like.device)
+        numel = math.prod(shape)
+        key = (slot, like.device, like.dtype)
+        buf = self.buffers.get(key)
+        if buf is None or buf.numel() < numel:
+            self.buffers.pop(key, None)  # free the old one before allocating the larger one
+            buf = self.buffers[key] = torch.empty(numel, dtype=like.dtype)
+        return buf[:numel].view(shape)
+
+
+_workspace = _Workspace()
+
+
+def release_workspace() -> None:
+    """Free the CPU scratch memory that `selective_scan` keeps between calls (this thread's)."""
+    _workspace.buffers.clear()
+
+
+class _Inputs(NamedTuple):
+    """Time-major copies of the small inputs in the compute dtype."""
+
+    u: Tensor  # (B, L, D)
+    raw: Tensor  # (B, L, D) delta + delta_bias, before softplus
+    dt: Tensor  # (B, L, D) the step size actually used
+    A: Tensor  # (N, D)
+    B: Tensor  # (B, L, N)
+    C: Tensor  # (B, L, N)
+
+    def state_shape(self) -> tuple[int, int, int, int]:
+        batch, length, dim = self.u.shape
+        return batch, length, self.A.shape[0], dim
+
+
+def _time_major(x: Tensor, f: torch.dtype) -> Tensor:
+    """(B, X, L) -> contiguous (B, L, X) in dtype f."""
+    return x.transpose(1, 2).to(f).contiguous()
+
+
+def _prepare(u, delta, A, B, C, delta_bias, delta_softplus: bool, f: torch.dtype) -> _Inputs:
+    raw = _time_major(delta, f)
+    if delta_bias is not None:
+        raw = raw + delta_bias.to(f)
+    dt = F.softplus(raw) if delta_softplus else raw
+    return _Inputs(_time_major(u, f), raw, dt, A.to(f).t().contiguous(), _time_major(B, f), _time_major(C, f))
+
+
+def _decay(dt: Tensor, A: Tensor, out: Tensor) -> Tensor:
+    """out <- exp(dt_t * A): (B, L, D) x (N, D) -> (B, L, N, D)."""
+    return torch.mul(dt[:, :, None, :], A, out=out).exp_()
+
+
+def _drive(x: _Inputs, out: Tensor) -> Tensor:
+    """out <- dt_t * B_t * u_t, (B, L, N, D)."""
+    return torch.mul((x.dt * x.u)[:, :, None, :], x.B[..., None], out=out)
+
+
+def _states(x: _Inputs) -> Tensor:
+    """All states h in workspace slot 1 (slot 0 is used up): (B, L, N, D)."""
+    shape = x.state_shape()
+    decay = _decay(x.dt, x.A, _workspace.get(0, shape, x.u))
+    return _scan_(decay, _drive(x, _workspace.get(1, shape, x.u)))
+
+
+def _read_out(h: Tensor, x: _Inputs, D: Tensor | None) -> Tensor:
+    """y_t = sum_n C_t h_t (+ D u_t): (B, L, D)."""
+    y = torch.matmul(x.C[:, :, None, :], h).squeeze(2)
+    return y if D is None else y + x.u * D.to(y.dtype)
+
+
+class _SelectiveScan(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state):
+        f = _compute_dtype(u, delta, A, B, C, D, z, delta_bias)
+        x = _prepare(u, delta, A, B, C, delta_bias, delta_softplus, f)
+        h = _states(x)
+        out = _read_out(h, x, D)
+        if z is not None:
+            out = out * F.silu(_time_major(z, f))
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias)
+        ctx.delta_softplus, ctx.f = delta_softplus, f
+        out = out.transpose(1, 2).to(u.dtype).contiguous()
+        if not return_last_state:
+            return out
+        last_state = h[:, -1].transpose(1, 2).contiguous()  # (B, D, N), compute dtype like mamba-ssm's
+        ctx.mark_non_differentiable(last_state)
+        return out, last_state
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out, *_ignored_last_state_grad):
+        u, delta, A, B, C, D, z, delta_bias = ctx.saved_tensors
+        f = ctx.f
+        x = _prepare(u, delta, A, B, C, delta_bias, ctx.delta_softplus, f)
+        shape = x.state_shape()
+        # The adjoint recurrence needs the decay one step ahead: a_t = exp(dt_{t+1} A) (a_{L-1} unused).
+        ahead = _workspace.get(2, shape, x.u)
+        ahead[:, -1].zero_()
+        _decay(x.dt[:, 1:], x.A, ahead[:, :-1])
+        h = _states(x)  # recomputed rather than saved: (B, L, N, D) is the big tensor; slot 0 now free
+        g = _time_major(grad_out, f)  # dLoss/dout, (B, L, D)
+
+        grad_z = None
+        if z is not None:
+            zt = _time_major(z, f)
+            sig = torch.sigmoid(zt)
+            grad_z = g * _read_out(h, x, D) * sig * (1 + zt * (1 - sig))  # silu'(z) = sig (1 + z (1 - sig))
+            g = g * zt * sig
+        grad_D = (g * x.u).sum((0, 1)) if D is not None else None
+        grad_C = torch.matmul(h, g[..., None]).squeeze(-1)  # (B, L, N)
+
+        # Adjoint G_t = dLoss/dh_t = C_t g_t + exp(dt_{t+1} A) G_{t+1}: a scan backwards in time.
+        seed = torch.mul(x.C[..., None], g[:, :, None, :], out=_workspace.get(0, shape, x.u))
+        G = _scan_(ahead, seed, reverse=True)  # slot 0; slot 2 now free
+
+        # h_t = dA_t h_{t-1} + dt_t B_t u_t: dLoss/d(dt_t B_t u_t) = G_t, dLoss/d(dA_t) = G_t h_{t-1}.
+        GB = torch.matmul(x.B[:, :, None, :], G).squeeze(2)  # sum_n G_t B_t, (B, L, D)
+        grad_B = torch.matmul(G, (x.dt * x.u)[..., None]).squeeze(-1)  # (B, L, N)
+        grad_u = x.dt * GB if D is None else x.dt * GB + g * D.to(f)
+        Q = _decay(x.dt, x.A, _workspace.get(2, shape, x.u))  # Q_t = G_t dA_t h_{t-1} = dLoss/d(dt_t A)
+        Q[:, 0].zero_()
+        Q[:, 1:].mul_(h[:, :-1])
+        Q.mul_(G)
+        grad_A = torch.mul(Q, x.dt[:, :, None, :], out=_workspace.get(1, shape, x.u)).sum((0, 1))  # (N, D)
+        grad_dt = x.u * GB + Q.mul_(x.A).sum(2)
+        grad_raw = grad_dt * torch.sigmoid(x.raw) if ctx.delta_softplus else grad_dt
+
+        def back(t: Tensor | None, like: Tensor | None) -> Tensor | None:
+            return None if t is None else t.to(like.dtype)
+
+        return (
+            back(grad_u.transpose(1, 2), u),
+            back(grad_raw.transpose(1, 2), delta),
+            back(grad_A.t(), A),
+            back(grad_B.transpose(1, 2), B),
+            back(grad_C.transpose(1, 2), C),
+            back(grad_D, D),
+            back(grad_z.transpose(1, 2) if grad_z is not None else None, z),
+            back(grad_raw.sum((0, 1)) if delta_bias is not None else None, delta_bias),
+            None,
+            None,
+        )
+
+
+def selective_scan(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    delta_bias: Tensor | None = None,
+    delta_softplus: bool = False,
+    return_last_state: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """mamba-ssm's `selective_scan_fn` in plain PyTorch (real A; B, C of shape (B, N, L)).
+
+    u, delta, z: (B, D, L); A: (D, N); B, C: (B, N, L); D, delta_bias: (D,). Returns out (B, D, L)
+    in u's dtype, or (out, last_state (B, D, N)) when return_last_state; like mamba-ssm, no
+    gradient flows through last_state.
+    """
+    _check_shapes(u, delta, A, B, C)
+    return _SelectiveScan.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+
+
+def selective_scan_ref(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    delta_bias: Tensor | None = None,
+    delta_softplus: bool = False,
+    return_last_state: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """The recurrence as a plain loop over positions (the math of mamba-ssm's `selective_scan_ref`).
+
+    Slow; for tests and benchmarks. Same arguments, dtypes and results as `selective_scan`.
+    """
+    _check_shapes(u, delta, A, B, C)
+    f = _compute_dtype(u, delta, A, B, C, D, z, delta_bias)
+    uf, delta, A, B, C = (t.to(f) for t in (u, delta, A, B, C))
+    if delta_bias is not None:
+        delta = delta + delta_bias.to(f)[:, None]
+    if delta_softplus:
+        delta = F.softplus(delta)
+    decay = torch.exp(torch.einsum("bdl,dn->bdln", delta, A))
+    drive = torch.einsum("bdl,bnl,bdl->bdln", delta, B, uf)
+    h = uf.new_zeros(uf.shape[0], uf.shape[1], A.shape[1])  # (B, D, N)
+    ys = []
+    for t in range(uf.shape[2]):
+        h = decay[:, :, t] * h + drive[:, :, t]
+        ys.append(torch.einsum("bdn,bn->bd", h, C[:, :, t]))
+    out = torch.stack(ys, dim=2)
+    if D is not None:
+        out = out + uf * D.to(f)[:, None]
+    if z is not None:
+        out = out * F.silu(z.to(f))
+    out = out.to(u.dtype)
+    return (out, h) if return_last_state else out

@@ -1,0 +1,383 @@
+"""The train stage: masked-token training of PTM-Mamba on ``accelerate``.
+
+Reads top to bottom: set-up (processes, output folder, data, model,
+optimiser), resume, the loop (train step, periodic validation, checkpoints),
+then the test set scored with ``best.ckpt``. Runs on one CPU, one GPU, or
+several processes (``accelerate launch``/``torchrun``); only the main process
+writes files.
+
+Outputs in ``{output_dir}/ptm-mamba-{run_name}/``: ``config.yaml``,
+``split_mapping.json``, ``metrics.json``, ``best.ckpt``, ``last.ckpt``; while
+running, ``resume/state.ckpt`` holds everything needed to continue exactly
+where a killed run stopped (it is not a Snakemake output, so it survives
+Snakemake's clean-up of an interrupted job).
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from . import checkpoint
+from .batching import epoch_batches, plan_batches
+from .config import dump_config, fingerprint
+from .data import Batch, BatchBuilder, EpochBatches, EvalBatches, collate_single
+from .embedding_store import EmbeddingReader
+from .errors import PipelineError
+from .fileio import atomic_write_json, atomic_write_text
+from .model import ModelConfig, PTMMamba
+from .split import SPLITS, mapping, read_split, split_fingerprint, split_from_config
+from .tokenizer import VOCAB
+
+log = logging.getLogger(__name__)
+SUM_FIELDS = ("loss_sum", "predicted", "correct", "ptm_predicted", "ptm_correct", "tokens")
+
+
+# ----------------------------------------------------------------------------- set-up
+
+def make_accelerator(config: dict):
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    precision = config["training"]["mixed_precision"]
+    if precision == "auto":
+        precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    # Without ESM the esm_head takes no part in the loss; DDP must be told.
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=not config["training"]["use_esm"])
+    return Accelerator(mixed_precision=precision, kwargs_handlers=[ddp])
+
+
+def run_dir(config: dict, run_name: str | None) -> Path:
+    name = run_name or config["run_name"] or dt.datetime.now().strftime("%Y-%m-%d-%H-%M-%S")
+    return Path(config["training"]["output_dir"]) / f"ptm-mamba-{name}"
+
+
+def load_splits(config: dict, split_dir: str | None) -> dict:
+    """The split stage's files, or (standalone) the same split made in memory."""
+    if split_dir is None:
+        return split_from_config(config)
+    return {name: read_split(Path(split_dir) / f"{name}.csv", config["dataset"]["unknown_ptm"])
+            for name in SPLITS}
+
+
+def open_store(config: dict, name: str, proteins) -> EmbeddingReader:
+    """A split's precomputed embeddings, checked against the split and the masking settings."""
+    path = Path(config["training"]["embeddings_dir"]) / f"{name}_embeddings.h5"
+    if not path.exists():
+        raise PipelineError(f"{path} not found: run the embed stage first (ptm-mamba embed --config ... "
+                            f"--output_dir {path.parent}) or set training.use_precomputed_embeddings: false")
+    store = EmbeddingReader(path)
+    want = {"split_fingerprint": split_fingerprint(proteins), "mask_prob": config["training"]["mask_prob"],
+            "mask_replicates": config["embedding"]["mask_replicates"]}
+    for key, value in want.items():
+        if store.attrs.get(key) != value:
+            raise PipelineError(f"{path}: {key} is {store.attrs.get(key)!r} but this run needs {value!r}; "
+                                "the embeddings are stale, rerun the embed stage")
+    return store
+
+
+def make_builders(config: dict, splits: dict, esm_model) -> dict[str, BatchBuilder]:
+    tr = config["training"]
+    precomputed = tr["use_esm"] and tr["use_precomputed_embeddings"]
+    return {
+        name: BatchBuilder(
+            proteins, max_sequence_length=config["dataset"]["max_sequence_length"], mask_prob=tr["mask_prob"],
+            random_mask_only_prob=tr["random_mask_only_prob"],
+            store=open_store(config, name, proteins) if precomputed else None,
+            esm_alphabet=esm_model.alphabet if esm_model is not None else None)
+        for name, proteins in splits.items()
+    }
+
+
+def load_esm_on_the_fly(config: dict, device):
+    tr = config["training"]
+    if not tr["use_esm"] or tr["use_precomputed_embeddings"]:
+        return None
+    if config["dataset"]["max_sequence_length"] - 2 > 1022:
+        raise PipelineError("dataset.max_sequence_length must be <= 1024 when ESM-2 runs on the fly "
+                            "(ESM-2 reads at most 1022 residues); precompute embeddings instead")
+    from .embed import load_esm_for
+
+    return load_esm_for(config, device=device)
+
+
+def esm_dim(config: dict, builders: dict, esm_model) -> int:
+    if esm_model is not None:
+        return esm_model.embed_dim
+    store = builders["train"].store
+    return int(store.attrs["dim"]) if store is not None else ModelConfig.esm_dim
+
+
+def model_config(config: dict, dim: int) -> ModelConfig:
+    m = config["model"]
+    return ModelConfig(model_type=m["model_type"], d_model=m["d_model"], n_layer=m["n_layer"],
+                       esm_dim=dim, use_esm=config["training"]["use_esm"], ssm_cfg=dict(m["ssm_cfg"]))
+
+
+def lr_factor(step: int, *, warmup: int, total: int, schedule: str, min_ratio: float) -> float:
+    """Multiplier of the peak lr at optimiser step ``step`` (0-based): warm-up, then the schedule."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    if schedule == "linear":
+        return 1.0 - (1.0 - min_ratio) * progress
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def resume_fingerprint(config: dict, world_size: int) -> str:
+    """What must match for a saved state to be continued exactly."""
+    cfg = copy.deepcopy(config)
+    for key in ("resume_from_checkpoint", "num_workers"):
+        cfg["training"].pop(key)
+    cfg["world_size"] = world_size
+    return fingerprint(cfg, *cfg)
+
+
+# ----------------------------------------------------------------------------- one step, one evaluation
+
+def forward_batch(model, batch: Batch, esm_model):
+    """The model's output (logits, hidden states) for a batch already on the device."""
+    features = batch.esm_features
+    if esm_model is not None:  # on the fly: ESM-2 reads the masked input, as the original trains
+        features = esm_forward(esm_model, batch.esm_tokens).clone()
+        features = features * (batch.labels >= VOCAB.index("L")).unsqueeze(-1)  # zeros at <cls>/<eos>/pad
+    return model(batch.input_ids, features, batch.lengths)
+
+
+def batch_sums(logits: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mean loss over predicted positions, and the sums of :data:`SUM_FIELDS` (a float64 vector)."""
+    pred = batch.pred_mask
+    target = batch.labels[pred]
+    picked = logits[pred].float()
+    loss = F.cross_entropy(picked, target) if target.numel() else logits.sum() * 0.0
+    with torch.no_grad():
+        hit = picked.argmax(-1) == target
+        ptm = target > VOCAB.index("PTM")
+        sums = torch.tensor([float(loss) * target.numel(), target.numel(), hit.sum(), ptm.sum(),
+                             (hit & ptm).sum(), (batch.labels != VOCAB.index("<pad>")).sum()],
+                            dtype=torch.float64, device=logits.device)
+    return loss, sums
+
+
+def rates(sums: torch.Tensor, prefix: str) -> dict[str, float]:
+    s = dict(zip(SUM_FIELDS, sums.tolist()))
+    loss = s["loss_sum"] / max(1.0, s["predicted"])
+    return {f"{prefix}_loss": loss, f"{prefix}_acc": s["correct"] / max(1.0, s["predicted"]),
+            f"{prefix}_ptm_acc": s["ptm_correct"] / max(1.0, s["ptm_predicted"]),
+            f"{prefix}_perplexity": math.exp(min(loss, 50.0))}
+
+
+@torch.no_grad()
+def evaluate(model, loader, accelerator, esm_model, prefix: str, epoch: int, step: int,
+             per_type: bool = False) -> tuple[dict, list[dict]]:
+    """Score a whole split (each process its share); returns the average record and per-batch records."""
+    from accelerate.utils import gather_object
+
+    net = accelerator.unwrap_model(model)
+    net.eval()
+    total = torch.zeros(len(SUM_FIELDS), dtype=torch.float64, device=accelerator.device)
+    by_type = torch.zeros((2, len(VOCAB)), dtype=torch.float64, device=accelerator.device)
+    records = []
+    for number, batch in zip(loader.dataset.numbers, loader):
+        batch = batch.to(accelerator.device)
+        with accelerator.autocast():
+            logits = forward_batch(net, batch, esm_model).logits
+        _, sums = batch_sums(logits, batch)
+        total += sums
+        records.append({"Epoch": epoch, "Step": step, "batch": number, **rates(sums, prefix)})
+        if per_type:
+            target = batch.labels[batch.pred_mask]
+            hit = (logits[batch.pred_mask].argmax(-1) == target).double()
+            by_type[0].index_add_(0, target, torch.ones_like(hit))
+            by_type[1].index_add_(0, target, hit)
+    net.train()
+    total = accelerator.reduce(total, reduction="sum")
+    records = sorted(gather_object(records), key=lambda r: r["batch"])
+    avg = {"Epoch": epoch, "Step": step, **{f"avg_{k}": v for k, v in rates(total, prefix).items()}}
+    if per_type:
+        by_type = accelerator.reduce(by_type, reduction="sum").tolist()
+        avg[f"{prefix}_ptm_acc_by_type"] = {
+            VOCAB[t]: {"sites": int(by_type[0][t]), "acc": by_type[1][t] / by_type[0][t]}
+            for t in range(VOCAB.index("PTM") + 1, len(VOCAB)) if by_type[0][t] > 0}
+    return avg, records
+
+
+def esm_forward(esm_model, tokens):
+    from .esm import esm_forward as forward
+
+    return forward(esm_model, tokens)
+
+
+# ----------------------------------------------------------------------------- the run
+
+def train(config: dict, *, split_dir: str | None = None, run_name: str | None = None,
+          progress: bool = True) -> Path:
+    """Train PTM-Mamba as ``config`` says; returns the run's output folder."""
+    tr = config["training"]
+    accelerator = make_accelerator(config)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    main = accelerator.is_main_process
+    out = run_dir(config, run_name)
+    state_path = out / "resume" / "state.ckpt"
+
+    # --- data
+    splits = load_splits(config, split_dir)
+    esm_model = load_esm_on_the_fly(config, accelerator.device)
+    builders = make_builders(config, splits, esm_model)
+    eval_batches = {name: plan_batches(builders[name].lengths, tr["max_tokens_per_batch"],
+                                       tr["per_device_train_batch_size"]) for name in ("val", "test")}
+    eval_loaders = {name: torch.utils.data.DataLoader(
+        EvalBatches(builders[name], eval_batches[name], rank, world), batch_size=None,
+        collate_fn=collate_single, num_workers=tr["num_workers"]) for name in ("val", "test")}
+    batches_per_epoch = len(epoch_batches(builders["train"].lengths, tr["max_tokens_per_batch"],
+                                          tr["per_device_train_batch_size"], seed=config["seed"], epoch=0,
+                                          world_size=world)) // world
+    total_steps = batches_per_epoch * tr["num_train_epochs"]
+    if tr["max_steps"] is not None:
+        total_steps = min(total_steps, tr["max_steps"])
+
+    # --- model and optimiser (the same init on every process)
+    torch.manual_seed(config["seed"])
+    mcfg = model_config(config, esm_dim(config, builders, esm_model))
+    model = PTMMamba(mcfg)
+    optimizer = torch.optim.AdamW(model.param_groups(tr["weight_decay"]), lr=tr["lr"],
+                                  betas=tuple(tr["adam_betas"]))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(
+        s, warmup=tr["warmup_steps"], total=total_steps, schedule=tr["lr_schedule"],
+        min_ratio=tr["min_lr_ratio"]))
+
+    # --- resume: an explicit checkpoint, or this run's own interrupted state
+    position = {"epoch": 0, "batch_in_epoch": 0, "step": 0, "best_val_loss": math.inf}
+    sizes = {name: len(p) for name, p in splits.items()}
+    metrics: list[dict] = [{"split_sizes": sizes, "num_parameters": model.num_parameters()}]
+    fp = resume_fingerprint(config, world)
+    source = tr["resume_from_checkpoint"]
+    if source is None and state_path.exists():
+        saved = checkpoint.load(state_path)
+        if saved.get("fingerprint") == fp:
+            source = state_path
+        elif main:
+            log.warning("ignoring %s: it was written with other settings", state_path)
+    if source is not None:
+        saved = checkpoint.load(source)
+        model.load_state_dict(saved["model"])
+        if "optimizer" in saved:
+            optimizer.load_state_dict(saved["optimizer"])
+            scheduler.load_state_dict(saved["scheduler"])
+            position = saved["position"]
+            metrics = saved["metrics"]
+        accelerator.print(f"resumed from {source} at step {position['step']}")
+
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "config.yaml", dump_config(config))
+        atomic_write_json(out / "split_mapping.json", mapping(splits))
+    accelerator.print(f"{mcfg.model_type}: {accelerator.unwrap_model(model).num_parameters():,} parameters; "
+                      f"train {sizes['train']} / val {sizes['val']} / test {sizes['test']} proteins; "
+                      f"{batches_per_epoch} batches per epoch per process, {total_steps} steps")
+
+    def model_state() -> dict:
+        return {"format_version": checkpoint.FORMAT_VERSION, "model": accelerator.unwrap_model(model).state_dict(),
+                "model_config": mcfg.to_dict(), "config": config, "vocab": list(VOCAB)}
+
+    def full_state() -> dict:
+        return {**model_state(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "position": dict(position), "metrics": metrics, "fingerprint": fp}
+
+    def validate(epoch: int, step: int) -> None:
+        avg, records = evaluate(model, eval_loaders["val"], accelerator, esm_model, "val", epoch, step)
+        metrics.extend(records)
+        metrics.append(avg)
+        accelerator.print(f"epoch {epoch} step {step}: val loss {avg['avg_val_loss']:.4f} "
+                          f"acc {avg['avg_val_acc']:.4f} PTM acc {avg['avg_val_ptm_acc']:.4f}")
+        if main and avg["avg_val_loss"] < position["best_val_loss"]:
+            checkpoint.save(model_state(), out / "best.ckpt")
+        position["best_val_loss"] = min(position["best_val_loss"], avg["avg_val_loss"])
+
+    def save_progress() -> None:
+        if main:
+            checkpoint.save(full_state(), state_path)
+            atomic_write_json(out / "metrics.json", metrics)
+        accelerator.wait_for_everyone()
+
+    # --- the loop
+    bar = tqdm(total=total_steps, initial=position["step"], disable=not (progress and main), unit="step",
+               dynamic_ncols=True)
+    tokens_seen, started = 0.0, time.perf_counter()
+    model.train()
+    while position["step"] < total_steps:
+        epoch = position["epoch"]
+        batches = epoch_batches(builders["train"].lengths, tr["max_tokens_per_batch"],
+                                tr["per_device_train_batch_size"], seed=config["seed"], epoch=epoch,
+                                world_size=world)
+        replicate = epoch % config["embedding"]["mask_replicates"]
+        loader = torch.utils.data.DataLoader(
+            EpochBatches(builders["train"], batches, seed=config["seed"], epoch=epoch, replicate=replicate,
+                         rank=rank, world_size=world, start=position["batch_in_epoch"]),
+            batch_size=None, collate_fn=collate_single, num_workers=tr["num_workers"])
+        for batch in loader:
+            batch = batch.to(accelerator.device)
+            with accelerator.autocast():
+                logits = forward_batch(model, batch, esm_model).logits
+            loss, sums = batch_sums(logits, batch)
+            optimizer.zero_grad(set_to_none=True)
+            accelerator.backward(loss)
+            if tr["grad_clip"] is not None:
+                accelerator.clip_grad_norm_(model.parameters(), tr["grad_clip"])
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            sums = accelerator.reduce(sums, reduction="sum")
+            position["step"] += 1
+            position["batch_in_epoch"] += 1
+            step = position["step"]
+            record = {"Epoch": epoch, "Step": step, **rates(sums, "train"), "lr": lr,
+                      "tokens": int(sums[SUM_FIELDS.index("tokens")])}
+            metrics.append(record)
+            tokens_seen += record["tokens"]
+            bar.update(1)
+            bar.set_postfix(loss=f"{record['train_loss']:.3f}",
+                            tok_s=f"{tokens_seen / (time.perf_counter() - started):.0f}")
+            if step % tr["log_steps"] == 0 or step == total_steps:
+                validate(epoch, step)
+                if step == total_steps:
+                    break
+                save_progress()
+            if step >= total_steps:
+                break
+        else:  # the epoch ran to its end
+            position["epoch"] += 1
+            position["batch_in_epoch"] = 0
+    bar.close()
+
+    # --- last.ckpt, then the test set scored with the best model
+    if main:
+        checkpoint.save(full_state(), out / "last.ckpt")
+    accelerator.wait_for_everyone()
+    best_model = PTMMamba(mcfg).to(accelerator.device)
+    best_model.load_state_dict(checkpoint.load(out / "best.ckpt")["model"])
+    avg, records = evaluate(best_model, eval_loaders["test"], accelerator, esm_model, "test",
+                            position["epoch"], position["step"], per_type=True)
+    metrics.extend(records)
+    metrics.append(avg)
+    accelerator.print(f"test (best.ckpt): loss {avg['avg_test_loss']:.4f} acc {avg['avg_test_acc']:.4f} "
+                      f"PTM acc {avg['avg_test_ptm_acc']:.4f}")
+    if main:
+        atomic_write_json(out / "metrics.json", metrics)
+        state_path.unlink(missing_ok=True)
+        if state_path.parent.exists() and not any(state_path.parent.iterdir()):
+            state_path.parent.rmdir()
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return out

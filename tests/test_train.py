@@ -1,0 +1,212 @@
+"""The train stage on real tiny data: masking, metrics, checkpoints, exact resume, two processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO, run_cli, write_config
+from ptm_mamba.data import BatchBuilder
+from ptm_mamba.embedding_store import EmbeddingReader
+from ptm_mamba.split import read_split
+from ptm_mamba.tokenizer import PTMTokenizer
+from ptm_mamba.train import lr_factor
+
+TOK = PTMTokenizer()
+
+
+def builder(root: Path, config: dict, store: bool) -> BatchBuilder:
+    proteins = read_split(root / "split" / "train.csv")
+    reader = EmbeddingReader(root / "embeddings" / "train_embeddings.h5") if store else None
+    return BatchBuilder(proteins, max_sequence_length=64, mask_prob=0.15, random_mask_only_prob=0.2, store=reader)
+
+
+def test_masking_follows_the_original_rules(embedded_project):
+    root, config = embedded_project
+    b = builder(root, config, store=True)
+    modes = set()
+    for seed in range(40):
+        gen = torch.Generator().manual_seed(seed)
+        batch = b.build(list(range(6)), replicate=1, generator=gen)
+        labels, pred = batch.labels, batch.pred_mask
+        special = labels < TOK.first_residue_id
+        is_ptm = labels > TOK.ptm_marker_id
+        assert not (pred & special).any()  # never <cls>/<eos>/<pad>
+        assert torch.equal(batch.input_ids[pred], torch.full_like(labels[pred], TOK.mask_id))
+        assert torch.equal(batch.input_ids[~pred], labels[~pred])
+        all_ptms_hidden = bool((pred | ~is_ptm).all())
+        modes.add(all_ptms_hidden)
+        # the random part is exactly the stored replicate's mask (cropped with the tokens)
+        stored = [b.store.get(b.ids[i], 1)[1] for i in range(6)]
+        for row in range(6):
+            L = int(batch.lengths[row]) - 2
+            rand_part = pred[row, 1:L + 1] & ~is_ptm[row, 1:L + 1]
+            full = stored[row]
+            if len(full) == L:
+                assert torch.equal(rand_part, torch.from_numpy(full) & ~is_ptm[row, 1:L + 1])
+    assert modes == {True, False}  # both the random-only and the random+PTM mode occur
+
+
+def test_long_proteins_are_cropped_with_their_features(embedded_project):
+    root, config = embedded_project
+    b = builder(root, config, store=True)
+    longest = max(range(len(b)), key=lambda i: len(b.tokens[i]))
+    assert len(b.tokens[longest]) > 62
+    batch = b.build([longest], replicate=0, generator=torch.Generator().manual_seed(3))
+    assert batch.labels.shape[1] == 64
+    window = batch.labels[0, 1:63].numpy()
+    tokens = b.tokens[longest]
+    start = next(s for s in range(len(tokens) - 61) if np.array_equal(tokens[s:s + 62], window))
+    feats, _ = b.store.get(b.ids[longest], 0)
+    assert np.allclose(batch.esm_features[0, 1:63].numpy(), feats[start:start + 62].astype(np.float32))
+    assert not batch.esm_features[0, 0].any() and not batch.esm_features[0, 63].any()
+
+
+def test_lr_schedule():
+    kw = dict(warmup=4, total=20, min_ratio=0.1)
+    assert [lr_factor(s, schedule="constant", **kw) for s in (0, 3, 4, 19)] == [0.25, 1.0, 1.0, 1.0]
+    assert lr_factor(19, schedule="linear", **kw) == pytest.approx(0.1 + 0.9 / 16, abs=1e-9)
+    assert lr_factor(20, schedule="cosine", **kw) == pytest.approx(0.1)
+
+
+def train_cli(config: Path, *extra: str, env=None) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "ptm_mamba", "train", "--config", str(config),
+                             "--no_progress", *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=env)
+
+
+def records(path: Path) -> list[dict]:
+    return json.loads(path.read_text())
+
+
+def test_train_outputs_metrics_and_weights_only_checkpoints(embedded_project):
+    root, config = embedded_project
+    result = run_cli("train", "--config", root / "config.yaml", "--split_dir", root / "split",
+                     "--run_name", "plain", "--no_progress")
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = root / "outputs" / "ptm-mamba-plain"
+    assert sorted(p.name for p in out.iterdir()) == \
+        ["best.ckpt", "config.yaml", "last.ckpt", "metrics.json", "split_mapping.json"]
+    metrics = records(out / "metrics.json")
+    assert metrics[0]["split_sizes"] == {"train": 44, "val": 8, "test": 8}
+    steps = [m for m in metrics if "train_loss" in m]
+    assert [m["Step"] for m in steps] == [1, 2, 3, 4, 5, 6]
+    for m in steps:
+        assert {"train_loss", "train_acc", "train_ptm_acc", "train_perplexity", "lr", "Epoch", "Step",
+                "tokens"} <= set(m)
+        assert m["train_perplexity"] == pytest.approx(np.exp(m["train_loss"]))
+    val_avgs = [m for m in metrics if "avg_val_loss" in m]
+    assert [m["Step"] for m in val_avgs] == [3, 6]
+    assert any("val_loss" in m and "batch" in m for m in metrics)
+    test = [m for m in metrics if "avg_test_loss" in m]
+    assert len(test) == 1 and "test_ptm_acc_by_type" in test[0]
+    for name in ("best.ckpt", "last.ckpt"):
+        state = torch.load(out / name, weights_only=True)
+        assert state["model_config"]["d_model"] == 16
+    last = torch.load(out / "last.ckpt", weights_only=True)
+    assert last["position"]["step"] == 6 and "optimizer" in last
+    assert not (out / "resume").exists()
+
+
+def test_validation_asks_the_same_questions_each_time(embedded_project):
+    """Evaluation masks are fixed: two evaluations of the same weights agree exactly."""
+    root, config = embedded_project
+    out = root / "outputs" / "ptm-mamba-plain"
+    if not out.exists():
+        pytest.skip("needs test_train_outputs_metrics_and_weights_only_checkpoints")
+    b = BatchBuilder(read_split(root / "split" / "val.csv"), max_sequence_length=64, mask_prob=0.15,
+                     random_mask_only_prob=0.2,
+                     store=EmbeddingReader(root / "embeddings" / "val_embeddings.h5"))
+    one = b.build(list(range(8)), replicate=0, generator=None)
+    two = b.build(list(range(8)), replicate=0, generator=None)
+    assert torch.equal(one.pred_mask, two.pred_mask) and torch.equal(one.esm_features, two.esm_features)
+
+
+def test_killed_run_resumes_to_identical_metrics(embedded_project, tmp_path):
+    root, config = embedded_project
+    cfg = dict(config, run_name="resume")
+    cfg["training"] = dict(config["training"], max_steps=12, log_steps=3)
+    cfg_path = write_config(tmp_path / "config.yaml", **cfg)
+    split = ("--split_dir", str(root / "split"))
+
+    reference = train_cli(cfg_path, *split, "--run_name", "uninterrupted")
+    assert reference.wait(timeout=300) == 0, reference.stdout.read()
+
+    out = root / "outputs" / "ptm-mamba-resume"
+    state = out / "resume" / "state.ckpt"
+    proc = train_cli(cfg_path, *split)
+    deadline = time.time() + 300
+    while not state.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "last.ckpt").exists()
+
+    resumed = train_cli(cfg_path, *split)
+    output = resumed.communicate(timeout=300)[0]
+    assert resumed.returncode == 0, output
+    assert "resumed from" in output
+    a = records(root / "outputs" / "ptm-mamba-uninterrupted" / "metrics.json")
+    b = records(out / "metrics.json")
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys()
+        for k in x:
+            if isinstance(x[k], float):
+                assert x[k] == pytest.approx(y[k], rel=1e-6, abs=1e-9), (k, x, y)
+            else:
+                assert x[k] == y[k]
+
+
+def test_standalone_train_splits_like_the_split_stage(embedded_project, tmp_path):
+    root, config = embedded_project
+    cfg = dict(config, run_name="standalone")
+    cfg["training"] = dict(config["training"], max_steps=2, log_steps=2)
+    result = run_cli("train", "--config", write_config(tmp_path / "c.yaml", **cfg), "--no_progress")
+    assert result.returncode == 0, result.stderr
+    assert (root / "outputs" / "ptm-mamba-standalone" / "split_mapping.json").read_text() == \
+        (root / "split" / "split_mapping.json").read_text()
+
+
+def test_on_the_fly_and_no_esm_modes_train(embedded_project, tmp_path):
+    root, config = embedded_project
+    for name, training in (("fly", {"use_precomputed_embeddings": False}), ("noesm", {"use_esm": False})):
+        cfg = dict(config, run_name=name)
+        cfg["training"] = dict(config["training"], max_steps=2, log_steps=2, **training)
+        result = run_cli("train", "--config", write_config(tmp_path / f"{name}.yaml", **cfg),
+                         "--split_dir", root / "split", "--no_progress")
+        assert result.returncode == 0, result.stdout + result.stderr
+        metrics = records(root / "outputs" / f"ptm-mamba-{name}" / "metrics.json")
+        assert np.isfinite([m["train_loss"] for m in metrics if "train_loss" in m]).all()
+
+
+def test_two_process_cpu_run_completes(embedded_project, tmp_path):
+    root, config = embedded_project
+    cfg = dict(config, run_name="ddp")
+    cfg["training"] = dict(config["training"], max_steps=4, log_steps=2, num_processes=2)
+    cfg_path = write_config(tmp_path / "config.yaml", **cfg)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                             "--master_port", "29517", "-m", "ptm_mamba", "train", "--config", str(cfg_path),
+                             "--split_dir", str(root / "split"), "--no_progress"],
+                            capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    metrics = records(root / "outputs" / "ptm-mamba-ddp" / "metrics.json")
+    steps = [m for m in metrics if "train_loss" in m]
+    assert [m["Step"] for m in steps] == [1, 2, 3, 4]
+    # both processes' batches are counted: tokens per step exceed any single batch's budget share
+    single = records(root / "outputs" / "ptm-mamba-plain" / "metrics.json") \
+        if (root / "outputs" / "ptm-mamba-plain").exists() else None
+    val_batches = [m["batch"] for m in metrics if "val_loss" in m and m["Step"] == 2]
+    assert sorted(val_batches) == list(range(len(val_batches)))  # both ranks' val batches, gathered
+    assert single is None or len(val_batches) == len([m for m in single if "val_loss" in m and m["Step"] == 3])

@@ -1,0 +1,47 @@
+# ESM-2 embeddings: one job per shard of each split (scatter), then one gather per split.
+
+
+rule embed_shard:
+    input:
+        split=f"{SPLIT_DIR}/{{split}}.csv",
+    output:
+        f"{EMBEDDINGS_DIR}/shards/{{split}}/{{shard}}-of-{NUM_SHARDS}.h5",
+    params:
+        config=RESOLVED_CONFIG,
+        num_shards=NUM_SHARDS,
+        settings=fingerprint(config, "dataset", "esm", "embedding", "training.mask_prob"),
+    threads: 2
+    resources:
+        gpu=1,
+    log:
+        f"logs/embed/{{split}}-{{shard}}-of-{NUM_SHARDS}.log",
+    conda:
+        ENV
+    shell:
+        "OMP_NUM_THREADS={threads} ptm-mamba embed-shard --config {params.config} --split {wildcards.split}"
+        " --split_file {input.split} --shard {wildcards.shard} --num_shards {params.num_shards}"
+        " --output {output} > {log} 2>&1"
+
+
+rule gather_embeddings:
+    input:
+        split=f"{SPLIT_DIR}/{{split}}.csv",
+        shards=expand(
+            f"{EMBEDDINGS_DIR}/shards/{{{{split}}}}/{{shard}}-of-{NUM_SHARDS}.h5",
+            shard=range(NUM_SHARDS),
+        ),
+    output:
+        report(
+            f"{EMBEDDINGS_DIR}/{{split}}_embeddings.h5",
+            caption="../report/embeddings.rst",
+            category="Embeddings",
+        ),
+    params:
+        config=RESOLVED_CONFIG,
+    log:
+        "logs/embed/{split}-gather.log",
+    conda:
+        ENV
+    shell:
+        "ptm-mamba gather --config {params.config} --split {wildcards.split} --split_file {input.split}"
+        " --shards {input.shards} --output {output} > {log} 2>&1"
