@@ -9,10 +9,12 @@ For every batch b, channel d and state n (u, delta: (B, D, L); A: (D, N); B, C: 
 `selective_scan` has the signature and semantics of mamba-ssm's `selective_scan_fn` for real A and
 per-position B, C of shape (B, N, L). It never loops over positions in Python: the linear recurrence
 runs as an in-place Blelloch scan over time, 2*log2(L) rounds of whole-tensor ops on strided views.
-That scan only multiplies decays exp(delta*A) <= 1 together (no division, no exp of a positive
-number), so it cannot overflow however strong the decay. The backward pass is written by hand: it
-saves only the inputs, recomputes the (B, L, N, D) states, and runs the adjoint recurrence as a
-second scan, so memory stays at a few (B, L, N, D) tensors and never (B, D, L, L).
+The scan only multiplies the decays exp(delta*A) together: no division and no exponent other than
+delta*A itself, so with delta >= 0 and A < 0 (as in Mamba) every factor is <= 1 and nothing can
+overflow, however strong the decay. The backward pass is written by hand: it saves only the
+inputs, recomputes the (B, L, N, D) states, and runs the adjoint recurrence as a second scan, so
+memory stays at three (B, L, N, D) tensors and never (B, D, L, L). On the CPU those three live in
+scratch buffers reused from call to call (`_Workspace`; `release_workspace()` frees them).
 
 Internally everything is time-major, (B, L, N, D) for states and (B, L, D) / (B, L, N) for the
 rest, so each step of the scan touches contiguous blocks of N*D numbers. The arithmetic is fp32
