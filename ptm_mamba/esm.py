@@ -45,6 +45,7 @@ from esm.model.esm2 import ESM2
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm import tqdm
 
+from ptm_mamba.batching import plan_batches
 from ptm_mamba.errors import PipelineError
 
 ESM2_NAMES: tuple[str, ...] = tuple(
@@ -206,20 +207,6 @@ def window_starts(length: int, window: int, overlap: int) -> list[int]:
         return [0]
     n = math.ceil((length - overlap) / (window - overlap))
     return [i * (length - window) // (n - 1) for i in range(n)]
-
-
-def plan_batches(token_lengths: list[int], max_tokens: int, batch_size: int | None = None) -> list[list[int]]:
-    """Group indices, longest first, so that ``len(batch) * max_len <= max_tokens`` (and at most
-    ``batch_size`` per batch); an item longer than the budget goes alone in its batch."""
-    order = sorted(range(len(token_lengths)), key=lambda i: -token_lengths[i])
-    batches: list[list[int]] = []
-    for i in order:
-        b = batches[-1] if batches else None
-        if b and (len(b) + 1) * token_lengths[b[0]] <= max_tokens and (batch_size is None or len(b) < batch_size):
-            b.append(i)
-        else:
-            batches.append([i])
-    return batches
 
 
 # ----------------------------------------------------------------------------- forward

@@ -189,7 +189,7 @@ class _SelectiveScan(torch.autograd.Function):
             out = out * F.silu(_time_major(z, f))
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias)
         ctx.delta_softplus, ctx.f = delta_softplus, f
-        out = out.transpose(1, 2).to(u.dtype).contiguous()
+        out = out.transpose(1, 2).to(u.dtype)  # (B, D, L) view of time-major memory, as the block wants it
         if not return_last_state:
             return out
         last_state = h[:, -1].transpose(1, 2).contiguous()  # (B, D, N), compute dtype like mamba-ssm's
@@ -267,8 +267,10 @@ def selective_scan(
     """mamba-ssm's `selective_scan_fn` in plain PyTorch (real A; B, C of shape (B, N, L)).
 
     u, delta, z: (B, D, L); A: (D, N); B, C: (B, N, L); D, delta_bias: (D,). Returns out (B, D, L)
-    in u's dtype, or (out, last_state (B, D, N)) when return_last_state; like mamba-ssm, no
-    gradient flows through last_state.
+    in u's dtype (strided as out.transpose(1, 2) contiguous, so "b d l -> b l d" is free), or
+    (out, last_state (B, D, N)) when return_last_state; like mamba-ssm, no gradient flows through
+    last_state. Inputs that are transposed views of (B, L, X) tensors, as in the Mamba block, are
+    read without copies.
     """
     _check_shapes(u, delta, A, B, C)
     return _SelectiveScan.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from ptm_mamba.errors import PipelineError
-from ptm_mamba.esm import ESM2_NAMES, embed, esm_forward, load_esm, plan_batches, window_starts
+from ptm_mamba.esm import ESM2_NAMES, embed, esm_forward, load_esm, window_starts
 from ptm_mamba.testing import write_tiny_esm2_checkpoint
 
 AA = "ACDEFGHIKLMNPQRSTVWY"
@@ -214,16 +214,6 @@ def test_deterministic(tiny):
     items = [(i, random_seq(rng, n), None) for i, n in enumerate((40, 12, 33, 7))]
     a, b = run(tiny, items, max_tokens_per_batch=100), run(tiny, items, max_tokens_per_batch=100)
     assert all(np.array_equal(a[k], b[k]) for k in a)
-
-
-def test_plan_batches_respects_budget():
-    lengths = [10, 40, 7, 7, 25, 3, 12, 9]
-    batches = plan_batches(lengths, max_tokens=30)
-    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
-    assert [1] in batches  # longer than the budget: alone
-    for b in batches:
-        assert len(b) == 1 or len(b) * max(lengths[i] for i in b) <= 30
-    assert max(len(b) for b in plan_batches(lengths, max_tokens=1000, batch_size=3)) == 3
 
 
 def test_embed_covers_every_key_once_under_a_small_budget(tiny):

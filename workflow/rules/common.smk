@@ -44,5 +44,13 @@ def embedding_files():
     return [f"{EMBEDDINGS_DIR}/{split}_embeddings.h5" for split in SPLITS] if PRECOMPUTED else []
 
 
+def shard_files():
+    """Every shard, requested explicitly: a gathered file only points at its shards, so a
+    deleted shard must be rebuilt (Snakemake does not rerun jobs for a missing input alone)."""
+    if not PRECOMPUTED:
+        return []
+    return [f"{EMBEDDINGS_DIR}/shards/{split}/{i}-of-{NUM_SHARDS}.h5" for split in SPLITS for i in range(NUM_SHARDS)]
+
+
 def all_targets():
-    return [f"{RUN_DIR}/metrics.json", f"{RUN_DIR}/best.ckpt", f"{RUN_DIR}/last.ckpt"]
+    return [*shard_files(), f"{RUN_DIR}/metrics.json", f"{RUN_DIR}/best.ckpt", f"{RUN_DIR}/last.ckpt"]

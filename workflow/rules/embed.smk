@@ -1,4 +1,11 @@
 # ESM-2 embeddings: one job per shard of each split (scatter), then one gather per split.
+# `snakemake embeddings` computes them (all splits) without training.
+
+
+rule embeddings:
+    input:
+        shard_files(),
+        embedding_files(),
 
 
 rule embed_shard:

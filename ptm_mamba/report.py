@@ -1,0 +1,420 @@
+"""Figures and tables of a training run, for the Snakemake report and for users.
+
+    plot_metrics(metrics.json, out_dir)     -> {name: PNG path}: loss, accuracy, learning_rate, test_ptm_accuracy
+    test_results_table(metrics.json, tsv)   overall test metrics and accuracy per PTM type
+    split_table(summary.json, tsv)          the split stage's counts per split
+    embedding_stats([*.h5], tsv)            size, ESM model and value statistics of the embedding files
+
+``metrics.json`` is the list ``train.py`` writes: a header ``{"split_sizes", "num_parameters"}``,
+one record per training step (``train_*``, ``lr``, ``tokens``), per validation/test batch
+(``val_*``/``test_*`` with ``batch``) and one average per evaluation (``avg_val_*``/``avg_test_*``;
+the test average also holds ``test_ptm_acc_by_type``). Every part but the file itself is optional:
+a run still in progress has no test records, a run without PTM sites in its test set has no
+per-type accuracies; the figures then say so instead of failing, so every output always exists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from .errors import PipelineError
+from .fileio import atomic_path, atomic_write_text
+
+FIGURES = ("loss", "accuracy", "learning_rate", "test_ptm_accuracy")
+DPI = 120
+FIGSIZE = (8.0, 4.8)
+MAX_PTM_BARS = 40  # the bar chart shows the most frequent types; the TSV holds all
+COLORS = {"train": "tab:blue", "val": "tab:orange", "test": "tab:green", "ptm": "tab:purple"}
+
+
+# ----------------------------------------------------------------------------- reading metrics.json
+
+@dataclass
+class RunMetrics:
+    """metrics.json sorted into its kinds; records of one kind are sorted by step, one per step."""
+
+    header: dict = field(default_factory=dict)
+    train: list[dict] = field(default_factory=list)  # per optimiser step
+    val: list[dict] = field(default_factory=list)  # avg_val_* per validation
+    test: dict | None = None  # avg_test_* (+ test_ptm_acc_by_type), the last one written
+
+    def series(self, kind: str, key: str) -> tuple[np.ndarray, np.ndarray]:
+        """(steps, values) of ``key`` over the records of ``kind`` ("train" or "val") that have it."""
+        rows = [(r["Step"], r[key]) for r in getattr(self, kind) if r.get(key) is not None]
+        steps, values = zip(*rows) if rows else ((), ())
+        return np.asarray(steps, dtype=float), np.asarray(values, dtype=float)
+
+    def best_val(self) -> dict | None:
+        """The validation that ``best.ckpt`` was saved at (the first lowest avg_val_loss)."""
+        return min(self.val, key=lambda r: r["avg_val_loss"], default=None)
+
+
+def load_metrics(path: str | Path) -> RunMetrics:
+    """Read and sort a metrics.json; a later record for the same step replaces an earlier one."""
+    path = Path(path)
+    try:
+        records = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise PipelineError(f"{path}: metrics file not found (has training started?)") from None
+    except json.JSONDecodeError as err:
+        raise PipelineError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(records, list):
+        raise PipelineError(f"{path}: expected a JSON list of records, got {type(records).__name__}")
+    out = RunMetrics()
+    train: dict[int, dict] = {}
+    val: dict[int, dict] = {}
+    for i, record in enumerate(records):
+        if not isinstance(record, dict):
+            raise PipelineError(f"{path}: record {i} is {type(record).__name__}, expected an object")
+        if "split_sizes" in record or "num_parameters" in record:
+            out.header = record
+            continue
+        if not any(k in record for k in ("train_loss", "avg_val_loss", "avg_test_loss")):
+            continue  # per-batch validation/test records: the averages are plotted
+        if not isinstance(record.get("Step"), (int, float)):
+            raise PipelineError(f"{path}: record {i} has no numeric 'Step'")
+        if "train_loss" in record:
+            train[record["Step"]] = record
+        elif "avg_val_loss" in record:
+            val[record["Step"]] = record
+        else:
+            out.test = record
+    out.train = [train[s] for s in sorted(train)]
+    out.val = [val[s] for s in sorted(val)]
+    return out
+
+
+def moving_average(values: np.ndarray, window: int) -> np.ndarray:
+    """Trailing mean over ``window`` points (fewer at the start), same length as ``values``."""
+    values = np.asarray(values, dtype=float)
+    if window <= 1 or values.size == 0:
+        return values
+    sums = np.cumsum(np.insert(values, 0, 0.0))
+    idx = np.arange(1, values.size + 1)
+    lo = np.maximum(0, idx - window)
+    return (sums[idx] - sums[lo]) / (idx - lo)
+
+
+def smoothing_window(num_steps: int) -> int:
+    """About 1/25 of the run (3 to 500 steps): smooth enough to read, short enough to follow trends.
+    Under 20 steps every point is shown as it is."""
+    return 1 if num_steps < 20 else int(np.clip(round(num_steps / 25), 3, 500))
+
+
+def ptm_name(token: str) -> str:
+    """``<Phosphoserine>`` -> ``Phosphoserine``."""
+    return token[1:-1] if token.startswith("<") and token.endswith(">") else token
+
+
+# ----------------------------------------------------------------------------- figures
+
+def _figure(height: float = FIGSIZE[1]):
+    from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend (renders with Agg)
+
+    fig = Figure(figsize=(FIGSIZE[0], height), dpi=DPI, layout="constrained")
+    return fig, fig.add_subplot()
+
+
+def _save(fig, path: Path) -> Path:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=DPI)
+    return path
+
+
+def _placeholder(ax, title: str, message: str) -> None:
+    ax.set_title(title)
+    ax.text(0.5, 0.5, message, ha="center", va="center", transform=ax.transAxes, fontsize=12, color="0.4")
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def _epoch_lines(ax, m: RunMetrics) -> None:
+    """Faint vertical lines where a new epoch starts (only when there are a few)."""
+    starts = [r["Step"] - 1 for prev, r in zip(m.train, m.train[1:]) if r.get("Epoch") != prev.get("Epoch")]
+    if 0 < len(starts) <= 50:
+        for i, s in enumerate(starts):
+            ax.axvline(s, color="0.85", lw=0.8, zorder=0, label="epoch start" if i == 0 else None)
+
+
+def _train_curve(ax, m: RunMetrics, key: str, label: str, color: str) -> None:
+    """The per-step values (faint) and their moving average."""
+    steps, values = m.series("train", key)
+    if steps.size == 0:
+        return
+    window = smoothing_window(steps.size)
+    if window > 1:
+        ax.plot(steps, values, color=color, alpha=0.25, lw=0.8, label=f"{label} (per step)")
+        ax.plot(steps, moving_average(values, window), color=color, lw=1.8,
+                label=f"{label} (mean of {window} steps)")
+    else:
+        ax.plot(steps, values, color=color, lw=1.5, marker=".", label=f"{label} (per step)")
+
+
+def _val_curve(ax, m: RunMetrics, key: str, label: str, color: str) -> None:
+    steps, values = m.series("val", key)
+    if steps.size:
+        ax.plot(steps, values, color=color, lw=1.8, marker="o", ms=4, label=label)
+
+
+def _test_line(ax, m: RunMetrics, key: str, label: str, color: str) -> None:
+    if m.test is not None and m.test.get(key) is not None:
+        value = m.test[key]
+        ax.axhline(value, color=color, ls="--", lw=1.3, label=f"{label} = {value:.3g}")
+
+
+def _best_step_note(m: RunMetrics) -> str:
+    best = m.best_val()
+    return f"best.ckpt, step {best['Step']}" if best else "best.ckpt"
+
+
+def plot_loss(m: RunMetrics, path: Path) -> Path:
+    fig, ax = _figure()
+    params = m.header.get("num_parameters")
+    title = "Masked-token cross-entropy loss" + (f" ({params:,} parameters)" if params else "")
+    if not m.train and not m.val and m.test is None:
+        _placeholder(ax, title, "no training steps recorded yet")
+        return _save(fig, path)
+    _epoch_lines(ax, m)
+    _train_curve(ax, m, "train_loss", "train", COLORS["train"])
+    _val_curve(ax, m, "avg_val_loss", "validation", COLORS["val"])
+    best = m.best_val()
+    if best is not None:
+        ax.plot([best["Step"]], [best["avg_val_loss"]], "o", ms=10, mfc="none", mec="black", mew=1.5,
+                label=f"lowest validation loss (step {best['Step']})")
+    _test_line(ax, m, "avg_test_loss", f"test ({_best_step_note(m)})", COLORS["test"])
+    ax.set(title=title, xlabel="optimiser step", ylabel="loss (nats per masked token)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    return _save(fig, path)
+
+
+def plot_accuracy(m: RunMetrics, path: Path) -> Path:
+    fig, ax = _figure()
+    title = "Accuracy of masked-token predictions"
+    if not m.train and not m.val and m.test is None:
+        _placeholder(ax, title, "no training steps recorded yet")
+        return _save(fig, path)
+    _epoch_lines(ax, m)
+    _train_curve(ax, m, "train_acc", "train, all tokens", COLORS["train"])
+    _train_curve(ax, m, "train_ptm_acc", "train, PTM tokens", COLORS["ptm"])
+    _val_curve(ax, m, "avg_val_acc", "validation, all tokens", COLORS["val"])
+    _val_curve(ax, m, "avg_val_ptm_acc", "validation, PTM tokens", "tab:red")
+    _test_line(ax, m, "avg_test_acc", "test, all tokens", COLORS["test"])
+    _test_line(ax, m, "avg_test_ptm_acc", "test, PTM tokens", "tab:olive")
+    ax.set(title=title, xlabel="optimiser step", ylabel="accuracy (fraction of masked tokens)")
+    ax.set_ylim(bottom=0.0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    return _save(fig, path)
+
+
+def plot_learning_rate(m: RunMetrics, path: Path) -> Path:
+    fig, ax = _figure(height=3.6)
+    title = "Learning rate (warm-up, then the schedule)"
+    steps, lr = m.series("train", "lr")
+    if steps.size == 0:
+        _placeholder(ax, title, "no training steps recorded yet")
+        return _save(fig, path)
+    ax.plot(steps, lr, color=COLORS["train"], lw=1.5, marker="." if steps.size <= 50 else None,
+            label="learning rate used at the step")
+    ax.set(title=title, xlabel="optimiser step", ylabel="learning rate")
+    ax.set_ylim(bottom=0.0)
+    ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    return _save(fig, path)
+
+
+def plot_test_ptm_accuracy(m: RunMetrics, path: Path) -> Path:
+    """Horizontal bars: accuracy per PTM type, most frequent type on top, site counts in the labels."""
+    by_type = (m.test or {}).get("test_ptm_acc_by_type") or {}
+    rows = sorted(by_type.items(), key=lambda kv: (-kv[1]["sites"], kv[0]))
+    shown = rows[:MAX_PTM_BARS]
+    title = f"Test accuracy per PTM type ({_best_step_note(m)})"
+    if len(rows) > len(shown):
+        title += f"\n{len(shown)} most frequent of {len(rows)} types; all in test_results.tsv"
+    fig, ax = _figure(height=max(3.0, 0.32 * len(shown) + 1.6))
+    if not shown:
+        message = "no test results yet" if m.test is None else "no PTM sites in the test set"
+        _placeholder(ax, title, message)
+        return _save(fig, path)
+    labels = [f"{ptm_name(t)} (n={v['sites']:,})" for t, v in shown]
+    accs = [v["acc"] for _, v in shown]
+    y = np.arange(len(shown))
+    ax.barh(y, accs, color=COLORS["ptm"], alpha=0.8)
+    for yi, acc in zip(y, accs):
+        ax.text(acc + 0.01, yi, f"{acc:.2f}", va="center", fontsize=8)
+    overall = m.test.get("avg_test_ptm_acc")
+    if overall is not None:
+        ax.axvline(overall, color="black", ls="--", lw=1, label=f"all PTM sites = {overall:.3g}")
+        ax.legend(fontsize=8, loc="lower right")
+    ax.set_yticks(y, labels, fontsize=8)
+    ax.invert_yaxis()
+    ax.set(title=title, xlabel="accuracy of masked PTM tokens (best.ckpt)", xlim=(0.0, 1.1))
+    ax.grid(axis="x", alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_metrics(metrics_path: str | Path, out_dir: str | Path) -> dict[str, Path]:
+    """Write loss.png, accuracy.png, learning_rate.png and test_ptm_accuracy.png into ``out_dir``.
+
+    Every figure is always written (a note replaces missing data), so a caller can rely on them.
+    Returns ``{name: path}`` with the names of :data:`FIGURES`.
+    """
+    m = load_metrics(metrics_path)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    plots = {"loss": plot_loss, "accuracy": plot_accuracy, "learning_rate": plot_learning_rate,
+             "test_ptm_accuracy": plot_test_ptm_accuracy}
+    return {name: plots[name](m, out / f"{name}.png") for name in FIGURES}
+
+
+# ----------------------------------------------------------------------------- tables
+
+def _write_tsv(path: str | Path, header: Sequence[str], rows: Iterable[Sequence]) -> Path:
+    buf = io.StringIO(newline="")
+    writer = csv.writer(buf, delimiter="\t", lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(["" if v is None else _fmt(v) for v in row] for row in rows)
+    atomic_write_text(path, buf.getvalue())
+    return Path(path)
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return "nan" if math.isnan(v) else f"{v:.6g}"
+    return str(v)
+
+
+def test_results_table(metrics_path: str | Path, out_tsv: str | Path) -> Path:
+    """Columns ``scope metric sites value``: the overall test metrics (scope ``all``), then the
+    accuracy per PTM type, most frequent first. Only the header when there are no test results."""
+    m = load_metrics(metrics_path)
+    rows: list[tuple] = []
+    if m.test is not None:
+        by_type = m.test.get("test_ptm_acc_by_type") or {}
+        ptm_sites = sum(v["sites"] for v in by_type.values()) if by_type else None
+        best = m.best_val()
+        if best is not None:
+            rows.append(("all", "best.ckpt step (lowest validation loss)", None, best["Step"]))
+            rows.append(("all", "validation loss at best.ckpt", None, best["avg_val_loss"]))
+        for key, name, sites in (("avg_test_loss", "loss", None), ("avg_test_perplexity", "perplexity", None),
+                                 ("avg_test_acc", "accuracy", None),
+                                 ("avg_test_ptm_acc", "PTM accuracy", ptm_sites)):
+            if m.test.get(key) is not None:
+                rows.append(("all", name, sites, m.test[key]))
+        for token, v in sorted(by_type.items(), key=lambda kv: (-kv[1]["sites"], kv[0])):
+            rows.append((ptm_name(token), "accuracy", v["sites"], v["acc"]))
+    return _write_tsv(out_tsv, ("scope", "metric", "sites", "value"), rows)
+
+
+SPLIT_COLUMNS = ("sequences", "residues", "ptm_sites", "longer_than_max_sequence_length", "max_length")
+
+
+def split_table(summary_json: str | Path, out_tsv: str | Path) -> Path:
+    """One row per split of the split stage's summary.json, then their total; PTM sites per 100 residues."""
+    path = Path(summary_json)
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise PipelineError(f"{path}: split summary not found (run the split stage first)") from None
+    except json.JSONDecodeError as err:
+        raise PipelineError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(summary, dict) or not all(isinstance(v, dict) for v in summary.values()):
+        raise PipelineError(f"{path}: expected {{split: {{counts}}}}")
+    for name, s in summary.items():
+        missing = [c for c in SPLIT_COLUMNS if c not in s]
+        if missing:
+            raise PipelineError(f"{path}: split {name!r} lacks {', '.join(missing)}")
+
+    def row(name: str, s: dict, fingerprint) -> tuple:
+        per100 = 100.0 * s["ptm_sites"] / s["residues"] if s["residues"] else None
+        return (name, *(s[c] for c in SPLIT_COLUMNS), per100, fingerprint)
+
+    rows = [row(name, s, s.get("fingerprint")) for name, s in summary.items()]
+    if summary:
+        total = {c: sum(s[c] for s in summary.values()) for c in SPLIT_COLUMNS}
+        total["max_length"] = max(s["max_length"] for s in summary.values())
+        rows.append(row("total", total, None))
+    return _write_tsv(out_tsv, ("split", *SPLIT_COLUMNS, "ptm_sites_per_100_residues", "fingerprint"), rows)
+
+
+EMBEDDING_COLUMNS = ("split", "proteins", "residues", "dim", "replicates", "esm_model", "repr_layer", "shards",
+                     "sampled_residues", "mean", "std", "masked_fraction", "file")
+
+
+def _sample_rows(total: int, budget: int, blocks: int = 16) -> list[slice]:
+    """Up to ``budget`` rows of ``total``: all of them, or ``blocks`` contiguous runs spread evenly."""
+    if total <= budget:
+        return [slice(0, total)] if total else []
+    size = max(1, budget // blocks)
+    starts = np.linspace(0, total - size, num=min(blocks, max(1, budget // size))).astype(int)
+    return [slice(int(s), int(s) + size) for s in starts]
+
+
+def embedding_stats(h5_paths: Sequence[str | Path], out_tsv: str | Path, max_values: int = 4_000_000) -> Path:
+    """One row per embedding file (a gathered ``{split}_embeddings.h5`` or a shard).
+
+    Sizes and settings come from the file's index and attributes; mean, std and the masked
+    fraction from a sample of replicate 0 of at most ``max_values`` numbers (rows spread over the
+    file in 16 contiguous runs), so the cost does not grow with the file.
+    """
+    import h5py
+
+    from .embedding_store import EmbeddingReader
+
+    rows = []
+    for path in map(Path, h5_paths):
+        with EmbeddingReader(path) as reader:
+            ids, attrs = reader.ids, reader.attrs  # validates the layout, raises PipelineError if broken
+        with h5py.File(path, "r", locking=False) as f:  # layout documented in embedding_store
+            emb, mask = f["embeddings/0"], f["masks/0"]
+            residues, dim = int(emb.shape[0]), int(emb.shape[1])
+            picked = _sample_rows(residues, max(1, max_values // max(1, dim)))
+            values = [emb[s].astype(np.float64) for s in picked]
+            masked = [mask[s] for s in picked]
+        sample = np.concatenate(values) if values else np.zeros((0, dim))
+        flags = np.concatenate(masked) if masked else np.zeros(0, dtype=bool)
+        rows.append((attrs.get("split", path.stem), len(ids), residues, dim, attrs.get("mask_replicates"),
+                     attrs.get("esm_model"), attrs.get("repr_layer"), attrs.get("num_shards"), sample.shape[0],
+                     float(sample.mean()) if sample.size else None, float(sample.std()) if sample.size else None,
+                     float(flags.mean()) if flags.size else None, str(path)))
+    return _write_tsv(out_tsv, EMBEDDING_COLUMNS, rows)
+
+
+# ----------------------------------------------------------------------------- command line
+
+def cmd_plots(args: argparse.Namespace) -> None:
+    """``ptm-mamba plots``: the figures and tables of one run into ``--output_dir``."""
+    out = Path(args.output_dir)
+    written = list(plot_metrics(args.metrics, out).values())
+    written.append(test_results_table(args.metrics, out / "test_results.tsv"))
+    if args.summary:
+        written.append(split_table(args.summary, out / "splits.tsv"))
+    if args.embeddings:
+        written.append(embedding_stats(args.embeddings, out / "embeddings.tsv"))
+    for path in written:
+        print(path)
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    """Add the ``plots`` subcommand to the CLI's subparsers."""
+    from .cli import _opt
+
+    p = sub.add_parser("plots", help="training curves, test accuracy per PTM type and data tables of a run")
+    p.add_argument("--metrics", required=True, help="the run's metrics.json")
+    p.add_argument("--summary", default=None, help="the split stage's summary.json (-> splits.tsv)")
+    p.add_argument("--embeddings", nargs="+", default=None,
+                   help="gathered {split}_embeddings.h5 files (-> embeddings.tsv)")
+    _opt(p, "output_dir", required=True, help="folder for the PNGs and TSVs")
+    p.set_defaults(func=cmd_plots)
+    return p

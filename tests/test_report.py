@@ -1,0 +1,330 @@
+"""The report: figures and tables of a run (ptm_mamba/report.py), and the Snakemake HTML report end to end."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import REPO, run_cli, tiny_config, write_config
+from ptm_mamba import report  # module import: its test_results_table must not be collected as a test
+from ptm_mamba.errors import PipelineError
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+BY_TYPE = {"<Phosphoserine>": {"sites": 40, "acc": 0.25}, "<N6-acetyllysine>": {"sites": 7, "acc": 0.5},
+           "<Sulfotyrosine>": {"sites": 1, "acc": 1.0}}
+
+
+def synthetic_metrics(steps: int = 300, steps_per_epoch: int = 100, val_every: int = 50,
+                      with_test: bool = True, by_type: dict | None = None) -> list[dict]:
+    """Records shaped like train.py's: header, train steps, per-batch + average val, then test."""
+    rng = np.random.default_rng(0)
+    records: list[dict] = [{"split_sizes": {"train": 800, "val": 100, "test": 100}, "num_parameters": 123456}]
+    for step in range(1, steps + 1):
+        loss = 4.0 * math.exp(-step / 150) + 1.0 + 0.1 * rng.standard_normal()
+        records.append({"Epoch": (step - 1) // steps_per_epoch, "Step": step, "train_loss": loss,
+                        "train_acc": 1 - loss / 5, "train_ptm_acc": 0.5 - loss / 10,
+                        "train_perplexity": math.exp(loss), "lr": 1e-3 * min(1.0, step / 20), "tokens": 4000})
+        if step % val_every == 0:
+            val = 4.0 * math.exp(-step / 150) + 1.1
+            for batch in range(2):
+                records.append({"Epoch": (step - 1) // steps_per_epoch, "Step": step, "batch": batch,
+                                "val_loss": val, "val_acc": 0.5, "val_ptm_acc": 0.2, "val_perplexity": 3.0})
+            records.append({"Epoch": (step - 1) // steps_per_epoch, "Step": step, "avg_val_loss": val,
+                            "avg_val_acc": 1 - val / 5, "avg_val_ptm_acc": 0.5 - val / 10,
+                            "avg_val_perplexity": math.exp(val)})
+    if with_test:
+        records.append({"Epoch": 2, "Step": steps, "batch": 0, "test_loss": 1.2, "test_acc": 0.7,
+                        "test_ptm_acc": 0.3, "test_perplexity": 3.3})
+        records.append({"Epoch": 2, "Step": steps, "avg_test_loss": 1.2, "avg_test_acc": 0.7,
+                        "avg_test_ptm_acc": 0.3, "avg_test_perplexity": 3.32,
+                        "test_ptm_acc_by_type": BY_TYPE if by_type is None else by_type})
+    return records
+
+
+def write_metrics(path: Path, records: list[dict]) -> Path:
+    path.write_text(json.dumps(records))
+    return path
+
+
+def png_shape(path: Path) -> tuple[int, int]:
+    """(width, height) of a PNG, after checking that it decodes completely."""
+    import matplotlib.image
+
+    data = path.read_bytes()
+    assert data[:8] == PNG_SIGNATURE, f"{path} is not a PNG"
+    width, height = struct.unpack(">II", data[16:24])
+    pixels = matplotlib.image.imread(path)  # raises on a truncated or corrupt file
+    assert pixels.shape[:2] == (height, width)
+    return width, height
+
+
+def read_tsv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh, delimiter="\t"))
+
+
+# ----------------------------------------------------------------------------- reading metrics.json
+
+def test_load_metrics_sorts_kinds_and_keeps_the_last_record_per_step(tmp_path):
+    records = synthetic_metrics(steps=10, val_every=5)
+    records.insert(1, {"Epoch": 0, "Step": 2, "train_loss": 9.0, "lr": 0.1})  # replaced by the later step 2
+    records[2], records[3] = records[3], records[2]  # steps 2 and 1 out of order
+    records.append({"Epoch": 0, "Step": 5, "avg_val_loss": 0.5, "avg_val_acc": 0.9})  # replaces step 5's
+    m = report.load_metrics(write_metrics(tmp_path / "m.json", records))
+    assert [r["Step"] for r in m.train] == list(range(1, 11))
+    assert m.train[1]["train_loss"] != 9.0
+    assert [r["Step"] for r in m.val] == [5, 10]
+    assert m.header["num_parameters"] == 123456
+    assert m.test["avg_test_loss"] == 1.2
+    steps, losses = m.series("val", "avg_val_loss")
+    assert steps.tolist() == [5, 10] and losses[0] == 0.5
+    assert m.best_val()["Step"] == 5
+    steps, ptm = m.series("val", "avg_val_ptm_acc")  # the replacing record has none
+    assert steps.tolist() == [10]
+
+
+def test_load_metrics_refuses_a_broken_file_with_its_name(tmp_path):
+    bad = tmp_path / "metrics.json"
+    bad.write_text('{"not": "a list"}')
+    with pytest.raises(PipelineError, match="metrics.json.*list"):
+        report.load_metrics(bad)
+    bad.write_text("[1, 2")
+    with pytest.raises(PipelineError, match="not valid JSON"):
+        report.load_metrics(bad)
+    with pytest.raises(PipelineError, match="not found"):
+        report.load_metrics(tmp_path / "missing.json")
+
+
+def test_moving_average_is_the_trailing_mean():
+    values = np.array([1.0, 2.0, 6.0, 3.0, 8.0])
+    expected = [np.mean(values[max(0, i - 2):i + 1]) for i in range(values.size)]
+    np.testing.assert_allclose(report.moving_average(values, 3), expected)
+    np.testing.assert_array_equal(report.moving_average(values, 1), values)
+    assert report.smoothing_window(10) == 1 and report.smoothing_window(10_000) == 400
+
+
+# ----------------------------------------------------------------------------- figures
+
+def test_plot_metrics_writes_four_readable_pngs(tmp_path):
+    metrics = write_metrics(tmp_path / "metrics.json", synthetic_metrics())
+    paths = report.plot_metrics(metrics, tmp_path / "out")
+    assert set(paths) == set(report.FIGURES)
+    for name, path in paths.items():
+        assert path == tmp_path / "out" / f"{name}.png" and path.is_file()
+        width, height = png_shape(path)
+        assert width == round(report.FIGSIZE[0] * report.DPI), name
+        assert 300 <= height <= 2000, name
+        assert path.stat().st_size > 15_000, f"{name} looks empty"
+    assert not list((tmp_path / "out").glob(".*tmp*")), "temp files left behind"
+
+
+def test_the_figures_show_the_test_results_when_there_are_some(tmp_path):
+    full = report.plot_metrics(write_metrics(tmp_path / "a.json", synthetic_metrics()), tmp_path / "a")
+    partial = report.plot_metrics(write_metrics(tmp_path / "b.json", synthetic_metrics(with_test=False)),
+                                  tmp_path / "b")
+    assert full["loss"].read_bytes() != partial["loss"].read_bytes()  # the test-loss line
+    assert full["learning_rate"].read_bytes() == partial["learning_rate"].read_bytes()  # same lr data
+    # Without test results the bar chart is a short note, far smaller than a chart of three bars.
+    assert partial["test_ptm_accuracy"].stat().st_size < full["test_ptm_accuracy"].stat().st_size
+
+
+@pytest.mark.parametrize("records", [
+    pytest.param(synthetic_metrics(with_test=False), id="no-test-records"),
+    pytest.param(synthetic_metrics(steps=5, val_every=100, with_test=False), id="no-validation-yet"),
+    pytest.param(synthetic_metrics()[:1], id="header-only"),
+    pytest.param(synthetic_metrics(by_type={}), id="zero-ptm-sites"),
+    pytest.param([], id="empty-list"),
+])
+def test_plot_metrics_writes_every_figure_for_partial_runs(tmp_path, records):
+    paths = report.plot_metrics(write_metrics(tmp_path / "metrics.json", records), tmp_path / "out")
+    assert set(paths) == set(report.FIGURES)
+    for path in paths.values():
+        png_shape(path)
+
+
+def test_the_ptm_bar_chart_is_capped_and_grows_with_the_number_of_types(tmp_path):
+    many = {f"<PTM {i}>": {"sites": 100 - i, "acc": i / 60} for i in range(60)}
+    few = report.plot_metrics(write_metrics(tmp_path / "a.json", synthetic_metrics()), tmp_path / "a")
+    lots = report.plot_metrics(write_metrics(tmp_path / "b.json", synthetic_metrics(by_type=many)), tmp_path / "b")
+    _, h_few = png_shape(few["test_ptm_accuracy"])
+    _, h_many = png_shape(lots["test_ptm_accuracy"])
+    assert h_many > 2 * h_few
+    assert h_many <= round((0.32 * report.MAX_PTM_BARS + 1.6) * report.DPI) + 1
+
+
+# ----------------------------------------------------------------------------- tables
+
+def test_test_results_table_holds_overall_metrics_and_every_ptm_type(tmp_path):
+    metrics = write_metrics(tmp_path / "metrics.json", synthetic_metrics())
+    rows = read_tsv(report.test_results_table(metrics, tmp_path / "test_results.tsv"))
+    overall = {r["metric"]: r for r in rows if r["scope"] == "all"}
+    assert float(overall["loss"]["value"]) == 1.2
+    assert float(overall["perplexity"]["value"]) == 3.32
+    assert float(overall["accuracy"]["value"]) == 0.7
+    assert float(overall["PTM accuracy"]["value"]) == 0.3
+    assert int(overall["PTM accuracy"]["sites"]) == sum(v["sites"] for v in BY_TYPE.values())
+    best_step = int(overall["best.ckpt step (lowest validation loss)"]["value"])
+    assert best_step == 300  # the synthetic validation loss falls all the way
+    per_type = [r for r in rows if r["scope"] != "all"]
+    assert [r["scope"] for r in per_type] == ["Phosphoserine", "N6-acetyllysine", "Sulfotyrosine"]
+    assert [(int(r["sites"]), float(r["value"])) for r in per_type] == [(40, 0.25), (7, 0.5), (1, 1.0)]
+
+
+def test_test_results_table_is_only_a_header_without_test_results(tmp_path):
+    metrics = write_metrics(tmp_path / "metrics.json", synthetic_metrics(with_test=False))
+    out = report.test_results_table(metrics, tmp_path / "test_results.tsv")
+    assert out.read_text() == "scope\tmetric\tsites\tvalue\n"
+
+
+def test_split_table_of_a_real_split(tmp_path, toy_config):
+    from ptm_mamba.config import load_config
+    from ptm_mamba.split import run_split
+
+    summary = run_split(load_config(toy_config), tmp_path / "split")
+    rows = read_tsv(report.split_table(tmp_path / "split" / "summary.json", tmp_path / "splits.tsv"))
+    assert [r["split"] for r in rows] == ["train", "val", "test", "total"]
+    for r in rows[:3]:
+        s = summary[r["split"]]
+        assert int(r["sequences"]) == s["sequences"] and int(r["ptm_sites"]) == s["ptm_sites"]
+        assert r["fingerprint"] == s["fingerprint"]
+        assert float(r["ptm_sites_per_100_residues"]) == pytest.approx(100 * s["ptm_sites"] / s["residues"],
+                                                                       rel=1e-5)
+    total = rows[3]
+    for col in ("sequences", "residues", "ptm_sites"):
+        assert int(total[col]) == sum(s[col] for s in summary.values())
+    assert int(total["max_length"]) == max(s["max_length"] for s in summary.values())
+
+
+def test_split_table_names_a_missing_key(tmp_path):
+    bad = tmp_path / "summary.json"
+    bad.write_text(json.dumps({"train": {"sequences": 3}}))
+    with pytest.raises(PipelineError, match="summary.json.*'train' lacks residues"):
+        report.split_table(bad, tmp_path / "splits.tsv")
+
+
+def write_store(path: Path, lengths: list[int], dim: int = 8, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A shard file of random proteins; returns replicate 0's features (as float16) and mask."""
+    from ptm_mamba.embedding_store import ShardWriter
+
+    rng = np.random.default_rng(seed)
+    feats, masks = [], []
+    attrs = {"esm_model": "esm2_t2_tiny", "repr_layer": 2, "split": "val", "split_fingerprint": "x",
+             "mask_prob": 0.15, "mask_seed": 0}
+    with ShardWriter(path, dim=dim, replicates=2, attrs=attrs) as w:
+        for i, n in enumerate(lengths):
+            f = [rng.normal(0.5, 2.0, (n, dim)).astype(np.float16) for _ in range(2)]
+            m = [rng.random(n) < 0.15 for _ in range(2)]
+            w.add(f"P{i}", f, m)
+            feats.append(f[0])
+            masks.append(m[0])
+    return np.concatenate(feats).astype(np.float64), np.concatenate(masks)
+
+
+def test_embedding_stats_reads_sizes_and_value_statistics(tmp_path):
+    feats, mask = write_store(tmp_path / "val.h5", [30, 12, 50])
+    rows = read_tsv(report.embedding_stats([tmp_path / "val.h5"], tmp_path / "embeddings.tsv"))
+    assert len(rows) == 1
+    r = rows[0]
+    assert (r["split"], int(r["proteins"]), int(r["residues"]), int(r["dim"]), int(r["replicates"])) == \
+        ("val", 3, 92, 8, 2)
+    assert (r["esm_model"], r["repr_layer"]) == ("esm2_t2_tiny", "2")
+    assert int(r["sampled_residues"]) == 92  # small enough to read whole
+    assert float(r["mean"]) == pytest.approx(feats.mean(), rel=1e-5)
+    assert float(r["std"]) == pytest.approx(feats.std(), rel=1e-5)
+    assert float(r["masked_fraction"]) == pytest.approx(mask.mean(), rel=1e-5)
+
+
+def test_embedding_stats_reads_a_bounded_sample(tmp_path):
+    feats, _ = write_store(tmp_path / "big.h5", [400] * 10)
+    rows = read_tsv(report.embedding_stats([tmp_path / "big.h5"], tmp_path / "e.tsv", max_values=8 * 320))
+    sampled = int(rows[0]["sampled_residues"])
+    assert 0 < sampled <= 320 and int(rows[0]["residues"]) == 4000
+    assert float(rows[0]["mean"]) == pytest.approx(feats.mean(), abs=0.3)  # a sample, spread over the file
+
+
+def test_embedding_stats_without_files_is_a_header(tmp_path):
+    out = report.embedding_stats([], tmp_path / "e.tsv")
+    assert out.read_text().splitlines() == ["\t".join(report.EMBEDDING_COLUMNS)]
+
+
+def test_embedding_stats_refuses_a_broken_file(tmp_path):
+    (tmp_path / "bad.h5").write_bytes(b"not hdf5")
+    with pytest.raises(PipelineError, match="bad.h5"):
+        report.embedding_stats([tmp_path / "bad.h5"], tmp_path / "e.tsv")
+
+
+# ----------------------------------------------------------------------------- command line
+
+def test_plots_subcommand_writes_figures_and_tables(tmp_path):
+    parser = argparse.ArgumentParser()
+    report.add_parser(parser.add_subparsers())
+    metrics = write_metrics(tmp_path / "metrics.json", synthetic_metrics())
+    write_store(tmp_path / "val_embeddings.h5", [20, 30])
+    (tmp_path / "summary.json").write_text(json.dumps({"train": {
+        "sequences": 2, "residues": 50, "ptm_sites": 3, "longer_than_max_sequence_length": 0, "max_length": 30}}))
+    args = parser.parse_args(["plots", "--metrics", str(metrics), "--summary", str(tmp_path / "summary.json"),
+                              "--embeddings", str(tmp_path / "val_embeddings.h5"), "--output-dir", str(tmp_path / "o")])
+    args.func(args)
+    written = sorted(p.name for p in (tmp_path / "o").iterdir())
+    assert written == sorted([f"{n}.png" for n in report.FIGURES] + ["test_results.tsv", "splits.tsv",
+                                                                      "embeddings.tsv"])
+
+
+def test_ptm_mamba_plots_cli(tmp_path):
+    """Through the installed command line (needs the `plots` subcommand hooked into cli.py)."""
+    metrics = write_metrics(tmp_path / "metrics.json", synthetic_metrics(with_test=False))
+    result = run_cli("plots", "--metrics", metrics, "--output_dir", tmp_path / "o")
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == sorted(
+        [f"{n}.png" for n in report.FIGURES] + ["test_results.tsv"])
+    (tmp_path / "broken.json").write_text("{")
+    result = run_cli("plots", "--metrics", tmp_path / "broken.json", "--output_dir", tmp_path / "o")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "broken.json" in result.stderr
+
+
+# ----------------------------------------------------------------------------- the Snakemake report
+
+@pytest.mark.slow
+def test_snakemake_report_shows_the_figures_and_tables(tmp_path):
+    """The real workflow on 120 proteins, then `snakemake --report report.html` (one self-contained file)."""
+    config = tiny_config(tmp_path, n=120, run_name="rep",
+                         dataset={"val_size": 10, "test_size": 10},
+                         embedding={"shards": 2, "mask_replicates": 2},
+                         training={"embeddings_dir": "embeddings", "output_dir": "outputs", "max_steps": 6,
+                                   "log_steps": 3, "per_device_train_batch_size": 8, "max_tokens_per_batch": 4000},
+                         model={"d_model": 32, "n_layer": 1})
+    write_config(tmp_path / "config.yaml", **config)
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    base = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(tmp_path),
+            "--configfile", str(tmp_path / "config.yaml")]
+    for extra in (["--cores", "2"], ["--report", "report.html"]):
+        result = subprocess.run(base + extra, capture_output=True, text=True, timeout=600, env=env)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+    out = tmp_path / "results" / "report" / "rep"
+    for name in report.FIGURES:
+        png_shape(out / f"{name}.png")
+    assert len(read_tsv(out / "embeddings.tsv")) == 3
+    html = (tmp_path / "report.html").read_text(encoding="utf-8")
+    for name in [*report.FIGURES]:
+        assert f'"results/report/rep/{name}.png"' in html, name
+        assert f"filename={name}.png;base64,iVBORw0KGgo" in html, name  # the PNG itself, embedded
+    for name in ("test_results.tsv", "splits.tsv", "embeddings.tsv", "config.yaml"):
+        assert f'"results/report/rep/{name}"' in html, name
+    # Captions, rendered (the tables and the config are inlined by them), and the top-level description.
+    assert "Masked-token cross-entropy loss per optimiser step" in html
+    assert "Test-set accuracy of" in html
+    assert "Phosphoserine" in html  # from the test_results table in its caption
+    assert "run_name: rep" in html  # the run's config.yaml in its caption
+    assert "PTM-Mamba training run: rep" in html
+    assert "System Message" not in html  # no docutils error rendered into a caption

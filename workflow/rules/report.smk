@@ -1,0 +1,68 @@
+# Report: training curves, test accuracy per PTM type and data tables of the run, shown by
+#   snakemake --report report.html
+# (figures and tables from ptm_mamba/report.py; captions in workflow/report/).
+
+REPORT_DIR = f"results/report/{RUN_NAME}"
+
+
+rule plots:
+    input:
+        metrics=f"{RUN_DIR}/metrics.json",
+        summary=f"{SPLIT_DIR}/summary.json",
+        embeddings=embedding_files(),
+    output:
+        loss=report(f"{REPORT_DIR}/loss.png", caption="../report/loss.rst", category="Training"),
+        accuracy=report(f"{REPORT_DIR}/accuracy.png", caption="../report/accuracy.rst", category="Training"),
+        learning_rate=report(
+            f"{REPORT_DIR}/learning_rate.png",
+            caption="../report/learning_rate.rst",
+            category="Training",
+        ),
+        test_ptm_accuracy=report(
+            f"{REPORT_DIR}/test_ptm_accuracy.png",
+            caption="../report/test_ptm_accuracy.rst",
+            category="Test",
+        ),
+        test_results=report(
+            f"{REPORT_DIR}/test_results.tsv", caption="../report/test_results.rst", category="Test"
+        ),
+        splits=report(f"{REPORT_DIR}/splits.tsv", caption="../report/splits.rst", category="Data"),
+        # Only when the embeddings are precomputed (else training runs ESM-2 on the fly or not at all).
+        **(
+            {
+                "embeddings": report(
+                    f"{REPORT_DIR}/embeddings.tsv",
+                    caption="../report/embedding_stats.rst",
+                    category="Data",
+                )
+            }
+            if PRECOMPUTED
+            else {}
+        ),
+    params:
+        outdir=lambda wildcards, output: os.path.dirname(output.loss),
+        embeddings=lambda wildcards, input: (
+            f"--embeddings {' '.join(input.embeddings)}" if input.embeddings else ""
+        ),
+    log:
+        f"logs/report/{RUN_NAME}-plots.log",
+    conda:
+        ENV
+    shell:
+        "ptm-mamba plots --metrics {input.metrics} --summary {input.summary} {params.embeddings}"
+        " --output_dir {params.outdir} > {log} 2>&1"
+
+
+rule run_config:
+    input:
+        f"{RUN_DIR}/config.yaml",
+    output:
+        report(f"{REPORT_DIR}/config.yaml", caption="../report/config.rst", category="Configuration"),
+    log:
+        f"logs/report/{RUN_NAME}-config.log",
+    conda:
+        ENV
+    shell:
+        # A copy under a temp name in the same folder, renamed into place: never a partial file.
+        "(cp {input} {output}.tmp && mv {output}.tmp {output}) > {log} 2>&1"
+
