@@ -139,6 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     _opt(p, "max_tokens_per_batch", type=int, default=8192)
     p.set_defaults(func=cmd_predict)
 
+    from .report import add_parser as add_plots_parser
+
+    add_plots_parser(sub)
     return parser
 
 

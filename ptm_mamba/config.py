@@ -14,7 +14,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-import jsonschema
 import yaml
 
 from .errors import PipelineError
@@ -45,11 +44,11 @@ def _fill_defaults(instance: Any, schema: dict) -> None:
             _fill_defaults(instance[key], sub)
 
 
-def _key_path(error: jsonschema.ValidationError) -> str:
+def _key_path(error) -> str:
     return ".".join(str(p) for p in error.absolute_path) or "(top level)"
 
 
-def _describe(error: jsonschema.ValidationError) -> str:
+def _describe(error) -> str:
     key = _key_path(error)
     if error.validator == "additionalProperties":
         known = sorted(error.schema.get("properties", {}))
@@ -68,6 +67,8 @@ def validate(config: dict, source: str = "config") -> dict:
     """
     if not isinstance(config, dict):
         raise PipelineError(f"{source}: the config must be a YAML mapping, got {type(config).__name__}")
+    import jsonschema
+
     schema = load_schema()
     _fill_defaults(config, schema)
     validator = jsonschema.Draft202012Validator(schema)

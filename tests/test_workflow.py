@@ -75,7 +75,7 @@ def test_changing_a_training_parameter_reruns_only_training(workdir):
     (workdir / "changed.yaml").write_text(yaml.safe_dump(config))
     result = subprocess.run([*SNAKEMAKE, "--directory", str(workdir), "--configfile",
                              str(workdir / "changed.yaml"), "-n"], capture_output=True, text=True, timeout=300)
-    assert planned(result) == {"all": 1, "train": 1}, result.stdout
+    assert planned(result) == {"all": 1, "train": 1, "plots": 1, "run_config": 1}, result.stdout
 
 
 def test_deleting_one_shard_reruns_only_that_shard_and_the_gather(workdir):

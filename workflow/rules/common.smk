@@ -53,4 +53,6 @@ def shard_files():
 
 
 def all_targets():
-    return [*shard_files(), f"{RUN_DIR}/metrics.json", f"{RUN_DIR}/best.ckpt", f"{RUN_DIR}/last.ckpt"]
+    # the report rules' outputs pull in training, which pulls in split and embeddings
+    return [*shard_files(), f"{RUN_DIR}/best.ckpt", f"{RUN_DIR}/last.ckpt",
+            *rules.plots.output, *rules.run_config.output]

@@ -38,11 +38,7 @@ rule gather_embeddings:
             shard=range(NUM_SHARDS),
         ),
     output:
-        report(
-            f"{EMBEDDINGS_DIR}/{{split}}_embeddings.h5",
-            caption="../report/embeddings.rst",
-            category="Embeddings",
-        ),
+        f"{EMBEDDINGS_DIR}/{{split}}_embeddings.h5",
     params:
         config=RESOLVED_CONFIG,
     log:
