@@ -58,15 +58,19 @@ class RunMetrics:
         return min(self.val, key=lambda r: r["avg_val_loss"], default=None)
 
 
+def _read_json(path: Path, missing: str):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise PipelineError(f"{path}: {missing}") from None
+    except json.JSONDecodeError as err:
+        raise PipelineError(f"{path}: not valid JSON ({err})") from None
+
+
 def load_metrics(path: str | Path) -> RunMetrics:
     """Read and sort a metrics.json; a later record for the same step replaces an earlier one."""
     path = Path(path)
-    try:
-        records = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise PipelineError(f"{path}: metrics file not found (has training started?)") from None
-    except json.JSONDecodeError as err:
-        raise PipelineError(f"{path}: not valid JSON ({err})") from None
+    records = _read_json(path, "metrics file not found (has training started?)")
     if not isinstance(records, list):
         raise PipelineError(f"{path}: expected a JSON list of records, got {type(records).__name__}")
     out = RunMetrics()
@@ -323,12 +327,7 @@ SPLIT_COLUMNS = ("sequences", "residues", "ptm_sites", "longer_than_max_sequence
 def split_table(summary_json: str | Path, out_tsv: str | Path) -> Path:
     """One row per split of the split stage's summary.json, then their total; PTM sites per 100 residues."""
     path = Path(summary_json)
-    try:
-        summary = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise PipelineError(f"{path}: split summary not found (run the split stage first)") from None
-    except json.JSONDecodeError as err:
-        raise PipelineError(f"{path}: not valid JSON ({err})") from None
+    summary = _read_json(path, "split summary not found (run the split stage first)")
     if not isinstance(summary, dict) or not all(isinstance(v, dict) for v in summary.values()):
         raise PipelineError(f"{path}: expected {{split: {{counts}}}}")
     for name, s in summary.items():
