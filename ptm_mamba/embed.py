@@ -133,6 +133,9 @@ def embed_shard(config: dict, split: str, index: int, num_shards: int, split_fil
     if not 0 <= index < num_shards:
         raise PipelineError(f"shard index {index} is outside 0..{num_shards - 1}")
     proteins = read_split(split_file, unknown_ptm=config["dataset"]["unknown_ptm"])
+    output = Path(output)
+    for stale in output.parent.glob(f".{output.name}.tmp-*"):  # left by a killed earlier try of this job
+        stale.unlink()
     esm_model = esm_model or load_esm_for(config)
     part = plan_shards(proteins, num_shards)[index]
     attrs = store_attrs(config, esm_model.name, esm_model.repr_layer, split, proteins)

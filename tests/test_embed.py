@@ -139,6 +139,11 @@ def test_killed_shard_leaves_nothing_gather_accepts(embedded_project, tmp_path):
     assert result.returncode == 2 and "0-of-2.h5" in result.stderr, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "g.h5").exists()
+    # the rerun of the job clears the killed try's temporary file and writes a complete shard
+    rerun = run_cli("embed-shard", "--config", cfg_path, "--split", "train", "--split_file",
+                    root / "split" / "train.csv", "--shard", 0, "--num_shards", 2, "--output", out)
+    assert rerun.returncode == 0, rerun.stderr
+    assert out.exists() and not list(out.parent.glob(".*tmp*"))
 
 
 def test_corrupt_or_stale_shard_is_refused(embedded_project, tmp_path):
