@@ -4,11 +4,14 @@ Inputs are one Mamba block's at the paper's size (batch 1, d_inner 1536, d_state
 called as the block calls it (D, z, delta_bias, delta_softplus=True). "fwd" is a forward pass
 under no_grad, "fwd+bwd" a forward and a backward pass of sum(out * w). Each number is the median
 of --repeats timed runs after one untimed warm-up (the reference: one run, no warm-up). On a GPU
-where ``mamba_ssm`` imports, its fused ``selective_scan_fn`` is timed too.
+where ``mamba_ssm`` imports, its fused ``selective_scan_fn`` is timed too. --backend sets
+PTM_MAMBA_SCAN (auto, torch: the PyTorch scan, triton: ``ptm_mamba.scan_triton``); with several,
+each is timed in turn ("ours[torch]", "ours[triton]").
 
     python bench/scan.py                                   # CPU, 2 threads (reference fwd+bwd ~40 s)
     python bench/scan.py --skip-ref-backward
     python bench/scan.py --device cuda --repeats 20
+    python bench/scan.py --device cuda --batch 16 --backend torch triton --skip-ref
 
 ``main()`` returns the numbers as a dict.
 """
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import statistics
 import time
 from typing import Callable
@@ -92,17 +96,29 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     p.add_argument("--length", type=int, default=1024)
     p.add_argument("--skip-ref", action="store_true", help="do not time the reference at all")
     p.add_argument("--skip-ref-backward", action="store_true", help="time only the reference's forward")
+    p.add_argument("--backend", nargs="+", default=["auto"], choices=("auto", "torch", "triton"),
+                   help="PTM_MAMBA_SCAN for selective_scan; several: time each")  # fmt: skip
     args = p.parse_args(argv)
 
     torch.set_num_threads(args.threads)
     inputs = make_inputs(args.batch, args.dim, args.state, args.length, args.device)
     shape = (args.batch, args.dim, args.state, args.length)
     print(f"device {args.device}, threads {torch.get_num_threads()}, (batch, d_inner, d_state, length) = {shape}")
-    results = {"ours": time_scan(selective_scan, inputs, args.repeats, True, args.device)}
+    results: dict[str, dict[str, float]] = {}
+    previous = os.environ.get("PTM_MAMBA_SCAN")
+    for backend in args.backend:
+        os.environ["PTM_MAMBA_SCAN"] = backend
+        name = "ours" if len(args.backend) == 1 else f"ours[{backend}]"
+        results[name] = time_scan(selective_scan, inputs, args.repeats, True, args.device)
+        if args.device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+            time_scan(selective_scan, inputs, 1, False, args.device)
+            results[name]["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    if previous is None:
+        os.environ.pop("PTM_MAMBA_SCAN")
+    else:
+        os.environ["PTM_MAMBA_SCAN"] = previous
     if args.device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-        time_scan(selective_scan, inputs, 1, False, args.device)
-        results["ours"]["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
         try:
             from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
         except Exception as e:  # noqa: BLE001 - any failure to load the CUDA extension
@@ -113,10 +129,11 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         results["reference"] = time_scan(selective_scan_ref, inputs, 1, False, args.device, not args.skip_ref_backward)
 
     for name, r in results.items():
-        print(f"{name:10s} " + "  ".join(f"{k} {v:.4f}{'' if k == 'peak_gib' else ' s'}" for k, v in r.items()))
+        print(f"{name:14s} " + "  ".join(f"{k} {v:.4f}{'' if k == 'peak_gib' else ' s'}" for k, v in r.items()))
     if "reference" in results:
         ref = results["reference"]
-        print("reference / ours: " + "  ".join(f"{k} {ref[k] / results['ours'][k]:.1f}x" for k in ref))
+        for name in (n for n in results if n.startswith("ours")):
+            print(f"reference / {name}: " + "  ".join(f"{k} {ref[k] / results[name][k]:.1f}x" for k in ref))
     return results
 
 

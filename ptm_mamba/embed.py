@@ -111,13 +111,6 @@ def _check_overlap(config: dict) -> None:
                             f"embedding.window ({emb['window']})")
 
 
-def esm_name(model: str) -> str:
-    """The name ``load_esm`` gives a model: the pretrained name, or a checkpoint's file stem."""
-    from .esm import ESM2_NAMES
-
-    return model if model in ESM2_NAMES else Path(model).expanduser().stem
-
-
 def load_esm_for(config: dict, device=None):
     from .esm import load_esm
     import torch
@@ -148,7 +141,9 @@ def gather_split(config: dict, split: str, split_file: str | os.PathLike, shard_
                  output: str | os.PathLike) -> None:
     """Validate a split's shards against its split file and config, then join them."""
     proteins = read_split(split_file, unknown_ptm=config["dataset"]["unknown_ptm"])
-    attrs = store_attrs(config, esm_name(config["esm"]["model"]), config["esm"]["repr_layer"] or 0,
+    from .esm import model_name
+
+    attrs = store_attrs(config, model_name(config["esm"]["model"]), config["esm"]["repr_layer"] or 0,
                         split, proteins)
     if config["esm"]["repr_layer"] is None:
         del attrs["repr_layer"]  # "the last layer": whatever the shards agree on

@@ -161,17 +161,21 @@ def _load_local(path: Path) -> tuple[ESM2, fair_esm.Alphabet]:
         raise PipelineError(f"cannot load ESM checkpoint {path}: {detail}") from None
 
 
-def load_esm(model: str, repr_layer: int | None = None, device: str | torch.device = "cpu") -> EsmModel:
-    """Load a fair-esm ESM-2 model by pretrained name (e.g. esm2_t33_650M_UR50D) or ``.pt`` path."""
+def model_name(model: str) -> str:
+    """The name a model goes by (stored with its embeddings): the pretrained name, or the file's stem."""
     model = str(model)
     if model in ESM2_NAMES:
-        path, name = _cached_pretrained(model), model
-    elif model.endswith(".pt") or os.sep in model or Path(model).exists():
-        path = Path(model).expanduser()
-        name = path.stem
-    else:
-        raise PipelineError(f"unknown ESM model {model!r}: use one of {', '.join(ESM2_NAMES)} "
-                            "or a path to a fair-esm .pt checkpoint")
+        return model
+    if model.endswith(".pt") or os.sep in model or Path(model).exists():
+        return Path(model).expanduser().stem
+    raise PipelineError(f"unknown ESM model {model!r}: use one of {', '.join(ESM2_NAMES)} "
+                        "or a path to a fair-esm .pt checkpoint")
+
+
+def load_esm(model: str, repr_layer: int | None = None, device: str | torch.device = "cpu") -> EsmModel:
+    """Load a fair-esm ESM-2 model by pretrained name (e.g. esm2_t33_650M_UR50D) or ``.pt`` path."""
+    name = model_name(model)
+    path = _cached_pretrained(name) if str(model) in ESM2_NAMES else Path(model).expanduser()
     module, alphabet = _load_local(path)
     return EsmModel.wrap(module, alphabet, name, repr_layer, device)
 

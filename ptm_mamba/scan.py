@@ -20,12 +20,16 @@ Internally everything is time-major, (B, L, N, D) for states and (B, L, D) / (B,
 rest, so each step of the scan touches contiguous blocks of N*D numbers. The arithmetic is fp32
 (fp64 when an input is fp64) whatever the input dtype; the output has u's dtype.
 
+On CUDA, `selective_scan` runs the Triton kernels of `ptm_mamba.scan_triton` instead when triton
+imports (environment switch PTM_MAMBA_SCAN=auto|torch|triton, read at every call; see `_use_triton`).
+
 `selective_scan_ref` is the plain loop over positions, for tests and benchmarks only.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import threading
 from typing import Iterator, NamedTuple
 
@@ -33,6 +37,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
+
+from ptm_mamba import scan_triton
+from ptm_mamba.errors import PipelineError
 
 
 def _compute_dtype(*tensors: Tensor | None) -> torch.dtype:
@@ -273,7 +280,31 @@ def selective_scan(
     read without copies.
     """
     _check_shapes(u, delta, A, B, C)
+    if not return_last_state and _use_triton(u, delta, A, B, C, D, z, delta_bias):
+        return scan_triton.selective_scan_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
     return _SelectiveScan.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+
+
+def _use_triton(*tensors: Tensor | None) -> bool:
+    """Whether `selective_scan` runs on the Triton kernels (`ptm_mamba.scan_triton`), per PTM_MAMBA_SCAN.
+
+    auto (default): on CUDA when triton imports and the kernels take these inputs; torch: never;
+    triton: the same, but CUDA inputs the kernels cannot take are an error rather than a fallback.
+    Read at every call, so one process can compare both. CPU inputs and return_last_state always take
+    the PyTorch scan.
+    """
+    choice = os.environ.get("PTM_MAMBA_SCAN", "auto").strip().lower() or "auto"
+    if choice not in ("auto", "torch", "triton"):
+        raise PipelineError(f"PTM_MAMBA_SCAN={choice!r}: want auto, torch or triton")
+    if choice == "torch" or not tensors[0].is_cuda:
+        return False
+    usable = scan_triton.AVAILABLE and scan_triton.supports(*tensors)
+    if choice == "triton" and not usable:
+        raise PipelineError(
+            "PTM_MAMBA_SCAN=triton: the Triton scan cannot run here "
+            + ("(triton does not import)" if not scan_triton.AVAILABLE else "(inputs not all fp32/bf16/fp16 on one GPU)")
+        )
+    return usable
 
 
 def selective_scan_ref(

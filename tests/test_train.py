@@ -171,7 +171,7 @@ def test_killed_run_resumes_to_identical_metrics(embedded_project, tmp_path):
 def test_standalone_train_splits_like_the_split_stage(embedded_project, tmp_path):
     root, config = embedded_project
     cfg = dict(config, run_name="standalone")
-    cfg["training"] = dict(config["training"], max_steps=2, log_steps=2)
+    cfg["training"] = dict(config["training"], max_steps=2, log_steps=2, num_workers=2)  # workers open the HDF5
     result = run_cli("train", "--config", write_config(tmp_path / "c.yaml", **cfg), "--no_progress")
     assert result.returncode == 0, result.stderr
     assert (root / "outputs" / "ptm-mamba-standalone" / "split_mapping.json").read_text() == \

@@ -1,0 +1,153 @@
+"""The Triton selective scan (`ptm_mamba.scan_triton`) against the sequential reference, and the
+PTM_MAMBA_SCAN switch in `ptm_mamba.scan.selective_scan`.
+
+Where the kernels run: on CUDA when there is a GPU; otherwise, when triton is installed, under
+Triton's interpreter on CPU tensors. The interpreter is chosen when a kernel is decorated, so this
+module sets TRITON_INTERPRET=1 (for the rest of the session, which has no GPU anyway) when nothing has
+imported triton yet. If an earlier test module did (through `ptm_mamba.scan`), triton's own library
+is already compiled-mode and the kernel tests skip: set TRITON_INTERPRET=1 in the environment then.
+(Triton 3.6's interpreter needs numpy < 2.4.) Without triton (the project's CPU venv) the kernel
+tests are skipped and only the switch is tested. Interpreter shapes are tiny: it is slow.
+"""
+
+import importlib.util
+import os
+import sys
+
+import pytest
+import torch
+
+from ptm_mamba.errors import PipelineError
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+CUDA = torch.cuda.is_available()
+
+if HAS_TRITON and not CUDA and "triton" not in sys.modules:
+    os.environ["TRITON_INTERPRET"] = "1"  # stays set: triton reads it again when it lazily imports parts of itself
+
+from ptm_mamba import scan, scan_triton  # noqa: E402  (after the interpreter switch above)
+from ptm_mamba.scan import selective_scan, selective_scan_ref  # noqa: E402
+
+needs_triton = pytest.mark.skipif(
+    scan_triton.triton is None or not (CUDA or scan_triton.INTERPRET),
+    reason="needs triton, and without CUDA its interpreter: run with TRITON_INTERPRET=1 "
+    "(triton was imported before this module could set it)",
+)
+DEVICE = "cuda" if CUDA else "cpu"
+NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
+
+
+def make_inputs(batch, dim, nstate, length, *, D=True, z=True, bias=True, seed=0, dtype=torch.float32):
+    """Block-like inputs (A < 0, small delta) on DEVICE; None for the options left out."""
+    g = torch.Generator().manual_seed(seed)
+
+    def randn(*shape, scale=1.0):
+        return (scale * torch.randn(*shape, generator=g)).to(DEVICE, dtype)
+
+    return {
+        "u": randn(batch, dim, length),
+        "delta": randn(batch, dim, length, scale=0.5),
+        "A": (-0.2 - 2 * torch.rand(dim, nstate, generator=g)).to(DEVICE),  # fp32, as -exp(A_log) is
+        "B": randn(batch, nstate, length),
+        "C": randn(batch, nstate, length),
+        "D": randn(dim) if D else None,
+        "z": randn(batch, dim, length) if z else None,
+        "delta_bias": randn(dim, scale=0.3) if bias else None,
+    }
+
+
+def run(fn, inputs, weight, softplus, upcast=False):
+    """out and the gradients of sum(out * weight) with respect to every input given."""
+    leaves = {k: None if v is None else (v.float() if upcast else v).detach().clone().requires_grad_() for k, v in inputs.items()}
+    out = fn(**leaves, delta_softplus=softplus)
+    (out.float() * weight).sum().backward()
+    return out, {k: v.grad for k, v in leaves.items() if v is not None}
+
+
+def assert_matches(inputs, softplus, rtol, atol):
+    weight = torch.randn(inputs["u"].shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    out, grads = run(scan_triton.selective_scan_triton, inputs, weight, softplus)
+    ref_out, ref_grads = run(selective_scan_ref, inputs, weight, softplus, upcast=True)
+    assert out.dtype == inputs["u"].dtype and out.shape == inputs["u"].shape
+    torch.testing.assert_close(out.float(), ref_out, rtol=rtol, atol=atol)
+    assert grads.keys() == ref_grads.keys()
+    for name in grads:
+        assert grads[name].dtype == inputs[name].dtype, name
+        scale = ref_grads[name].abs().max().item()  # gradients summed over many terms: relative to their size
+        torch.testing.assert_close(grads[name].float(), ref_grads[name], rtol=rtol, atol=atol * max(scale, 1.0), msg=name)
+
+
+@needs_triton
+@pytest.mark.parametrize(
+    "shape, options, softplus",
+    [
+        ((2, 20, 16, 7), {}, True),  # D = 20: a partial channel block
+        ((1, 8, 4, 13), {"D": False, "z": False, "bias": False}, False),  # N = 4, bare recurrence
+        ((1, 17, 5, 9), {"D": False, "bias": False}, True),  # N = 5: padded to 8
+        ((2, 16, 16, 1), {}, True),  # a single position
+        ((1, 16, 16, 11), {"z": False}, False),
+    ],
+)
+def test_matches_reference_fp32(shape, options, softplus, monkeypatch):
+    monkeypatch.setenv("PTM_MAMBA_SCAN_BLOCK", "16x1")  # one compile per case on a GPU; tuning is tested below
+    assert_matches(make_inputs(*shape, **options), softplus, rtol=1e-4, atol=1e-4)
+
+
+@needs_triton
+def test_bf16_inputs_match_reference_on_upcast_inputs():
+    """bf16 in, fp32 arithmetic: out within bf16 rounding of the reference on the same (upcast) values."""
+    assert_matches(make_inputs(2, 16, 16, 10, dtype=torch.bfloat16, seed=3), True, rtol=2e-2, atol=2e-2)
+
+
+@needs_triton
+def test_transposed_view_inputs_and_time_major_out():
+    """The Mamba block passes (B, L, X) tensors transposed to (B, X, L): the results must not change."""
+    x = make_inputs(1, 24, 16, 6, seed=5)
+    views = {k: v.transpose(1, 2).contiguous().transpose(1, 2) if v is not None and v.dim() == 3 else v for k, v in x.items()}
+    out = scan_triton.selective_scan_triton(**views, delta_softplus=True)
+    assert out.transpose(1, 2).is_contiguous()
+    torch.testing.assert_close(out, selective_scan_ref(**x, delta_softplus=True), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(not (CUDA and scan_triton.AVAILABLE), reason="needs CUDA and triton")
+def test_autotuned_configs_on_gpu(monkeypatch):
+    """All configs tuned, at a size where the channel blocks and the partial sums differ between them."""
+    monkeypatch.delenv("PTM_MAMBA_SCAN_BLOCK", raising=False)
+    assert_matches(make_inputs(3, 200, 16, 300, seed=7), True, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.skipif(not (CUDA and scan_triton.AVAILABLE), reason="needs CUDA and triton")
+def test_selective_scan_dispatches_to_triton_on_cuda(monkeypatch):
+    calls = []
+    real = scan_triton.selective_scan_triton
+    monkeypatch.setattr(scan_triton, "selective_scan_triton", lambda *a, **k: calls.append(1) or real(*a, **k))
+    x = make_inputs(1, 32, 16, 8)
+    for choice, expected_calls in (("auto", 1), ("triton", 2), ("torch", 2)):
+        monkeypatch.setenv("PTM_MAMBA_SCAN", choice)
+        out = selective_scan(**x, delta_softplus=True)
+        assert len(calls) == expected_calls, choice
+        torch.testing.assert_close(out, selective_scan_ref(**x, delta_softplus=True), rtol=1e-4, atol=1e-4)
+    selective_scan(**x, delta_softplus=True, return_last_state=True)  # not a Triton case: PyTorch
+    assert len(calls) == 2
+
+
+def test_switch_keeps_cpu_inputs_on_pytorch(monkeypatch):
+    """PTM_MAMBA_SCAN=triton only concerns CUDA tensors: CPU inputs still get the PyTorch scan."""
+    x = {k: v.cpu() if v is not None else None for k, v in make_inputs(1, 8, 4, 5).items()}
+    monkeypatch.setattr(scan_triton, "selective_scan_triton", lambda *a, **k: pytest.fail("Triton path taken on CPU"))
+    for choice in ("auto", "triton", "torch"):
+        monkeypatch.setenv("PTM_MAMBA_SCAN", choice)
+        torch.testing.assert_close(selective_scan(**x), selective_scan_ref(**x), rtol=1e-5, atol=1e-5)
+
+
+def test_switch_rejects_unknown_value(monkeypatch):
+    monkeypatch.setenv("PTM_MAMBA_SCAN", "cuda")
+    x = make_inputs(1, 4, 2, 3)
+    with pytest.raises(PipelineError, match="PTM_MAMBA_SCAN='cuda'"):
+        selective_scan(**x)
+
+
+def test_scan_dispatches_through_this_module():
+    """`ptm_mamba.scan` holds the same module object the tests patch, and AVAILABLE implies triton."""
+    assert scan.scan_triton is scan_triton
+    assert not scan_triton.AVAILABLE or (scan_triton.triton is not None and CUDA)
