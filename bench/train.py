@@ -29,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ptm_mamba.batching import epoch_batches  # noqa: E402
-from ptm_mamba.data import BatchBuilder  # noqa: E402
+from ptm_mamba.data import BatchBuilder, EpochBatches, collate_single  # noqa: E402
 from ptm_mamba.dataset import Protein  # noqa: E402
 from ptm_mamba.embedding_store import EmbeddingReader, ShardWriter  # noqa: E402
 from ptm_mamba.esm import EsmModel  # noqa: E402
@@ -73,15 +73,18 @@ def write_store(proteins, dim: int, path: Path) -> EmbeddingReader:
     return EmbeddingReader(path)
 
 
-def measure(model, builder, batches, esm_model, device, steps: int, warmup: int) -> dict:
+def measure(model, builder, batches, esm_model, device, steps: int, warmup: int, workers: int) -> dict:
+    """Steps as the trainer runs them: batches assembled by DataLoader workers (pinned on CUDA)."""
     optimizer = torch.optim.AdamW(model.param_groups(0.01), lr=1e-4)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast(
         "cpu", enabled=False)
+    loader = torch.utils.data.DataLoader(
+        EpochBatches(builder, batches[: warmup + steps], seed=0, epoch=0, replicate=0), batch_size=None,
+        collate_fn=collate_single, num_workers=workers, pin_memory=device.type == "cuda")
     tokens, elapsed = 0, 0.0
-    for n, indices in enumerate(batches[: warmup + steps]):
-        gen = torch.Generator().manual_seed(n)
-        t0 = time.perf_counter()
-        batch = builder.build(indices, replicate=0, generator=gen).to(device)
+    t0 = time.perf_counter()
+    for n, batch in enumerate(loader):
+        batch = batch.to(device)
         with autocast:
             logits = forward_batch(model, batch, esm_model).logits
         loss, _ = batch_sums(logits, batch)
@@ -93,6 +96,7 @@ def measure(model, builder, batches, esm_model, device, steps: int, warmup: int)
         if n >= warmup:
             elapsed += time.perf_counter() - t0
             tokens += int((batch.labels != 1).sum())
+        t0 = time.perf_counter()
     return {"tokens_per_s": tokens / elapsed, "steps": steps, "tokens": tokens, "seconds": elapsed}
 
 
@@ -108,6 +112,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--workers", type=int, default=1, help="DataLoader workers assembling batches")
     args = ap.parse_args(argv)
     if args.paper:
         args.d_model, args.n_layer, args.esm_arch = 768, 24, "650M"
@@ -119,7 +124,7 @@ def main(argv=None) -> dict:
     dim = esm_model.embed_dim
     results = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                "d_model": args.d_model, "n_layer": args.n_layer, "esm": args.esm_arch,
-               "max_tokens": args.max_tokens, "batch_size": args.batch_size}
+               "max_tokens": args.max_tokens, "batch_size": args.batch_size, "workers": args.workers}
     with tempfile.TemporaryDirectory() as tmp:
         store = write_store(proteins, dim, Path(tmp) / "train.h5")
         for mode in ("precomputed", "on_the_fly"):
@@ -130,7 +135,7 @@ def main(argv=None) -> dict:
             torch.manual_seed(0)
             model = PTMMamba(ModelConfig(d_model=args.d_model, n_layer=args.n_layer, esm_dim=dim)).to(device)
             results[mode] = measure(model, builder, batches, esm_model if mode == "on_the_fly" else None,
-                                    device, args.steps, args.warmup)
+                                    device, args.steps, args.warmup, args.workers)
             print(f"{mode:12s} {results[mode]['tokens_per_s']:10.0f} tokens/s", flush=True)
     results["precomputed_over_on_the_fly"] = results["precomputed"]["tokens_per_s"] / \
         results["on_the_fly"]["tokens_per_s"]

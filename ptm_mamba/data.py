@@ -33,12 +33,18 @@ class Batch:
     labels: torch.Tensor           # (B, T) long, the true tokens
     pred_mask: torch.Tensor        # (B, T) bool, positions scored by the loss
     lengths: torch.Tensor          # (B,) long, tokens incl. <cls>/<eos>
-    esm_features: torch.Tensor | None  # (B, T, dim) float, precomputed mode
+    esm_features: torch.Tensor | None  # (B, T, dim) float16 as stored, precomputed mode
     esm_tokens: torch.Tensor | None    # (B, T) long ESM-2 input, on-the-fly mode
 
+    def _map(self, fn) -> "Batch":
+        return Batch(*(None if t is None else fn(t) for t in (getattr(self, f) for f in self.__dataclass_fields__)))
+
     def to(self, device) -> "Batch":
-        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
-        return Batch(*(move(getattr(self, f)) for f in self.__dataclass_fields__))
+        return self._map(lambda t: t.to(device, non_blocking=True))
+
+    def pin_memory(self) -> "Batch":
+        """Called by a DataLoader with ``pin_memory=True``, so the copy to the GPU can overlap compute."""
+        return self._map(torch.Tensor.pin_memory)
 
 
 class BatchBuilder:
@@ -95,7 +101,8 @@ class BatchBuilder:
         B, T = len(rows), max(len(r[0]) for r in rows) + 2
         labels = torch.full((B, T), tok.pad_id, dtype=torch.long)
         rand = torch.zeros((B, T), dtype=torch.bool)
-        feats = torch.zeros((B, T, self.store.attrs["dim"]), dtype=torch.float32) if self.store else None
+        # float16 as stored: half the bytes to assemble and copy; the model casts on the device
+        feats = torch.zeros((B, T, self.store.attrs["dim"]), dtype=torch.float16) if self.store else None
         esm_tokens = torch.full((B, T), self.esm_alphabet.padding_idx, dtype=torch.long) \
             if self.esm_alphabet is not None else None
         for b, (tokens, rmask, f, esm_ids, _) in enumerate(rows):
@@ -104,7 +111,7 @@ class BatchBuilder:
             labels[b, 1:L + 1] = torch.from_numpy(tokens)
             rand[b, 1:L + 1] = torch.from_numpy(np.asarray(rmask, dtype=bool))
             if f is not None:
-                feats[b, 1:L + 1] = torch.from_numpy(np.asarray(f, dtype=np.float32))
+                feats[b, 1:L + 1] = torch.from_numpy(np.asarray(f, dtype=np.float16))
             if esm_ids is not None:
                 esm_tokens[b, 0], esm_tokens[b, L + 1] = self.esm_alphabet.cls_idx, self.esm_alphabet.eos_idx
                 esm_tokens[b, 1:L + 1] = torch.from_numpy(esm_ids.astype(np.int64))

@@ -2,11 +2,12 @@
 
 Same semantics as `selective_scan` (mamba-ssm's `selective_scan_fn` for real A and per-position B, C);
 u, delta, z: (B, D, L); A: (D, N); B, C: (B, N, L); D, delta_bias: (D,). One program owns one batch
-row and BLOCK_D channels, keeps their (BLOCK_D, N) state in registers and walks the L positions in
-order, loading position t+1's inputs while it computes position t:
+row and BLOCK_D channels, keeps their (N, BLOCK_D) state in registers (channels across threads,
+each thread holding its channels' N states) and walks the L positions in order, loading position
+t+1's inputs while it computes position t:
 
     forward   h_t = exp(dt_t A) h_{t-1} + dt_t u_t B_t,   out_t = (C_t . h_t + D u_t) silu(z_t)
-    backward  phase 1 recomputes every h_t into a (B, L, D, N) fp32 scratch (freed on return);
+    backward  phase 1 recomputes every h_t into a (B, L, N, D) fp32 scratch (freed on return);
               phase 2 walks back in time carrying G_t = dLoss/dh_t = g_t C_t + exp(dt_{t+1} A) G_{t+1}
 
 Per-channel gradients (u, delta, z) are written per position; dA, dD and d(delta_bias) are summed
@@ -20,11 +21,15 @@ is what the Mamba block passes, cost no copy; out and the gradients of u, delta,
 views of (B, L, D) memory, like `selective_scan`'s. fp64 inputs and return_last_state are left to
 the PyTorch scan (see `supports`).
 
+BLOCK_D and the warps per program are autotuned (`CONFIGS`) once per D, N, dtypes and batch and L
+rounded up to powers of two; PTM_MAMBA_SCAN_BLOCK=32x2 (say) pins one config instead.
+
 `AVAILABLE` is true when triton imports and CUDA is there. Without triton this module still
 imports (the kernels are then plain, never-called functions). The tests also run the kernels on
 CPU tensors under Triton's interpreter (TRITON_INTERPRET=1, set before triton is imported).
 """
 
+import contextlib
 import os
 
 import torch
@@ -69,7 +74,7 @@ def _pinned_config(configs, named_args, **kwargs):
     except ValueError:
         block = warps = 0
     if block < MIN_BLOCK_D or block & (block - 1) or warps not in (1, 2, 4, 8):
-        raise PipelineError(f"PTM_MAMBA_SCAN_BLOCK={spec!r}: want BLOCK_DxWARPS, BLOCK_D a power of two >= 16, e.g. 32x2")
+        raise PipelineError(f"PTM_MAMBA_SCAN_BLOCK={spec!r}: want BLOCK_DxWARPS, BLOCK_D a power of two >= 16")
     return [triton.Config({"BLOCK_D": block}, num_warps=warps)]
 
 
@@ -82,9 +87,8 @@ def _tuned(fn):
     if triton is None:
         return fn
     configs = [triton.Config({"BLOCK_D": bd}, num_warps=w) for bd, w in (CONFIGS[:1] if INTERPRET else CONFIGS)]
-    return triton.autotune(
-        configs, key=["dim", "N_PAD", "batch_pow2", "length_pow2"], prune_configs_by={"early_config_prune": _pinned_config}
-    )(fn)
+    key = ["dim", "N_PAD", "batch_pow2", "length_pow2"]
+    return triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": _pinned_config})(fn)
 
 
 _TUNE_ONLY = ["batch_pow2", "length_pow2"]  # kernel arguments that only feed the tuning key
@@ -125,11 +129,15 @@ def _block_params(
     A_ptr, D_ptr, bias_ptr, dim, nstate,
     BLOCK_D: tl.constexpr, N_PAD: tl.constexpr, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr,
 ):  # fmt: skip
-    """This program's channels and the per-channel parameters: A (N_PAD, BLOCK_D), D, bias (BLOCK_D,)."""
+    """This program's channels and the per-channel parameters: A (N_PAD, BLOCK_D), D, bias (BLOCK_D,).
+
+    A comes transposed, (N, D) contiguous, so that all (N_PAD, BLOCK_D) tiles keep one register
+    layout: channels across threads, each thread holding its channels' N states.
+    """
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, N_PAD)
     mask_d, mask_n = offs_d < dim, offs_n < nstate
-    A = tl.load(A_ptr + offs_d[None, :] * nstate + offs_n[:, None], mask=mask_d[None, :] & mask_n[:, None], other=0.0)
+    A = tl.load(A_ptr + offs_n[:, None] * dim + offs_d[None, :], mask=mask_n[:, None] & mask_d[None, :], other=0.0)
     Dskip = tl.zeros((BLOCK_D,), tl.float32)
     bias = tl.zeros((BLOCK_D,), tl.float32)
     if HAS_D:
@@ -187,8 +195,8 @@ def _bwd_kernel(
 ):  # fmt: skip
     """Grid (B, cdiv(D, BLOCK_D)).
 
-    h: (B, L, D, N_PAD) fp32 scratch. Writes du, ddelta, dz (B, L, D) in their dtypes and fp32
-    partials dA (B, D, N_PAD), dD and dbias (B, D), dB and dC (B, nblocks, L, N_PAD).
+    h: (B, L, N_PAD, D) fp32 scratch. Writes du, ddelta, dz (B, L, D) in their dtypes and fp32
+    partials dA (B, N_PAD, D), dD and dbias (B, D), dB and dC (B, nblocks, L, N_PAD).
     """
     offs_d, offs_n, mask_d, mask_n, A, Dskip, bias = _block_params(
         A_ptr, D_ptr, bias_ptr, dim, nstate, BLOCK_D, N_PAD, HAS_D, HAS_BIAS
@@ -196,8 +204,10 @@ def _bwd_kernel(
     pid_b = tl.program_id(0).to(tl.int64)
     x_base = pid_b * length * dim
     bc_base = pid_b * length * nstate
-    h_tile = offs_d[None, :] * N_PAD + offs_n[:, None]  # (b, t, d, n) sits at (b * L + t) * D * N_PAD + h_tile
+    h_tile = offs_n[:, None] * dim + offs_d[None, :]  # (b, t, n, d) sits at (b * L + t) * N_PAD * D + h_tile
     h_mask = mask_n[:, None] & mask_d[None, :]
+    h_step = dim * N_PAD  # scratch offset from one position to the next
+    part_base = (pid_b * nblocks + tl.program_id(1)) * length * N_PAD  # this block's (L, N_PAD) dB, dC partials
 
     # Phase 1: the states, exactly as the forward kernel computes them, into the scratch.
     h = tl.zeros((N_PAD, BLOCK_D), tl.float32)
@@ -212,7 +222,7 @@ def _bwd_kernel(
             offs_d, offs_n, mask_d & more, mask_n & more, SOFTPLUS,
         )  # fmt: skip
         h = tl.exp(dt[None, :] * A) * h + (dt * u)[None, :] * Bt[:, None]
-        tl.store(h_ptr + (pid_b * length + t) * dim * N_PAD + h_tile, h, mask=h_mask)
+        tl.store(h_ptr + (pid_b * length + t) * h_step + h_tile, h, mask=h_mask)
     tl.debug_barrier()  # each thread reads back what it wrote (same layout); the barrier makes that certain
 
     # Phase 2: backwards in time. G carries dLoss/dh_t, dA_next = exp(dt_{t+1} A), h the state h_t.
@@ -230,7 +240,7 @@ def _bwd_kernel(
     if HAS_Z:
         z_n = tl.load(z_ptr + x_base + last * dim + offs_d, mask=mask_d, other=0.0).to(tl.float32)
     dout_n = tl.load(dout_ptr + x_base + last * dim + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    hprev_n = tl.load(h_ptr + (pid_b * length + last - 1) * dim * N_PAD + h_tile, mask=h_mask & (last > 0), other=0.0)
+    hprev_n = tl.load(h_ptr + (pid_b * length + last - 1) * h_step + h_tile, mask=h_mask & (last > 0), other=0.0)
     for i in range(length):
         t = last - i
         u, raw, dt, Bt, Ct, z, dout, h_prev = u_n, raw_n, dt_n, B_n, C_n, z_n, dout_n, hprev_n
@@ -242,19 +252,20 @@ def _bwd_kernel(
         if HAS_Z:
             z_n = tl.load(z_ptr + x_row - dim + offs_d, mask=mask_d & more, other=0.0).to(tl.float32)
         dout_n = tl.load(dout_ptr + x_row - dim + offs_d, mask=mask_d & more, other=0.0).to(tl.float32)
-        hprev_n = tl.load(h_ptr + (pid_b * length + t - 2) * dim * N_PAD + h_tile, mask=h_mask & (t > 1), other=0.0)
+        hprev_n = tl.load(h_ptr + (pid_b * length + t - 2) * h_step + h_tile, mask=h_mask & (t > 1), other=0.0)
 
         g = dout  # dLoss/dy_t, y_t = C_t . h_t + D u_t before the gate
         if HAS_Z:
             sig = tl.sigmoid(z)
             y = tl.sum(h * Ct[:, None], axis=0) + Dskip * u
-            tl.store(dz_ptr + x_row + offs_d, (dout * y * sig * (1 + z * (1 - sig))).to(dz_ptr.dtype.element_ty), mask=mask_d)
+            grad_z = dout * y * sig * (1 + z * (1 - sig))  # silu'(z) = sig (1 + z (1 - sig))
+            tl.store(dz_ptr + x_row + offs_d, grad_z.to(dz_ptr.dtype.element_ty), mask=mask_d)
             g = dout * z * sig
         grad_D += g * u
-        tl.store(dC_ptr + ((pid_b * nblocks + tl.program_id(1)) * length + t) * N_PAD + offs_n, tl.sum(h * g[None, :], axis=1))
+        tl.store(dC_ptr + part_base + t * N_PAD + offs_n, tl.sum(h * g[None, :], axis=1))
         dA = tl.exp(dt[None, :] * A)
         G = dA_next * G + g[None, :] * Ct[:, None]
-        tl.store(dB_ptr + ((pid_b * nblocks + tl.program_id(1)) * length + t) * N_PAD + offs_n, tl.sum(G * (dt * u)[None, :], axis=1))
+        tl.store(dB_ptr + part_base + t * N_PAD + offs_n, tl.sum(G * (dt * u)[None, :], axis=1))
         GB = tl.sum(G * Bt[:, None], axis=0)
         tl.store(du_ptr + x_row + offs_d, (dt * GB + g * Dskip).to(du_ptr.dtype.element_ty), mask=mask_d)
         Q = G * dA * h_prev  # dLoss/d(dt_t A)
@@ -272,10 +283,11 @@ def _bwd_kernel(
 
 
 def supports(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, *optional: Tensor | None) -> bool:
-    """Whether the kernels handle these inputs: real fp32/bf16/fp16 tensors on one CUDA device."""
+    """Whether the kernels handle these inputs: real fp32/bf16/fp16 tensors on one CUDA device, L > 0."""
     tensors = [t for t in (u, delta, A, B, C, *optional) if t is not None]
     ok_dtypes = (torch.float32, torch.bfloat16, torch.float16)
-    return all(t.is_cuda and t.dtype in ok_dtypes for t in tensors) and len({t.device for t in tensors}) == 1
+    same_gpu = all(t.is_cuda and t.dtype in ok_dtypes for t in tensors) and len({t.device for t in tensors}) == 1
+    return same_gpu and u.numel() > 0
 
 
 def _time_major(x: Tensor) -> Tensor:
@@ -291,18 +303,19 @@ def _flags(A: Tensor, D: Tensor | None, z: Tensor | None, delta_bias: Tensor | N
     )
 
 
-def _launch(kernel, batch: int, dim: int, length: int, *args, **flags) -> None:
-    """kernel(*args, batch_pow2, length_pow2, **flags) over the grid (B, cdiv(D, BLOCK_D))."""
+def _launch(kernel, batch: int, dim: int, length: int, *args: Tensor | int, **flags) -> None:
+    """kernel(*args, batch_pow2, length_pow2, **flags) over the grid (B, cdiv(D, BLOCK_D)), on args[0]'s GPU."""
     grid = lambda meta: (batch, triton.cdiv(dim, meta["BLOCK_D"]))  # noqa: E731
-    kernel[grid](*args, triton.next_power_of_2(batch), triton.next_power_of_2(length), **flags)
+    with torch.cuda.device(args[0].device) if args[0].is_cuda else contextlib.nullcontext():
+        kernel[grid](*args, triton.next_power_of_2(batch), triton.next_power_of_2(length), **flags)
 
 
 def _kernel_inputs(u, delta, A, B, C, D, z, delta_bias) -> list[Tensor]:
-    """Both kernels' first eight arguments: u, delta (B, L, D); A (D, N); B, C (B, L, N); D; z (B, L, D);
+    """Both kernels' first eight arguments: u, delta (B, L, D); A (N, D); B, C (B, L, N); D; z (B, L, D);
     delta_bias. An absent D, z or delta_bias is stood in for by u: the kernels never read it."""
     ut = _time_major(u)
     return [
-        ut, _time_major(delta), A.contiguous(), _time_major(B), _time_major(C),
+        ut, _time_major(delta), A.t().contiguous(), _time_major(B), _time_major(C),
         ut if D is None else D.contiguous(), ut if z is None else _time_major(z),
         ut if delta_bias is None else delta_bias.contiguous(),
     ]  # fmt: skip
@@ -332,10 +345,10 @@ class _TritonScan(torch.autograd.Function):
         ut, deltat, zt = args[0], args[1], args[6]
         f32 = dict(dtype=torch.float32, device=u.device)
         max_blocks = triton.cdiv(dim, MIN_BLOCK_D)
-        h = torch.empty(batch, length, dim, n_pad, **f32)
+        h = torch.empty(batch, length, n_pad, dim, **f32)
         du, ddelta = torch.empty_like(ut), torch.empty_like(deltat)
         dz = torch.empty_like(zt) if z is not None else du
-        dA = torch.empty(batch, dim, n_pad, **f32)
+        dA = torch.empty(batch, n_pad, dim, **f32)
         dD, dbias = torch.empty(batch, dim, **f32), torch.empty(batch, dim, **f32)
         dB = torch.empty(batch, max_blocks, length, n_pad, **f32)
         dC = torch.empty(batch, max_blocks, length, n_pad, **f32)
@@ -353,7 +366,7 @@ class _TritonScan(torch.autograd.Function):
         return (
             du.transpose(1, 2),
             ddelta.transpose(1, 2),
-            dA.sum(0)[:, :nstate].to(A.dtype),
+            dA.sum(0)[:nstate].t().to(A.dtype),
             reduce_bc(dB, B),
             reduce_bc(dC, C),
             dD.sum(0).to(D.dtype) if D is not None else None,

@@ -234,11 +234,14 @@ def train(config: dict, *, split_dir: str | None = None, run_name: str | None = 
     splits = load_splits(config, split_dir)
     esm_model = load_esm_on_the_fly(config, accelerator.device)
     builders = make_builders(config, splits, esm_model)
+    # items are whole batches; pinned host memory lets the copy to the GPU overlap compute
+    loader_args = dict(batch_size=None, collate_fn=collate_single, num_workers=tr["num_workers"],
+                       pin_memory=accelerator.device.type == "cuda")
     eval_batches = {name: plan_batches(builders[name].lengths, tr["max_tokens_per_batch"],
                                        tr["per_device_train_batch_size"]) for name in ("val", "test")}
     eval_loaders = {name: torch.utils.data.DataLoader(
-        EvalBatches(builders[name], eval_batches[name], rank, world), batch_size=None,
-        collate_fn=collate_single, num_workers=tr["num_workers"]) for name in ("val", "test")}
+        EvalBatches(builders[name], eval_batches[name], rank, world),
+        **loader_args) for name in ("val", "test")}
     batches_per_epoch = len(epoch_batches(builders["train"].lengths, tr["max_tokens_per_batch"],
                                           tr["per_device_train_batch_size"], seed=config["seed"], epoch=0,
                                           world_size=world)) // world
@@ -325,7 +328,7 @@ def train(config: dict, *, split_dir: str | None = None, run_name: str | None = 
         loader = torch.utils.data.DataLoader(
             EpochBatches(builders["train"], batches, seed=config["seed"], epoch=epoch, replicate=replicate,
                          rank=rank, world_size=world, start=position["batch_in_epoch"]),
-            batch_size=None, collate_fn=collate_single, num_workers=tr["num_workers"])
+            **loader_args)
         for batch in loader:
             batch = batch.to(accelerator.device)
             with accelerator.autocast():
