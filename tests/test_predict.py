@@ -1,0 +1,71 @@
+"""Inference: PTMMamba.from_checkpoint(...).predict and `ptm-mamba predict` on a trained tiny run."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import run_cli, write_config
+from ptm_mamba.embedding_store import EmbeddingReader
+from ptm_mamba.model import PTMMamba
+
+SEQS = {"a": "MK<Phosphoserine>LLVRRAS", "b": "M<N-acetylalanine>KN<N-linked (GlcNAc...) asparagine>GTW"}
+
+
+@pytest.fixture(scope="module")
+def checkpoint(embedded_project, tmp_path_factory):
+    root, config = embedded_project
+    cfg = dict(config, run_name="predict")
+    cfg["training"] = dict(config["training"], max_steps=2, log_steps=2)
+    path = write_config(tmp_path_factory.mktemp("predict") / "c.yaml", **cfg)
+    result = run_cli("train", "--config", path, "--split_dir", root / "split", "--no_progress")
+    assert result.returncode == 0, result.stderr
+    return root / "outputs" / "ptm-mamba-predict" / "best.ckpt"
+
+
+def test_from_checkpoint_predicts_with_its_own_esm(checkpoint):
+    model = PTMMamba.from_checkpoint(checkpoint)
+    outs = model.predict(list(SEQS.values()))
+    for out, seq_len in zip(outs, (10, 8)):
+        assert out.logits.shape == (seq_len + 2, 59)
+        assert out.hidden_states.shape == (seq_len + 2, 16)
+    # alone or batched with a longer protein: the same result (per-sequence reversal, no leakage of padding)
+    alone = model.predict([SEQS["b"]])[0]
+    assert torch.allclose(alone.logits, outs[1].logits, atol=1e-5)
+
+
+def test_predict_cli_writes_hidden_states_per_residue(checkpoint, tmp_path):
+    fasta = tmp_path / "in.fasta"
+    fasta.write_text("".join(f">{k} some description\n{v[:5]}\n{v[5:]}\n" for k, v in SEQS.items()))
+    out = tmp_path / "hidden.h5"
+    result = run_cli("predict", "--checkpoint", checkpoint, "--input", fasta, "--output", out)
+    assert result.returncode == 0, result.stderr
+    store = EmbeddingReader(out)
+    assert sorted(store.ids) == ["a", "b"]
+    expected = PTMMamba.from_checkpoint(checkpoint).predict(list(SEQS.values()))
+    for key, exp in zip(SEQS, expected):
+        hidden, _ = store.get(key, 0)
+        assert np.allclose(hidden.astype(np.float32), exp.hidden_states[1:-1].numpy(), atol=2e-2, rtol=1e-2)
+
+
+def test_predict_cli_refuses_bad_fasta(checkpoint, tmp_path):
+    fasta = tmp_path / "bad.fasta"
+    fasta.write_text(">a\nMKV\n>a\nMKL\n")
+    result = run_cli("predict", "--checkpoint", checkpoint, "--input", fasta, "--output", tmp_path / "o.h5")
+    assert result.returncode == 2 and "duplicate id 'a'" in result.stderr and "line 3" in result.stderr
+    assert not (tmp_path / "o.h5").exists()
+    result = run_cli("predict", "--checkpoint", tmp_path / "missing.ckpt", "--input", fasta,
+                     "--output", tmp_path / "o.h5")
+    assert result.returncode == 2 and "checkpoint not found" in result.stderr
+
+
+def test_published_checkpoint_layout_loads(checkpoint, tmp_path):
+    """The published model's bundled mamba-ssm fork adds unused *_b mixer parameters: they are dropped."""
+    state = torch.load(checkpoint, weights_only=True)
+    mixer = next(k for k in state["model"] if k.endswith(".mixer.A_log"))
+    state["model"][mixer.replace("A_log", "A_b_log")] = torch.zeros(3)
+    state["model"][mixer.replace("A_log", "conv1d_b.weight")] = torch.zeros(3)
+    torch.save(state, tmp_path / "published.ckpt")
+    model = PTMMamba.from_checkpoint(tmp_path / "published.ckpt")
+    assert torch.equal(model.state_dict()[mixer], state["model"][mixer])
