@@ -52,7 +52,9 @@ def make_accelerator(config: dict):
         precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
     # Without ESM the esm_head takes no part in the loss; DDP must be told.
     ddp = DistributedDataParallelKwargs(find_unused_parameters=not config["training"]["use_esm"])
-    return Accelerator(mixed_precision=precision, kwargs_handlers=[ddp])
+    # Without a GPU, accelerate forms a process group (gloo) only when told cpu=True; else every
+    # process launched by torchrun/accelerate would train alone.
+    return Accelerator(mixed_precision=precision, kwargs_handlers=[ddp], cpu=not torch.cuda.is_available())
 
 
 def run_dir(config: dict, run_name: str | None) -> Path:
@@ -286,7 +288,8 @@ def train(config: dict, *, split_dir: str | None = None, run_name: str | None = 
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "config.yaml", dump_config(config))
         atomic_write_json(out / "split_mapping.json", mapping(splits))
-    accelerator.print(f"{mcfg.model_type}: {accelerator.unwrap_model(model).num_parameters():,} parameters; "
+    accelerator.print(f"{mcfg.model_type}: {accelerator.unwrap_model(model).num_parameters():,} parameters on "
+                      f"{world} process{'es' if world > 1 else ''}; "
                       f"train {sizes['train']} / val {sizes['val']} / test {sizes['test']} proteins; "
                       f"{batches_per_epoch} batches per epoch per process, {total_steps} steps")
 

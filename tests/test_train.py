@@ -188,26 +188,33 @@ def test_on_the_fly_and_no_esm_modes_train(embedded_project, tmp_path):
 
 
 def test_two_process_cpu_run_completes(embedded_project, tmp_path):
+    """Two processes as the train rule launches them (accelerate launch --multi_gpu; gloo on CPU)."""
+    from ptm_mamba.batching import epoch_batches, plan_batches
+
     root, config = embedded_project
     cfg = dict(config, run_name="ddp")
     cfg["training"] = dict(config["training"], max_steps=4, log_steps=2, num_processes=2,
                            per_device_train_batch_size=3)
     cfg_path = write_config(tmp_path / "config.yaml", **cfg)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                             "--master_port", "29517", "-m", "ptm_mamba", "train", "--config", str(cfg_path),
+    result = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1",
+                             "--num_processes", "2", "--multi_gpu", "--dynamo_backend", "no", "--main_process_port",
+                             "29517", "-m", "ptm_mamba", "train", "--config", str(cfg_path),
                              "--split_dir", str(root / "split"), "--no_progress"],
                             capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "on 2 processes" in result.stdout
     metrics = records(root / "outputs" / "ptm-mamba-ddp" / "metrics.json")
     steps = [m for m in metrics if "train_loss" in m]
     assert [m["Step"] for m in steps] == [1, 2, 3, 4]
+    # step 1 counts the tokens of both processes' first batches (batches 0 and 1 of the epoch)
+    train = BatchBuilder(read_split(root / "split" / "train.csv"), max_sequence_length=1024, mask_prob=0.15,
+                         random_mask_only_prob=0.2)
+    batches = epoch_batches(train.lengths, 3000, 3, seed=cfg["seed"], epoch=0, world_size=2)
+    assert steps[0]["tokens"] == sum(train.lengths[i] for b in batches[:2] for i in b)
     # the validation batches of both ranks are gathered: all of the split's batches, each once
-    from ptm_mamba.batching import plan_batches
-
     val = BatchBuilder(read_split(root / "split" / "val.csv"), max_sequence_length=1024, mask_prob=0.15,
                        random_mask_only_prob=0.2)
-    n_val = len(plan_batches(val.lengths, cfg["training"]["max_tokens_per_batch"],
-                             cfg["training"]["per_device_train_batch_size"]))
+    n_val = len(plan_batches(val.lengths, 3000, 3))
     val_batches = [m["batch"] for m in metrics if "val_loss" in m and m["Step"] == 2]
     assert sorted(val_batches) == list(range(n_val)) and n_val >= 2
