@@ -34,7 +34,7 @@ from ptm_mamba.dataset import Protein  # noqa: E402
 from ptm_mamba.embedding_store import EmbeddingReader, ShardWriter  # noqa: E402
 from ptm_mamba.esm import EsmModel  # noqa: E402
 from ptm_mamba.model import ModelConfig, PTMMamba  # noqa: E402
-from ptm_mamba.tokenizer import PTM_TOKENS  # noqa: E402
+from ptm_mamba.tokenizer import PAD_ID, PTM_TOKENS  # noqa: E402
 from ptm_mamba.train import batch_sums, forward_batch  # noqa: E402
 
 ESM_ARCHS = {"8M": (6, 320, 20), "650M": (33, 1280, 20)}  # layers, dim, heads
@@ -95,7 +95,7 @@ def measure(model, builder, batches, esm_model, device, steps: int, warmup: int,
             torch.cuda.synchronize()
         if n >= warmup:
             elapsed += time.perf_counter() - t0
-            tokens += int((batch.labels != 1).sum())
+            tokens += int((batch.labels != PAD_ID).sum())
         t0 = time.perf_counter()
     return {"tokens_per_s": tokens / elapsed, "steps": steps, "tokens": tokens, "seconds": elapsed}
 

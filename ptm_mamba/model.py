@@ -35,10 +35,9 @@ import torch.nn as nn
 
 from ptm_mamba.errors import PipelineError
 from ptm_mamba.mamba_block import make_mixer
-from ptm_mamba.tokenizer import VOCAB
+from ptm_mamba.tokenizer import PAD_ID, VOCAB
 
 MODEL_TYPES = ("bidirectional_mamba", "mamba")
-PAD_ID = VOCAB.index("<pad>")
 
 
 @dataclass

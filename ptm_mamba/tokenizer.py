@@ -45,6 +45,9 @@ PTM_TOKENS = [
     "<4-carboxyglutamate>",
 ]
 VOCAB = SPECIAL_TOKENS + RESIDUES + [PTM_MARKER] + PTM_TOKENS
+PAD_ID = VOCAB.index("<pad>")
+FIRST_RESIDUE_ID = VOCAB.index("L")      # ids below are special tokens
+PTM_MARKER_ID = VOCAB.index(PTM_MARKER)  # ids above are PTM tokens
 
 # The residue each modification sits on, so a PTM token counts as one residue
 # and ESM-2 (which knows no PTMs) can be given a residue-level sequence.

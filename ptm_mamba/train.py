@@ -35,7 +35,7 @@ from .errors import PipelineError
 from .fileio import atomic_write_json, atomic_write_text
 from .model import ModelConfig, PTMMamba
 from .split import SPLITS, mapping, read_split, split_fingerprint, split_from_config
-from .tokenizer import VOCAB
+from .tokenizer import FIRST_RESIDUE_ID, PAD_ID, PTM_MARKER_ID, VOCAB
 
 log = logging.getLogger(__name__)
 SUM_FIELDS = ("loss_sum", "predicted", "correct", "ptm_predicted", "ptm_correct", "tokens")
@@ -152,7 +152,7 @@ def forward_batch(model, batch: Batch, esm_model):
     features = batch.esm_features
     if esm_model is not None:  # on the fly: ESM-2 reads the masked input, as the original trains
         features = esm_forward(esm_model, batch.esm_tokens).clone()
-        features = features * (batch.labels >= VOCAB.index("L")).unsqueeze(-1)  # zeros at <cls>/<eos>/pad
+        features = features * (batch.labels >= FIRST_RESIDUE_ID).unsqueeze(-1)  # zeros at <cls>/<eos>/pad
     return model(batch.input_ids, features, batch.lengths)
 
 
@@ -164,9 +164,9 @@ def batch_sums(logits: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.
     loss = F.cross_entropy(picked, target) if target.numel() else logits.sum() * 0.0
     with torch.no_grad():
         hit = picked.argmax(-1) == target
-        ptm = target > VOCAB.index("PTM")
+        ptm = target > PTM_MARKER_ID
         sums = torch.tensor([float(loss) * target.numel(), target.numel(), hit.sum(), ptm.sum(),
-                             (hit & ptm).sum(), (batch.labels != VOCAB.index("<pad>")).sum()],
+                             (hit & ptm).sum(), (batch.labels != PAD_ID).sum()],
                             dtype=torch.float64, device=logits.device)
     return loss, sums
 
@@ -210,7 +210,7 @@ def evaluate(model, loader, accelerator, esm_model, prefix: str, epoch: int, ste
         by_type = accelerator.reduce(by_type, reduction="sum").tolist()
         avg[f"{prefix}_ptm_acc_by_type"] = {
             VOCAB[t]: {"sites": int(by_type[0][t]), "acc": by_type[1][t] / by_type[0][t]}
-            for t in range(VOCAB.index("PTM") + 1, len(VOCAB)) if by_type[0][t] > 0}
+            for t in range(PTM_MARKER_ID + 1, len(VOCAB)) if by_type[0][t] > 0}
     return avg, records
 
 
