@@ -6,7 +6,8 @@ under no_grad, "fwd+bwd" a forward and a backward pass of sum(out * w). Each num
 of --repeats timed runs after one untimed warm-up (the reference: one run, no warm-up). On a GPU
 where ``mamba_ssm`` imports, its fused ``selective_scan_fn`` is timed too. --backend sets
 PTM_MAMBA_SCAN (auto, torch: the PyTorch scan, triton: ``ptm_mamba.scan_triton``); with several,
-each is timed in turn ("ours[torch]", "ours[triton]").
+each is timed in turn ("ours[torch]", "ours[triton]"), and the Triton configs the autotuner chose are
+printed (PTM_MAMBA_SCAN_CHUNK sets the Triton scan's chunk length).
 
     python bench/scan.py                                   # CPU, 2 threads (reference fwd+bwd ~40 s)
     python bench/scan.py --skip-ref-backward
@@ -85,6 +86,18 @@ def time_scan(
     return result
 
 
+def triton_configs() -> dict[str, str]:
+    """The autotuner's last choice per Triton scan kernel, as "BLOCK_DxWARPS"; empty if none ran."""
+    from ptm_mamba import scan_triton
+
+    chosen = {}
+    for name, kernel in (("fwd", scan_triton._fwd_kernel), ("bwd", scan_triton._bwd_kernel)):
+        config = getattr(kernel, "best_config", None)
+        if config is not None:
+            chosen[name] = f"{config.kwargs['BLOCK_D']}x{config.num_warps}"
+    return chosen
+
+
 def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cpu")
@@ -128,6 +141,9 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     if not args.skip_ref:
         results["reference"] = time_scan(selective_scan_ref, inputs, 1, False, args.device, not args.skip_ref_backward)
 
+    tuned = triton_configs()
+    if tuned:
+        print("triton configs chosen (PTM_MAMBA_SCAN_BLOCK form): " + "  ".join(f"{k} {v}" for k, v in tuned.items()))
     for name, r in results.items():
         print(f"{name:14s} " + "  ".join(f"{k} {v:.4f}{'' if k == 'peak_gib' else ' s'}" for k, v in r.items()))
     if "reference" in results:

@@ -1,20 +1,26 @@
 """Mamba's selective scan as Triton kernels: the fast path of `ptm_mamba.scan.selective_scan` on CUDA.
 
 Same semantics as `selective_scan` (mamba-ssm's `selective_scan_fn` for real A and per-position B, C);
-u, delta, z: (B, D, L); A: (D, N); B, C: (B, N, L); D, delta_bias: (D,). One program owns one batch
-row and BLOCK_D channels, keeps their (N, BLOCK_D) state in registers (channels across threads,
-each thread holding its channels' N states) and walks the L positions in order, loading position
-t+1's inputs while it computes position t:
+u, delta, z: (B, D, L); A: (D, N); B, C: (B, N, L); D, delta_bias: (D,).
 
-    forward   h_t = exp(dt_t A) h_{t-1} + dt_t u_t B_t,   out_t = (C_t . h_t + D u_t) silu(z_t)
-    backward  phase 1 recomputes every h_t into a (B, L, N, D) fp32 scratch (freed on return);
-              phase 2 walks back in time carrying G_t = dLoss/dh_t = g_t C_t + exp(dt_{t+1} A) G_{t+1}
+One program owns one batch row and BLOCK_D channels and walks the sequence in chunks of CHUNK
+positions. A chunk's inputs arrive as (CHUNK, BLOCK_D) tiles, one load each, and for each state n
+the recurrence h_t = a_t h_{t-1} + b_t (a_t = exp(dt_t A_n), b_t = dt_t u_t B_t[n]) is solved for
+the whole chunk at once by a parallel scan (`tl.associative_scan` over affine maps), the state that
+enters the chunk folded into its first element. Sequential work is L / CHUNK steps, not L: a kernel
+that stepped position by position was latency-bound (same 5.8 ms on an H100 at batch 1 and 16).
 
-Per-channel gradients (u, delta, z) are written per position; dA, dD and d(delta_bias) are summed
-over positions in registers and over the batch in torch; dB_t, dC_t (sums over channels) are
-written as one partial per channel block, (B, blocks, L, N), and summed in torch: no atomics, so
-the result is deterministic. Arithmetic is fp32 whatever the input dtype (bf16 inputs are upcast
-on load); out has u's dtype and each gradient its input's dtype.
+    forward   out_t = (C_t . h_t + D u_t) silu(z_t); the state entering each chunk is kept,
+              (B, chunks, N_PAD, D) fp32, when a gradient will be asked for
+    backward  chunks in reverse; per state n: h recomputed from the kept state by the same scan,
+              G_t = dLoss/dh_t = g_t C_t[n] + a_{t+1} G_{t+1} by a reverse scan (carried between
+              chunks), and a_t h_{t-1} = h_t - b_t for the gradient of dt A
+
+Per-channel gradients (u, delta, z) are written per chunk; dA, dD and d(delta_bias) are summed over
+positions in registers and over the batch in torch; dB_t, dC_t (sums over channels) are written as
+one partial per channel block, (B, blocks, L, N_PAD), and summed in torch: no atomics, so the result
+is deterministic. Arithmetic is fp32 whatever the input dtype (bf16 inputs are upcast on load); out
+has u's dtype and each gradient its input's dtype.
 
 Tensors are read time-major, (B, L, D) and (B, L, N): transposed views of (B, L, X) tensors, which
 is what the Mamba block passes, cost no copy; out and the gradients of u, delta, z are (B, D, L)
@@ -22,7 +28,8 @@ views of (B, L, D) memory, like `selective_scan`'s. fp64 inputs and return_last_
 the PyTorch scan (see `supports`).
 
 BLOCK_D and the warps per program are autotuned (`CONFIGS`) once per D, N, dtypes and batch and L
-rounded up to powers of two; PTM_MAMBA_SCAN_BLOCK=32x2 (say) pins one config instead.
+rounded up to powers of two; PTM_MAMBA_SCAN_BLOCK=32x4 (say) pins one config instead. CHUNK is
+PTM_MAMBA_SCAN_CHUNK (default `DEFAULT_CHUNK`), read at each forward call and kept for its backward.
 
 `AVAILABLE` is true when triton imports and CUDA is there. Without triton this module still
 imports (the kernels are then plain, never-called functions). The tests also run the kernels on
@@ -57,12 +64,24 @@ def _jit(fn=None, **options):
     return triton.jit(fn, **options)
 
 
-CONFIGS = ((16, 1), (32, 1), (32, 2), (64, 2), (64, 4))  # (BLOCK_D, num_warps) the autotuner tries
+CONFIGS = ((16, 2), (16, 4), (32, 4), (32, 8), (64, 8))  # (BLOCK_D, num_warps) the autotuner tries
 MIN_BLOCK_D = 16  # smallest BLOCK_D allowed: sizes the dB, dC partials before the tuner has picked one
+DEFAULT_CHUNK = 32  # positions per chunk: the scan's parallel width; L / CHUNK steps run in sequence
+
+
+def _chunk() -> int:
+    """CHUNK for the next forward: PTM_MAMBA_SCAN_CHUNK, a power of two >= 2, or DEFAULT_CHUNK."""
+    spec = os.environ.get("PTM_MAMBA_SCAN_CHUNK", "").strip()
+    if not spec:
+        return DEFAULT_CHUNK
+    chunk = int(spec) if spec.isdigit() else 0
+    if chunk < 2 or chunk & (chunk - 1):
+        raise PipelineError(f"PTM_MAMBA_SCAN_CHUNK={spec!r}: want a power of two >= 2")
+    return chunk
 
 
 def _pinned_config(configs, named_args, **kwargs):
-    """The configs to try: all, or the one PTM_MAMBA_SCAN_BLOCK="BLOCK_DxWARPS" names (e.g. "32x2").
+    """The configs to try: all, or the one PTM_MAMBA_SCAN_BLOCK="BLOCK_DxWARPS" names (e.g. "32x4").
 
     Read when a (batch, D, L, N, dtypes) key is first tuned; later calls with that key reuse the choice.
     """
@@ -81,13 +100,13 @@ def _pinned_config(configs, named_args, **kwargs):
 def _tuned(fn):
     """Autotune BLOCK_D and warps; one config under the interpreter (it is slow).
 
-    Tuned once per (D, N_PAD, dtypes, batch and L rounded up to powers of two): training batches
+    Tuned once per (D, N, CHUNK, dtypes, batch and L rounded up to powers of two): training batches
     vary in shape, and each new key costs a benchmark of every config.
     """
     if triton is None:
         return fn
     configs = [triton.Config({"BLOCK_D": bd}, num_warps=w) for bd, w in (CONFIGS[:1] if INTERPRET else CONFIGS)]
-    key = ["dim", "N_PAD", "batch_pow2", "length_pow2"]
+    key = ["dim", "NSTATE", "CHUNK", "batch_pow2", "length_pow2"]
     return triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": _pinned_config})(fn)
 
 
@@ -105,179 +124,189 @@ def _softplus(x):
 
 
 @_jit
-def _load_step(
-    u_ptr, delta_ptr, B_ptr, C_ptr, bias, x_row, bc_row, offs_d, offs_n, mask_d, mask_n, SOFTPLUS: tl.constexpr
-):
-    """One position's inputs in fp32: u, raw = delta + bias, dt (softplus(raw) or raw), B_t, C_t.
+def _affine(a1, b1, a2, b2):
+    """Compose x -> a1 x + b1, then x -> a2 x + b2: the scan operator of h_t = a_t h_{t-1} + b_t."""
+    return a1 * a2, a2 * b1 + b2
 
-    x_row: offset of (b, t, 0) in the (B, L, D) tensors; bc_row: of (b, t, 0) in the (B, L, N) ones.
-    Masked-off channels read u = 0, so their state stays 0 whatever dt is.
+
+@_jit
+def _scan(a, b, h0, entry, REVERSE: tl.constexpr):
+    """All h_t = a_t h_{t-1} + b_t of a (CHUNK, BLOCK_D) chunk entered with the state h0 (BLOCK_D,).
+
+    entry (CHUNK,) marks the row h0 enters at: the first, or the last when REVERSE runs the chunk
+    from its last row to its first (h_t = a_t h_{t+1} + b_t).
     """
-    u = tl.load(u_ptr + x_row + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    raw = tl.load(delta_ptr + x_row + offs_d, mask=mask_d, other=0.0).to(tl.float32) + bias
+    b = b + tl.where(entry[:, None], a * h0[None, :], 0.0)
+    _, h = tl.associative_scan((a, b), 0, _affine, reverse=REVERSE)
+    return h
+
+
+@_jit
+def _row(tile, offs, i):
+    """Row i of a tile whose rows are numbered by offs: (rows, X) -> (X,)."""
+    return tl.sum(tl.where(offs[:, None] == i, tile, 0.0), axis=0)
+
+
+@_jit
+def _set_row(tile, offs, i, row):
+    return tl.where(offs[:, None] == i, row[None, :], tile)
+
+
+@_jit
+def _dt_tile(delta_ptr, bias, offs, mask, SOFTPLUS: tl.constexpr):
+    """raw = delta + bias and dt (softplus(raw) or raw) as fp32 tiles; dt = 0 where masked off, so
+    positions past the end leave the state as it is (a = 1, b = 0)."""
+    raw = tl.load(delta_ptr + offs, mask=mask, other=0.0).to(tl.float32) + bias[None, :]
     if SOFTPLUS:
         dt = _softplus(raw)
     else:
         dt = raw
-    Bt = tl.load(B_ptr + bc_row + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-    Ct = tl.load(C_ptr + bc_row + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-    return u, raw, dt, Bt, Ct
+    return raw, tl.where(mask, dt, 0.0)
 
 
 @_jit
-def _block_params(
-    A_ptr, D_ptr, bias_ptr, dim, nstate,
-    BLOCK_D: tl.constexpr, N_PAD: tl.constexpr, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr,
-):  # fmt: skip
-    """This program's channels and the per-channel parameters: A (N_PAD, BLOCK_D), D, bias (BLOCK_D,).
+def _state_inputs(A_ptr, B_ptr, C_ptr, n, dim, bc_offs, offs_d, mask_t, mask_d, NSTATE: tl.constexpr):
+    """State n's parameters: A[:, n] (BLOCK_D,) and the chunk's B[:, n], C[:, n] (CHUNK,), fp32."""
+    A_n = tl.load(A_ptr + n * dim + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    B_n = tl.load(B_ptr + bc_offs * NSTATE + n, mask=mask_t, other=0.0).to(tl.float32)
+    C_n = tl.load(C_ptr + bc_offs * NSTATE + n, mask=mask_t, other=0.0).to(tl.float32)
+    return A_n, B_n, C_n
 
-    A comes transposed, (N, D) contiguous, so that all (N_PAD, BLOCK_D) tiles keep one register
-    layout: channels across threads, each thread holding its channels' N states.
-    """
+
+@_jit
+def _program_tiles(D_ptr, bias_ptr, dim, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr, N_PAD: tl.constexpr,
+                   HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr):  # fmt: skip
+    """This program's channels, chunk rows and states, and the per-channel D and bias (BLOCK_D,)."""
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    offs_n = tl.arange(0, N_PAD)
-    mask_d, mask_n = offs_d < dim, offs_n < nstate
-    A = tl.load(A_ptr + offs_n[:, None] * dim + offs_d[None, :], mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+    mask_d = offs_d < dim
     Dskip = tl.zeros((BLOCK_D,), tl.float32)
     bias = tl.zeros((BLOCK_D,), tl.float32)
     if HAS_D:
         Dskip = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    return offs_d, offs_n, mask_d, mask_n, A.to(tl.float32), Dskip, bias
+    return offs_d, mask_d, tl.arange(0, CHUNK), tl.arange(0, N_PAD), Dskip, bias
 
 
 @_tuned
 @_jit(do_not_specialize=_TUNE_ONLY)
 def _fwd_kernel(
-    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, out_ptr,
-    dim, length, nstate, batch_pow2, length_pow2,
-    N_PAD: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
-    SOFTPLUS: tl.constexpr, BLOCK_D: tl.constexpr,
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, out_ptr, states_ptr,
+    dim, length, nchunks, batch_pow2, length_pow2,
+    NSTATE: tl.constexpr, N_PAD: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
+    SOFTPLUS: tl.constexpr, STORE_STATES: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    """Grid (B, cdiv(D, BLOCK_D)); out (B, L, D) in its own dtype."""
-    offs_d, offs_n, mask_d, mask_n, A, Dskip, bias = _block_params(
-        A_ptr, D_ptr, bias_ptr, dim, nstate, BLOCK_D, N_PAD, HAS_D, HAS_BIAS
+    """Grid (B, cdiv(D, BLOCK_D)); out (B, L, D) in its own dtype; states (B, chunks, N_PAD, D) fp32."""
+    offs_d, mask_d, offs_t, offs_n, Dskip, bias = _program_tiles(
+        D_ptr, bias_ptr, dim, BLOCK_D, CHUNK, N_PAD, HAS_D, HAS_BIAS
     )
-    x_base = tl.program_id(0).to(tl.int64) * length * dim
-    bc_base = tl.program_id(0).to(tl.int64) * length * nstate
-    h = tl.zeros((N_PAD, BLOCK_D), tl.float32)
-    u_n, raw_n, dt_n, B_n, C_n = _load_step(
-        u_ptr, delta_ptr, B_ptr, C_ptr, bias, x_base, bc_base, offs_d, offs_n, mask_d, mask_n, SOFTPLUS
-    )
-    z_n = tl.zeros((BLOCK_D,), tl.float32)
-    if HAS_Z:
-        z_n = tl.load(z_ptr + x_base + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    for t in range(length):
-        u, dt, Bt, Ct, z = u_n, dt_n, B_n, C_n, z_n
-        x_row, more = x_base + t * dim, t + 1 < length  # prefetch position t + 1
-        u_n, raw_n, dt_n, B_n, C_n = _load_step(
-            u_ptr, delta_ptr, B_ptr, C_ptr, bias, x_row + dim, bc_base + (t + 1) * nstate,
-            offs_d, offs_n, mask_d & more, mask_n & more, SOFTPLUS,
-        )  # fmt: skip
+    pid_b = tl.program_id(0).to(tl.int64)
+    state_tile = offs_n[:, None] * dim + offs_d[None, :]
+    state_mask = (offs_n < NSTATE)[:, None] & mask_d[None, :]
+    h = tl.zeros((N_PAD, BLOCK_D), tl.float32)  # the state entering the chunk, all N of it
+    for c in range(nchunks):
+        rows = c * CHUNK + offs_t
+        mask_t = rows < length
+        offs = (pid_b * length + rows)[:, None] * dim + offs_d[None, :]
+        mask = mask_t[:, None] & mask_d[None, :]
+        if STORE_STATES:
+            tl.store(states_ptr + (pid_b * nchunks + c) * N_PAD * dim + state_tile, h, mask=state_mask)
+        u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        _, dt = _dt_tile(delta_ptr, bias, offs, mask, SOFTPLUS)
+        dtu = dt * u
+        y = Dskip[None, :] * u
+        bc_offs = pid_b * length + rows
+        A_next, B_next, C_next = _state_inputs(A_ptr, B_ptr, C_ptr, 0, dim, bc_offs, offs_d, mask_t, mask_d, NSTATE)
+        for n in range(NSTATE):
+            A_n, B_n, C_n = A_next, B_next, C_next  # and load state n + 1's while this one computes
+            A_next, B_next, C_next = _state_inputs(
+                A_ptr, B_ptr, C_ptr, tl.minimum(n + 1, NSTATE - 1), dim, bc_offs, offs_d, mask_t, mask_d, NSTATE
+            )
+            hs = _scan(tl.exp(dt * A_n[None, :]), dtu * B_n[:, None], _row(h, offs_n, n), offs_t == 0, False)
+            y += hs * C_n[:, None]
+            h = _set_row(h, offs_n, n, _row(hs, offs_t, CHUNK - 1))
         if HAS_Z:
-            z_n = tl.load(z_ptr + x_row + dim + offs_d, mask=mask_d & more, other=0.0).to(tl.float32)
-        h = tl.exp(dt[None, :] * A) * h + (dt * u)[None, :] * Bt[:, None]
-        y = tl.sum(h * Ct[:, None], axis=0) + Dskip * u
-        if HAS_Z:
+            z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             y = y * z * tl.sigmoid(z)
-        tl.store(out_ptr + x_row + offs_d, y.to(out_ptr.dtype.element_ty), mask=mask_d)
+        tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @_tuned
 @_jit(do_not_specialize=_TUNE_ONLY)
 def _bwd_kernel(
-    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout_ptr, h_ptr,
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout_ptr, states_ptr,
     du_ptr, ddelta_ptr, dz_ptr, dA_ptr, dD_ptr, dbias_ptr, dB_ptr, dC_ptr,
-    dim, length, nstate, nblocks, batch_pow2, length_pow2,
-    N_PAD: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
-    SOFTPLUS: tl.constexpr, BLOCK_D: tl.constexpr,
+    dim, length, nchunks, nblocks, batch_pow2, length_pow2,
+    NSTATE: tl.constexpr, N_PAD: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
+    SOFTPLUS: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    """Grid (B, cdiv(D, BLOCK_D)).
+    """Grid (B, cdiv(D, BLOCK_D)); states: the forward's, same CHUNK.
 
-    h: (B, L, N_PAD, D) fp32 scratch. Writes du, ddelta, dz (B, L, D) in their dtypes and fp32
-    partials dA (B, N_PAD, D), dD and dbias (B, D), dB and dC (B, nblocks, L, N_PAD).
+    Writes du, ddelta, dz (B, L, D) in their dtypes and fp32 partials dA (B, N_PAD, D), dD and dbias
+    (B, D), dB and dC (B, nblocks, L, N_PAD).
     """
-    offs_d, offs_n, mask_d, mask_n, A, Dskip, bias = _block_params(
-        A_ptr, D_ptr, bias_ptr, dim, nstate, BLOCK_D, N_PAD, HAS_D, HAS_BIAS
+    offs_d, mask_d, offs_t, offs_n, Dskip, bias = _program_tiles(
+        D_ptr, bias_ptr, dim, BLOCK_D, CHUNK, N_PAD, HAS_D, HAS_BIAS
     )
     pid_b = tl.program_id(0).to(tl.int64)
-    x_base = pid_b * length * dim
-    bc_base = pid_b * length * nstate
-    h_tile = offs_n[:, None] * dim + offs_d[None, :]  # (b, t, n, d) sits at (b * L + t) * N_PAD * D + h_tile
-    h_mask = mask_n[:, None] & mask_d[None, :]
-    h_step = dim * N_PAD  # scratch offset from one position to the next
     part_base = (pid_b * nblocks + tl.program_id(1)) * length * N_PAD  # this block's (L, N_PAD) dB, dC partials
-
-    # Phase 1: the states, exactly as the forward kernel computes them, into the scratch.
-    h = tl.zeros((N_PAD, BLOCK_D), tl.float32)
-    u_n, raw_n, dt_n, B_n, C_n = _load_step(
-        u_ptr, delta_ptr, B_ptr, C_ptr, bias, x_base, bc_base, offs_d, offs_n, mask_d, mask_n, SOFTPLUS
-    )
-    for t in range(length):
-        u, dt, Bt = u_n, dt_n, B_n
-        more = t + 1 < length
-        u_n, raw_n, dt_n, B_n, C_n = _load_step(
-            u_ptr, delta_ptr, B_ptr, C_ptr, bias, x_base + (t + 1) * dim, bc_base + (t + 1) * nstate,
-            offs_d, offs_n, mask_d & more, mask_n & more, SOFTPLUS,
-        )  # fmt: skip
-        h = tl.exp(dt[None, :] * A) * h + (dt * u)[None, :] * Bt[:, None]
-        tl.store(h_ptr + (pid_b * length + t) * h_step + h_tile, h, mask=h_mask)
-    tl.debug_barrier()  # each thread reads back what it wrote (same layout); the barrier makes that certain
-
-    # Phase 2: backwards in time. G carries dLoss/dh_t, dA_next = exp(dt_{t+1} A), h the state h_t.
-    G = tl.zeros((N_PAD, BLOCK_D), tl.float32)
-    dA_next = tl.zeros((N_PAD, BLOCK_D), tl.float32)
+    G = tl.zeros((N_PAD, BLOCK_D), tl.float32)  # dLoss/dh at the first position of the chunk after this one
     grad_A = tl.zeros((N_PAD, BLOCK_D), tl.float32)
     grad_D = tl.zeros((BLOCK_D,), tl.float32)
     grad_bias = tl.zeros((BLOCK_D,), tl.float32)
-    last = length - 1
-    u_n, raw_n, dt_n, B_n, C_n = _load_step(
-        u_ptr, delta_ptr, B_ptr, C_ptr, bias, x_base + last * dim, bc_base + last * nstate,
-        offs_d, offs_n, mask_d, mask_n, SOFTPLUS,
-    )  # fmt: skip
-    z_n = tl.zeros((BLOCK_D,), tl.float32)
-    if HAS_Z:
-        z_n = tl.load(z_ptr + x_base + last * dim + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    dout_n = tl.load(dout_ptr + x_base + last * dim + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    hprev_n = tl.load(h_ptr + (pid_b * length + last - 1) * h_step + h_tile, mask=h_mask & (last > 0), other=0.0)
-    for i in range(length):
-        t = last - i
-        u, raw, dt, Bt, Ct, z, dout, h_prev = u_n, raw_n, dt_n, B_n, C_n, z_n, dout_n, hprev_n
-        x_row, more = x_base + t * dim, t > 0  # prefetch position t - 1 and the state before it
-        u_n, raw_n, dt_n, B_n, C_n = _load_step(
-            u_ptr, delta_ptr, B_ptr, C_ptr, bias, x_row - dim, bc_base + (t - 1) * nstate,
-            offs_d, offs_n, mask_d & more, mask_n & more, SOFTPLUS,
-        )  # fmt: skip
-        if HAS_Z:
-            z_n = tl.load(z_ptr + x_row - dim + offs_d, mask=mask_d & more, other=0.0).to(tl.float32)
-        dout_n = tl.load(dout_ptr + x_row - dim + offs_d, mask=mask_d & more, other=0.0).to(tl.float32)
-        hprev_n = tl.load(h_ptr + (pid_b * length + t - 2) * h_step + h_tile, mask=h_mask & (t > 1), other=0.0)
-
+    for i in range(nchunks):
+        c = nchunks - 1 - i
+        rows = c * CHUNK + offs_t
+        mask_t = rows < length
+        offs = (pid_b * length + rows)[:, None] * dim + offs_d[None, :]
+        mask = mask_t[:, None] & mask_d[None, :]
+        u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        raw, dt = _dt_tile(delta_ptr, bias, offs, mask, SOFTPLUS)
+        _, dt_next = _dt_tile(delta_ptr, bias, offs + dim, (rows + 1 < length)[:, None] & mask_d[None, :], SOFTPLUS)
+        dout = tl.load(dout_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         g = dout  # dLoss/dy_t, y_t = C_t . h_t + D u_t before the gate
         if HAS_Z:
+            z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             sig = tl.sigmoid(z)
-            y = tl.sum(h * Ct[:, None], axis=0) + Dskip * u
-            grad_z = dout * y * sig * (1 + z * (1 - sig))  # silu'(z) = sig (1 + z (1 - sig))
-            tl.store(dz_ptr + x_row + offs_d, grad_z.to(dz_ptr.dtype.element_ty), mask=mask_d)
             g = dout * z * sig
-        grad_D += g * u
-        tl.store(dC_ptr + part_base + t * N_PAD + offs_n, tl.sum(h * g[None, :], axis=1))
-        dA = tl.exp(dt[None, :] * A)
-        G = dA_next * G + g[None, :] * Ct[:, None]
-        tl.store(dB_ptr + part_base + t * N_PAD + offs_n, tl.sum(G * (dt * u)[None, :], axis=1))
-        GB = tl.sum(G * Bt[:, None], axis=0)
-        tl.store(du_ptr + x_row + offs_d, (dt * GB + g * Dskip).to(du_ptr.dtype.element_ty), mask=mask_d)
-        Q = G * dA * h_prev  # dLoss/d(dt_t A)
-        grad_A += Q * dt[None, :]
-        grad_dt = u * GB + tl.sum(Q * A, axis=0)
+        dtu = dt * u
+        y = Dskip[None, :] * u
+        GB = tl.zeros((CHUNK, BLOCK_D), tl.float32)  # sum over n of G_t B_t[n]
+        QA = tl.zeros((CHUNK, BLOCK_D), tl.float32)  # sum over n of dLoss/d(dt_t A_n) A_n
+        state_base = states_ptr + (pid_b * nchunks + c) * N_PAD * dim
+        bc_offs = pid_b * length + rows
+        A_next, B_next, C_next = _state_inputs(A_ptr, B_ptr, C_ptr, 0, dim, bc_offs, offs_d, mask_t, mask_d, NSTATE)
+        for n in range(NSTATE):
+            A_n, B_n, C_n = A_next, B_next, C_next
+            A_next, B_next, C_next = _state_inputs(
+                A_ptr, B_ptr, C_ptr, tl.minimum(n + 1, NSTATE - 1), dim, bc_offs, offs_d, mask_t, mask_d, NSTATE
+            )
+            a = tl.exp(dt * A_n[None, :])
+            b = dtu * B_n[:, None]
+            hs = _scan(a, b, tl.load(state_base + n * dim + offs_d, mask=mask_d, other=0.0), offs_t == 0, False)
+            y += hs * C_n[:, None]
+            tl.store(dC_ptr + part_base + rows * N_PAD + n, tl.sum(hs * g, axis=1), mask=mask_t)
+            Gs = _scan(tl.exp(dt_next * A_n[None, :]), g * C_n[:, None], _row(G, offs_n, n), offs_t == CHUNK - 1, True)
+            G = _set_row(G, offs_n, n, _row(Gs, offs_t, 0))
+            tl.store(dB_ptr + part_base + rows * N_PAD + n, tl.sum(Gs * dtu, axis=1), mask=mask_t)
+            GB += Gs * B_n[:, None]
+            Q = Gs * (hs - b)  # G_t a_t h_{t-1} = dLoss/d(dt_t A_n)
+            QA += Q * A_n[None, :]
+            grad_A += tl.where(offs_n[:, None] == n, tl.sum(Q * dt, axis=0)[None, :], 0.0)
+        if HAS_Z:
+            grad_z = dout * y * sig * (1 + z * (1 - sig))  # silu'(z) = sig (1 + z (1 - sig))
+            tl.store(dz_ptr + offs, grad_z.to(dz_ptr.dtype.element_ty), mask=mask)
+        grad_D += tl.sum(g * u, axis=0)
+        tl.store(du_ptr + offs, (dt * GB + g * Dskip[None, :]).to(du_ptr.dtype.element_ty), mask=mask)
+        grad_dt = u * GB + QA
         if SOFTPLUS:
             grad_dt = grad_dt * tl.sigmoid(raw)
-        grad_bias += grad_dt
-        tl.store(ddelta_ptr + x_row + offs_d, grad_dt.to(ddelta_ptr.dtype.element_ty), mask=mask_d)
-        dA_next, h = dA, h_prev
+        grad_dt = tl.where(mask, grad_dt, 0.0)
+        grad_bias += tl.sum(grad_dt, axis=0)
+        tl.store(ddelta_ptr + offs, grad_dt.to(ddelta_ptr.dtype.element_ty), mask=mask)
 
-    tl.store(dA_ptr + pid_b * N_PAD * dim + h_tile, grad_A, mask=h_mask)
+    part_tile = offs_n[:, None] * dim + offs_d[None, :]
+    tl.store(dA_ptr + pid_b * N_PAD * dim + part_tile, grad_A, mask=(offs_n < NSTATE)[:, None] & mask_d[None, :])
     tl.store(dD_ptr + pid_b * dim + offs_d, grad_D, mask=mask_d)
     tl.store(dbias_ptr + pid_b * dim + offs_d, grad_bias, mask=mask_d)
 
@@ -296,11 +325,11 @@ def _time_major(x: Tensor) -> Tensor:
 
 
 def _flags(A: Tensor, D: Tensor | None, z: Tensor | None, delta_bias: Tensor | None, delta_softplus: bool) -> dict:
-    """The kernels' compile-time switches; N is padded to a power of two (tl.arange needs one)."""
-    n_pad = max(triton.next_power_of_2(A.shape[1]), 2)
+    """The kernels' compile-time switches; state tiles are N padded to a power of two (tl.arange needs one)."""
     return dict(
-        N_PAD=n_pad, HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus
-    )
+        NSTATE=A.shape[1], N_PAD=max(triton.next_power_of_2(A.shape[1]), 2),
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
+    )  # fmt: skip
 
 
 def _launch(kernel, batch: int, dim: int, length: int, *args: Tensor | int, **flags) -> None:
@@ -328,24 +357,31 @@ class _TritonScan(torch.autograd.Function):
         args = _kernel_inputs(u, delta, A, B, C, D, z, delta_bias)
         out = torch.empty_like(args[0])  # (B, L, D) in u's dtype
         flags = _flags(A, D, z, delta_bias, delta_softplus)
-        _launch(_fwd_kernel, batch, dim, length, *args, out, dim, length, A.shape[1], **flags)
-        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias)
-        ctx.delta_softplus = delta_softplus
+        chunk = _chunk()
+        nchunks = triton.cdiv(length, chunk)
+        keep = any(ctx.needs_input_grad)  # the states entering each chunk, for the backward
+        states = torch.empty(batch, nchunks, flags["N_PAD"], dim, dtype=torch.float32, device=u.device) if keep else u
+        _launch(
+            _fwd_kernel, batch, dim, length, *args, out, states, dim, length, nchunks,
+            STORE_STATES=keep, CHUNK=chunk, **flags,
+        )  # fmt: skip
+        if keep:
+            ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, states)
+            ctx.delta_softplus, ctx.chunk = delta_softplus, chunk
         return out.transpose(1, 2)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        u, delta, A, B, C, D, z, delta_bias = ctx.saved_tensors
+        u, delta, A, B, C, D, z, delta_bias, states = ctx.saved_tensors
         batch, dim, length = u.shape
-        nstate = A.shape[1]
+        nstate, nchunks = A.shape[1], states.shape[1]
         flags = _flags(A, D, z, delta_bias, ctx.delta_softplus)
-        n_pad = flags["N_PAD"]
         args = _kernel_inputs(u, delta, A, B, C, D, z, delta_bias)
         ut, deltat, zt = args[0], args[1], args[6]
         f32 = dict(dtype=torch.float32, device=u.device)
         max_blocks = triton.cdiv(dim, MIN_BLOCK_D)
-        h = torch.empty(batch, length, n_pad, dim, **f32)
+        n_pad = flags["N_PAD"]
         du, ddelta = torch.empty_like(ut), torch.empty_like(deltat)
         dz = torch.empty_like(zt) if z is not None else du
         dA = torch.empty(batch, n_pad, dim, **f32)
@@ -354,10 +390,9 @@ class _TritonScan(torch.autograd.Function):
         dC = torch.empty(batch, max_blocks, length, n_pad, **f32)
         _launch(
             _bwd_kernel, batch, dim, length,
-            *args, _time_major(grad_out), h, du, ddelta, dz, dA, dD, dbias, dB, dC, dim, length, nstate, max_blocks,
-            **flags,
+            *args, _time_major(grad_out), states, du, ddelta, dz, dA, dD, dbias, dB, dC,
+            dim, length, nchunks, max_blocks, CHUNK=ctx.chunk, **flags,
         )  # fmt: skip
-        del h
         blocks = triton.cdiv(dim, _bwd_kernel.best_config.kwargs["BLOCK_D"])  # rows the chosen config wrote
 
         def reduce_bc(part: Tensor, like: Tensor) -> Tensor:  # (B, blocks, L, N_PAD) -> (B, N, L) view

@@ -8,12 +8,19 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 
 # Keep the test suite's torch use to the 2 cores we have, and quiet.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+# Without a GPU the Triton scan kernels run under Triton's interpreter (tests/test_scan_triton.py).
+# Triton picks compiled or interpreted when a kernel is decorated, i.e. when `ptm_mamba.scan` is
+# first imported by any test module, so the switch is set here, before all of them.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:

@@ -1,13 +1,11 @@
 """The Triton selective scan (`ptm_mamba.scan_triton`) against the sequential reference, and the
 PTM_MAMBA_SCAN switch in `ptm_mamba.scan.selective_scan`.
 
-Where the kernels run: on CUDA when there is a GPU; otherwise, when triton is installed, under
-Triton's interpreter on CPU tensors. The interpreter is chosen when a kernel is decorated, so this
-module sets TRITON_INTERPRET=1 (for the rest of the session, which has no GPU anyway) when nothing has
-imported triton yet. If an earlier test module did (through `ptm_mamba.scan`), triton's own library
-is already compiled-mode and the kernel tests skip: set TRITON_INTERPRET=1 in the environment then.
-(Triton 3.6's interpreter needs numpy < 2.4.) Without triton (the project's CPU venv) the kernel
-tests are skipped and only the switch is tested. Interpreter shapes are tiny: it is slow.
+Where the kernels run: on CUDA when there is a GPU; otherwise under Triton's interpreter on CPU
+tensors (triton is in the dev extra; tests/conftest.py sets TRITON_INTERPRET=1 before anything imports
+triton, and this module does too when run alone). Without triton the kernel tests are skipped and
+only the switch is tested. Interpreter shapes are tiny and chunks short (PTM_MAMBA_SCAN_CHUNK=4), so
+that every length below spans several chunks, the last one partial: the interpreter is slow.
 """
 
 import importlib.util
@@ -92,19 +90,53 @@ def assert_matches(inputs, softplus, rtol, atol):
     ],
 )
 def test_matches_reference_fp32(shape, options, softplus, monkeypatch):
-    monkeypatch.setenv("PTM_MAMBA_SCAN_BLOCK", "16x1")  # one compile per case on a GPU; tuning is tested below
+    monkeypatch.setenv("PTM_MAMBA_SCAN_BLOCK", "16x2")  # one compile per case on a GPU; tuning is tested below
+    monkeypatch.setenv("PTM_MAMBA_SCAN_CHUNK", "4")
     assert_matches(make_inputs(*shape, **options), softplus, rtol=1e-4, atol=1e-4)
 
 
 @needs_triton
-def test_bf16_inputs_match_reference_on_upcast_inputs():
+@pytest.mark.parametrize("chunk, length", [(2, 9), (8, 8), (8, 21), (64, 5)])
+def test_chunk_sizes(chunk, length, monkeypatch):
+    """Chunks of 2 (many), one exact chunk, a partial last chunk, and the default size (one chunk)."""
+    monkeypatch.setenv("PTM_MAMBA_SCAN_CHUNK", str(chunk))
+    assert_matches(make_inputs(1, 16, 3, length, seed=chunk + length), True, rtol=1e-4, atol=1e-4)
+
+
+@needs_triton
+def test_forward_without_grad_keeps_no_states(monkeypatch):
+    """Under no_grad the forward kernel skips the chunk states (another compiled variant): same out."""
+    monkeypatch.setenv("PTM_MAMBA_SCAN_CHUNK", "4")
+    launched = []
+    real_launch = scan_triton._launch
+    monkeypatch.setattr(
+        scan_triton, "_launch", lambda *a, **k: launched.append(k["STORE_STATES"]) or real_launch(*a, **k)
+    )
+    x = make_inputs(2, 16, 4, 10, seed=11)
+    with torch.no_grad():
+        out = scan_triton.selective_scan_triton(**x, delta_softplus=True)
+    assert launched == [False]
+    torch.testing.assert_close(out, selective_scan_ref(**x, delta_softplus=True), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("value", ["3", "1", "big"])
+def test_chunk_setting_is_checked(value, monkeypatch):
+    monkeypatch.setenv("PTM_MAMBA_SCAN_CHUNK", value)
+    with pytest.raises(PipelineError, match=f"PTM_MAMBA_SCAN_CHUNK='{value}'"):
+        scan_triton._chunk()
+
+
+@needs_triton
+def test_bf16_inputs_match_reference_on_upcast_inputs(monkeypatch):
     """bf16 in, fp32 arithmetic: out within bf16 rounding of the reference on the same (upcast) values."""
+    monkeypatch.setenv("PTM_MAMBA_SCAN_CHUNK", "4")
     assert_matches(make_inputs(2, 16, 16, 10, dtype=torch.bfloat16, seed=3), True, rtol=2e-2, atol=2e-2)
 
 
 @needs_triton
-def test_transposed_view_inputs_and_time_major_out():
+def test_transposed_view_inputs_and_time_major_out(monkeypatch):
     """The Mamba block passes (B, L, X) tensors transposed to (B, X, L): the results must not change."""
+    monkeypatch.setenv("PTM_MAMBA_SCAN_CHUNK", "4")
     x = make_inputs(1, 24, 16, 6, seed=5)
     views = {k: v.transpose(1, 2).contiguous().transpose(1, 2) if v is not None and v.dim() == 3 else v
              for k, v in x.items()}  # fmt: skip

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The GPU checks of the Triton scan and of training throughput, as one device run (about 5 minutes
+# on an H100 after the machine's start):
+#   1. tests/test_scan_triton.py with the kernels compiled for the GPU (against the sequential reference);
+#   2. bench/scan.py at the paper's block size, batch 16: PyTorch scan vs Triton, chunks of 32 and 64;
+#   3. bench/train.py --paper: tokens/s precomputed vs on the fly (the Triton configs pinned to the
+#      ones step 2 chose, so no autotuning lands inside the timed steps).
+# Logs go to $OUT (the device tool's folder) or /tmp/gpu_check.
+#
+# The lent machines have torch, triton, h5py, accelerate and pytest but not fair-esm: carry it from
+# the project's venv. With the device tool:
+#   run(command="bash bench/gpu_check.sh", carry=[".venv/lib/python3.11/site-packages/esm"], timeout_s=540)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD:$PWD/.venv/lib/python3.11/site-packages"  # only esm/ travels there
+export PYTHONUNBUFFERED=1
+log="${OUT:-/tmp/gpu_check}"
+mkdir -p "$log"
+
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+
+echo "== 1. Triton scan tests on the GPU"
+timeout 180 python3 -m pytest -q -p no:cacheprovider tests/test_scan_triton.py 2>&1 | tee "$log/tests.log" | tail -15
+
+echo "== 2. scan fwd+bwd, (16, 1536, 16, 1024)"
+for chunk in 32 64; do
+  echo "-- PTM_MAMBA_SCAN_CHUNK=$chunk"
+  PTM_MAMBA_SCAN_CHUNK=$chunk timeout 120 python3 bench/scan.py --device cuda --batch 16 --repeats 10 --skip-ref \
+    --backend torch triton 2>&1 | tee "$log/scan-$chunk.log"
+done
+best_chunk=$(for c in 32 64; do awk -v c="$c" '/^ours\[triton\]/ {print $6, c}' "$log/scan-$c.log"; done | sort -g | head -1 | cut -d' ' -f2)
+block=$(grep -o 'bwd [0-9]*x[0-9]*' "$log/scan-${best_chunk:-32}.log" | cut -d' ' -f2)
+echo "fastest chunk: ${best_chunk:-?}, bwd config: ${block:-?}"
+
+echo "== 3. training tokens/s at the paper's size"
+PTM_MAMBA_SCAN_CHUNK=${best_chunk:-32} PTM_MAMBA_SCAN_BLOCK=${block:-} timeout 300 python3 bench/train.py \
+  --device cuda --paper --steps 8 --warmup 4 --threads 8 --workers 2 2>&1 | tee "$log/train.log"
