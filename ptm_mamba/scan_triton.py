@@ -13,8 +13,10 @@ that stepped position by position was latency-bound (same 5.8 ms on an H100 at b
     forward   out_t = (C_t . h_t + D u_t) silu(z_t); the state entering each chunk is kept,
               (B, chunks, N_PAD, D) fp32, when a gradient will be asked for
     backward  chunks in reverse; per state n: h recomputed from the kept state by the same scan,
-              G_t = dLoss/dh_t = g_t C_t[n] + a_{t+1} G_{t+1} by a reverse scan (carried between
-              chunks), and a_t h_{t-1} = h_t - b_t for the gradient of dt A
+              G_t = dLoss/dh_t = g_t C_t[n] + a_{t+1} G_{t+1} by the same scan over the chunk's
+              rows reversed (carried between chunks), and a_t h_{t-1} = h_t - b_t for the
+              gradient of dt A. Compiled with triton 3.6 and 3.9 for sm_90 (all CONFIGS, 1-3 s
+              each); not yet timed on a GPU.
 
 Per-channel gradients (u, delta, z) are written per chunk; dA, dD and d(delta_bias) are summed over
 positions in registers and over the batch in torch; dB_t, dC_t (sums over channels) are written as
@@ -130,15 +132,23 @@ def _affine(a1, b1, a2, b2):
 
 
 @_jit
-def _scan(a, b, h0, entry, REVERSE: tl.constexpr):
-    """All h_t = a_t h_{t-1} + b_t of a (CHUNK, BLOCK_D) chunk entered with the state h0 (BLOCK_D,).
-
-    entry (CHUNK,) marks the row h0 enters at: the first, or the last when REVERSE runs the chunk
-    from its last row to its first (h_t = a_t h_{t+1} + b_t).
-    """
-    b = b + tl.where(entry[:, None], a * h0[None, :], 0.0)
-    _, h = tl.associative_scan((a, b), 0, _affine, reverse=REVERSE)
+def _scan(a, b, h0, offs_t):
+    """All h_t = a_t h_{t-1} + b_t of a (CHUNK, BLOCK_D) chunk entered with the state h0 (BLOCK_D,)."""
+    b = b + tl.where((offs_t == 0)[:, None], a * h0[None, :], 0.0)
+    _, h = tl.associative_scan((a, b), 0, _affine)
     return h
+
+
+@_jit
+def _scan_back(a, b, h0, offs_t, CHUNK: tl.constexpr):
+    """All h_t = a_t h_{t+1} + b_t of a chunk, from its last row (entered with h0) to its first.
+
+    The rows are reversed (tl.gather), scanned forward and put back: associative_scan's reverse=True
+    has been reported to combine non-commutative operators in the wrong order when compiled
+    (triton-lang/triton#4362), and affine maps do not commute.
+    """
+    flip = tl.zeros_like(a).to(tl.int32) + (CHUNK - 1 - offs_t)[:, None]
+    return tl.gather(_scan(tl.gather(a, flip, 0), tl.gather(b, flip, 0), h0, offs_t), flip, 0)
 
 
 @_jit
@@ -222,7 +232,7 @@ def _fwd_kernel(
             A_next, B_next, C_next = _state_inputs(
                 A_ptr, B_ptr, C_ptr, tl.minimum(n + 1, NSTATE - 1), dim, bc_offs, offs_d, mask_t, mask_d, NSTATE
             )
-            hs = _scan(tl.exp(dt * A_n[None, :]), dtu * B_n[:, None], _row(h, offs_n, n), offs_t == 0, False)
+            hs = _scan(tl.exp(dt * A_n[None, :]), dtu * B_n[:, None], _row(h, offs_n, n), offs_t)
             y += hs * C_n[:, None]
             h = _set_row(h, offs_n, n, _row(hs, offs_t, CHUNK - 1))
         if HAS_Z:
@@ -283,10 +293,10 @@ def _bwd_kernel(
             )
             a = tl.exp(dt * A_n[None, :])
             b = dtu * B_n[:, None]
-            hs = _scan(a, b, tl.load(state_base + n * dim + offs_d, mask=mask_d, other=0.0), offs_t == 0, False)
+            hs = _scan(a, b, tl.load(state_base + n * dim + offs_d, mask=mask_d, other=0.0), offs_t)
             y += hs * C_n[:, None]
             tl.store(dC_ptr + part_base + rows * N_PAD + n, tl.sum(hs * g, axis=1), mask=mask_t)
-            Gs = _scan(tl.exp(dt_next * A_n[None, :]), g * C_n[:, None], _row(G, offs_n, n), offs_t == CHUNK - 1, True)
+            Gs = _scan_back(tl.exp(dt_next * A_n[None, :]), g * C_n[:, None], _row(G, offs_n, n), offs_t, CHUNK)
             G = _set_row(G, offs_n, n, _row(Gs, offs_t, 0))
             tl.store(dB_ptr + part_base + rows * N_PAD + n, tl.sum(Gs * dtu, axis=1), mask=mask_t)
             GB += Gs * B_n[:, None]
