@@ -21,7 +21,8 @@ rest, so each step of the scan touches contiguous blocks of N*D numbers. The ari
 (fp64 when an input is fp64) whatever the input dtype; the output has u's dtype.
 
 On CUDA, `selective_scan` runs the Triton kernels of `ptm_mamba.scan_triton` instead when triton
-imports (environment switch PTM_MAMBA_SCAN=auto|torch|triton, read at every call; see `_use_triton`).
+imports and the kernels pass a check against this module's scan, once per GPU and process
+(`triton_agrees`; environment switch PTM_MAMBA_SCAN=auto|torch|triton, read at every call; see `_use_triton`).
 
 `selective_scan_ref` is the plain loop over positions, for tests and benchmarks only.
 """
@@ -31,6 +32,7 @@ from __future__ import annotations
 import math
 import os
 import threading
+import warnings
 from typing import Iterator, NamedTuple
 
 import torch
@@ -288,10 +290,10 @@ def selective_scan(
 def _use_triton(*tensors: Tensor | None) -> bool:
     """Whether `selective_scan` runs on the Triton kernels (`ptm_mamba.scan_triton`), per PTM_MAMBA_SCAN.
 
-    auto (default): on CUDA when triton imports and the kernels take these inputs; torch: never;
-    triton: the same, but CUDA inputs the kernels cannot take are an error rather than a fallback.
-    Read at every call, so one process can compare both. CPU inputs and return_last_state always take
-    the PyTorch scan.
+    auto (default): on CUDA when triton imports, the kernels take these inputs and they passed their
+    check on this GPU (`triton_agrees`); torch: never; triton: the same, but CUDA inputs the kernels
+    cannot take, or a failed check, are an error rather than a fallback. Read at every call, so one
+    process can compare both. CPU inputs and return_last_state always take the PyTorch scan.
     """
     choice = os.environ.get("PTM_MAMBA_SCAN", "auto").strip().lower() or "auto"
     if choice not in ("auto", "torch", "triton"):
@@ -304,7 +306,62 @@ def _use_triton(*tensors: Tensor | None) -> bool:
             "PTM_MAMBA_SCAN=triton: the Triton scan cannot run here "
             + ("(triton does not import)" if not scan_triton.AVAILABLE else "(inputs not all fp32/bf16/fp16 on one GPU)")
         )
+    if usable and not triton_agrees(tensors[0].device):
+        if choice == "triton":
+            raise PipelineError(f"PTM_MAMBA_SCAN=triton: the Triton scan failed its check on {tensors[0].device}")
+        return False
     return usable
+
+
+_TRITON_CHECKS: dict[str, bool] = {}
+
+
+def triton_agrees(device: torch.device | str) -> bool:
+    """Whether the Triton kernels match this module's scan on `device`: checked once per device and
+    process, before their first use, on a small problem (batch 2, 24 channels: a partial channel
+    block; 16 states; 40 positions: two chunks, the second partial), out and every gradient.
+
+    A kernel that compiles but computes wrong numbers (a compiler or driver fault) would otherwise
+    train a model silently wrong; on a mismatch this warns once and `selective_scan` keeps to
+    PyTorch. The global RNG is left untouched (exact resume depends on it).
+    """
+    key = str(torch.device(device))
+    if key not in _TRITON_CHECKS:
+        # It may be first called inside a model's forward, under inference_mode, no_grad or autocast.
+        with torch.inference_mode(False), torch.enable_grad(), torch.autocast(torch.device(key).type, enabled=False):
+            error = _triton_error(torch.device(key))
+        _TRITON_CHECKS[key] = error < 1e-3
+        if error >= 1e-3:
+            warnings.warn(
+                f"the Triton selective scan disagrees with the PyTorch scan on {key} (relative error {error:.2g}); "
+                "using the PyTorch scan (set PTM_MAMBA_SCAN=torch to skip this check)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+    return _TRITON_CHECKS[key]
+
+
+def _triton_error(device: torch.device) -> float:
+    """The largest difference, relative to the larger of 1 and the biggest PyTorch value, between the
+    Triton and the PyTorch scan's out and gradients on `triton_agrees`'s problem."""
+    g = torch.Generator().manual_seed(0)
+    batch, dim, nstate, length = 2, 24, 16, 40
+    shapes = {"u": (batch, dim, length), "delta": (batch, dim, length), "B": (batch, nstate, length),
+              "C": (batch, nstate, length), "D": (dim,), "z": (batch, dim, length), "delta_bias": (dim,)}  # fmt: skip
+    x = {k: (0.5 * torch.randn(*shape, generator=g)).to(device) for k, shape in shapes.items()}
+    x["A"] = (-0.2 - 2 * torch.rand(dim, nstate, generator=g)).to(device)
+    weight = torch.randn(batch, dim, length, generator=g).to(device)
+
+    def run(scan) -> list[Tensor]:
+        leaves = {k: v.clone().requires_grad_() for k, v in x.items()}
+        out = scan(**leaves)
+        (out * weight).sum().backward()
+        return [out.detach()] + [leaves[k].grad for k in sorted(leaves)]
+
+    order = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
+    got = run(lambda **v: scan_triton.selective_scan_triton(**v, delta_softplus=True))
+    want = run(lambda **v: _SelectiveScan.apply(*(v[k] for k in order), True, False))
+    return max(((a - b).abs().max() / b.abs().max().clamp_min(1.0)).item() for a, b in zip(got, want))
 
 
 def selective_scan_ref(

@@ -158,6 +158,7 @@ def test_selective_scan_dispatches_to_triton_on_cuda(monkeypatch):
     real = scan_triton.selective_scan_triton
     monkeypatch.setattr(scan_triton, "selective_scan_triton", lambda *a, **k: calls.append(1) or real(*a, **k))
     x = make_inputs(1, 32, 16, 8)
+    monkeypatch.setattr(scan, "_TRITON_CHECKS", {str(x["u"].device): True})  # the check is tested on its own
     for choice, expected_calls in (("auto", 1), ("triton", 2), ("torch", 2)):
         monkeypatch.setenv("PTM_MAMBA_SCAN", choice)
         out = selective_scan(**x, delta_softplus=True)
@@ -188,3 +189,34 @@ def test_scan_dispatches_through_this_module():
     """`ptm_mamba.scan` holds the same module object the tests patch, and AVAILABLE implies triton."""
     assert scan.scan_triton is scan_triton
     assert not scan_triton.AVAILABLE or (scan_triton.triton is not None and CUDA)
+
+
+@needs_triton
+def test_check_before_first_use_passes_and_catches_a_wrong_kernel(monkeypatch):
+    """`triton_agrees` compares the kernels with the PyTorch scan once per device; a kernel that is
+    off by 1% fails it, with one warning, and the verdict is kept."""
+    monkeypatch.setattr(scan, "_TRITON_CHECKS", {})
+    state = torch.random.get_rng_state()
+    with torch.inference_mode():  # as it may be first called: inside a model's forward under eval
+        assert scan.triton_agrees(DEVICE)
+    assert torch.equal(torch.random.get_rng_state(), state)  # the training RNG stream is untouched
+
+    wrong = lambda **inputs: selective_scan_ref(**inputs) * 1.01  # noqa: E731
+    monkeypatch.setattr(scan_triton, "selective_scan_triton", wrong)
+    assert scan.triton_agrees(DEVICE)  # kept from the first check
+    monkeypatch.setattr(scan, "_TRITON_CHECKS", {})
+    with pytest.warns(RuntimeWarning, match="disagrees with the PyTorch scan"):
+        assert not scan.triton_agrees(DEVICE)
+    assert not scan.triton_agrees(DEVICE)
+
+
+@pytest.mark.skipif(not (CUDA and scan_triton.AVAILABLE), reason="needs CUDA and triton")
+def test_failed_check_keeps_auto_on_pytorch_and_stops_forced_triton(monkeypatch):
+    x = make_inputs(1, 32, 16, 8)
+    monkeypatch.setattr(scan, "_TRITON_CHECKS", {str(x["u"].device): False})
+    monkeypatch.setattr(scan_triton, "selective_scan_triton", lambda *a, **k: pytest.fail("Triton path taken"))
+    monkeypatch.setenv("PTM_MAMBA_SCAN", "auto")
+    torch.testing.assert_close(selective_scan(**x), selective_scan_ref(**x), rtol=1e-4, atol=1e-4)
+    monkeypatch.setenv("PTM_MAMBA_SCAN", "triton")
+    with pytest.raises(PipelineError, match="failed its check"):
+        selective_scan(**x)
