@@ -8,8 +8,11 @@
 # Logs go to $OUT (the device tool's folder) or /tmp/gpu_check.
 #
 # The lent machines have torch, triton, h5py, accelerate and pytest but not fair-esm: carry it from
-# the project's venv. With the device tool:
-#   run(command="bash bench/gpu_check.sh", carry=[".venv/lib/python3.11/site-packages/esm"], timeout_s=540)
+# the project's venv. To time the earlier position-by-position kernel in the same run (step 2b), put
+# it in the ignored folder .bench_old first: `mkdir -p .bench_old && git show
+# 7ca7c22:ptm_mamba/scan_triton.py > .bench_old/scan_triton_seq.py`. With the device tool:
+#   run(command="bash bench/gpu_check.sh", carry=[".venv/lib/python3.11/site-packages/esm", ".bench_old"],
+#       timeout_s=540)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD:$PWD/.venv/lib/python3.11/site-packages"  # only esm/ travels there
@@ -29,6 +32,20 @@ for chunk in 32 64; do
   PTM_MAMBA_SCAN_CHUNK=$chunk timeout 120 python3 bench/scan.py --device cuda --batch 16 --repeats 10 --skip-ref \
     --backend torch triton 2>&1 | tee "$log/scan-$chunk.log"
 done
+if [ -f .bench_old/scan_triton_seq.py ]; then
+  echo "-- 2b. the earlier position-by-position Triton kernel (commit 7ca7c22), same inputs"
+  timeout 120 python3 - <<'EOF' 2>&1 | tee "$log/scan-seq.log"
+import importlib.util, sys
+sys.path.insert(0, "bench")
+import scan as bench
+spec = importlib.util.spec_from_file_location("scan_triton_seq", ".bench_old/scan_triton_seq.py")
+old = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(old)
+inputs = bench.make_inputs(16, 1536, 16, 1024, "cuda")
+r = bench.time_scan(old.selective_scan_triton, inputs, 10, True, "cuda")
+print("old[triton]    " + "  ".join(f"{k} {v:.4f} s" for k, v in r.items()))
+EOF
+fi
 best_chunk=$(for c in 32 64; do awk -v c="$c" '/^ours\[triton\]/ {print $6, c}' "$log/scan-$c.log"; done | sort -g | head -1 | cut -d' ' -f2)
 block=$(grep -o 'bwd [0-9]*x[0-9]*' "$log/scan-${best_chunk:-32}.log" | cut -d' ' -f2)
 echo "fastest chunk: ${best_chunk:-?}, bwd config: ${block:-?}"
