@@ -2,7 +2,7 @@
 # The GPU checks of the Triton scan and of training throughput, as one device run (about 5 minutes
 # on an H100 after the machine's start):
 #   1. tests/test_scan_triton.py with the kernels compiled for the GPU (against the sequential reference);
-#   2. bench/scan.py at the paper's block size, batch 16: PyTorch scan vs Triton, chunks of 32 and 64;
+#   2. bench/scan.py at the paper's block size, batch 16: PyTorch scan vs Triton, chunks of 16, 32 and 64;
 #   3. bench/train.py --paper: tokens/s precomputed vs on the fly (the Triton configs pinned to the
 #      ones step 2 chose, so no autotuning lands inside the timed steps).
 # Logs go to $OUT (the device tool's folder) or /tmp/gpu_check.
@@ -27,10 +27,11 @@ echo "== 1. Triton scan tests on the GPU"
 timeout 180 python3 -m pytest -q -p no:cacheprovider tests/test_scan_triton.py 2>&1 | tee "$log/tests.log" | tail -15
 
 echo "== 2. scan fwd+bwd, (16, 1536, 16, 1024)"
-for chunk in 32 64; do
+for chunk in 16 32 64; do
   echo "-- PTM_MAMBA_SCAN_CHUNK=$chunk"
+  backends=triton; [ "$chunk" = 32 ] && backends="torch triton"
   PTM_MAMBA_SCAN_CHUNK=$chunk timeout 120 python3 bench/scan.py --device cuda --batch 16 --repeats 10 --skip-ref \
-    --backend torch triton 2>&1 | tee "$log/scan-$chunk.log"
+    --backend $backends 2>&1 | tee "$log/scan-$chunk.log"
 done
 if [ -f .bench_old/scan_triton_seq.py ]; then
   echo "-- 2b. the earlier position-by-position Triton kernel (commit 7ca7c22), same inputs"
@@ -46,7 +47,7 @@ r = bench.time_scan(old.selective_scan_triton, inputs, 10, True, "cuda")
 print("old[triton]    " + "  ".join(f"{k} {v:.4f} s" for k, v in r.items()))
 EOF
 fi
-best_chunk=$(for c in 32 64; do awk -v c="$c" '/^ours\[triton\]/ {print $6, c}' "$log/scan-$c.log"; done | sort -g | head -1 | cut -d' ' -f2)
+best_chunk=$(for c in 16 32 64; do awk -v c="$c" '/^ours(\[triton\])? / {print $6, c}' "$log/scan-$c.log"; done | sort -g | head -1 | cut -d' ' -f2)
 block=$(grep -o 'bwd [0-9]*x[0-9]*' "$log/scan-${best_chunk:-32}.log" | cut -d' ' -f2)
 echo "fastest chunk: ${best_chunk:-?}, bwd config: ${block:-?}"
 

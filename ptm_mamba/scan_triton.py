@@ -175,6 +175,16 @@ def _dt_tile(delta_ptr, bias, offs, mask, SOFTPLUS: tl.constexpr):
 
 
 @_jit
+def _gated_grad(dout_ptr, z_ptr, offs, mask, HAS_Z: tl.constexpr):
+    """dLoss/dy_t for y_t = C_t . h_t + D u_t before the gate: dout, times silu(z) when gated."""
+    g = tl.load(dout_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_Z:
+        z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        g = g * z * tl.sigmoid(z)
+    return g
+
+
+@_jit
 def _state_inputs(A_ptr, B_ptr, C_ptr, n, dim, bc_offs, offs_d, mask_t, mask_d, NSTATE: tl.constexpr):
     """State n's parameters: A[:, n] (BLOCK_D,) and the chunk's B[:, n], C[:, n] (CHUNK,), fp32."""
     A_n = tl.load(A_ptr + n * dim + offs_d, mask=mask_d, other=0.0).to(tl.float32)
@@ -270,17 +280,13 @@ def _bwd_kernel(
         mask_t = rows < length
         offs = (pid_b * length + rows)[:, None] * dim + offs_d[None, :]
         mask = mask_t[:, None] & mask_d[None, :]
-        u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        raw, dt = _dt_tile(delta_ptr, bias, offs, mask, SOFTPLUS)
+        # Only what the loop over states needs stays in registers through it; u, z, dout and
+        # delta are read again after it (cache hits) rather than held.
+        _, dt = _dt_tile(delta_ptr, bias, offs, mask, SOFTPLUS)
         _, dt_next = _dt_tile(delta_ptr, bias, offs + dim, (rows + 1 < length)[:, None] & mask_d[None, :], SOFTPLUS)
-        dout = tl.load(dout_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        g = dout  # dLoss/dy_t, y_t = C_t . h_t + D u_t before the gate
-        if HAS_Z:
-            z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            sig = tl.sigmoid(z)
-            g = dout * z * sig
-        dtu = dt * u
-        y = Dskip[None, :] * u
+        dtu = dt * tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        g = _gated_grad(dout_ptr, z_ptr, offs, mask, HAS_Z)
+        y = tl.zeros((CHUNK, BLOCK_D), tl.float32)  # C_t . h_t, summed over the states
         GB = tl.zeros((CHUNK, BLOCK_D), tl.float32)  # sum over n of G_t B_t[n]
         QA = tl.zeros((CHUNK, BLOCK_D), tl.float32)  # sum over n of dLoss/d(dt_t A_n) A_n
         state_base = states_ptr + (pid_b * nchunks + c) * N_PAD * dim
@@ -303,13 +309,18 @@ def _bwd_kernel(
             Q = Gs * (hs - b)  # G_t a_t h_{t-1} = dLoss/d(dt_t A_n)
             QA += Q * A_n[None, :]
             grad_A += tl.where(offs_n[:, None] == n, tl.sum(Q * dt, axis=0)[None, :], 0.0)
+        u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         if HAS_Z:
-            grad_z = dout * y * sig * (1 + z * (1 - sig))  # silu'(z) = sig (1 + z (1 - sig))
-            tl.store(dz_ptr + offs, grad_z.to(dz_ptr.dtype.element_ty), mask=mask)
+            z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            sig = tl.sigmoid(z)
+            y += Dskip[None, :] * u
+            grad_z = tl.load(dout_ptr + offs, mask=mask, other=0.0).to(tl.float32) * y * sig * (1 + z * (1 - sig))
+            tl.store(dz_ptr + offs, grad_z.to(dz_ptr.dtype.element_ty), mask=mask)  # silu'(z) = sig (1 + z (1 - sig))
         grad_D += tl.sum(g * u, axis=0)
         tl.store(du_ptr + offs, (dt * GB + g * Dskip[None, :]).to(du_ptr.dtype.element_ty), mask=mask)
         grad_dt = u * GB + QA
         if SOFTPLUS:
+            raw, _ = _dt_tile(delta_ptr, bias, offs, mask, False)
             grad_dt = grad_dt * tl.sigmoid(raw)
         grad_dt = tl.where(mask, grad_dt, 0.0)
         grad_bias += tl.sum(grad_dt, axis=0)
