@@ -163,15 +163,29 @@ def _set_row(tile, offs, i, row):
 
 
 @_jit
+def _chunk_tiles(pid_b, c, offs_t, offs_d, mask_d, length, dim, CHUNK: tl.constexpr):
+    """Chunk c's rows: positions (CHUNK,), which are in the sequence, and the offsets and mask of its
+    (CHUNK, BLOCK_D) tiles in the (B, L, D) tensors."""
+    rows = c * CHUNK + offs_t
+    mask_t = rows < length
+    offs = (pid_b * length + rows)[:, None] * dim + offs_d[None, :]
+    return rows, mask_t, offs, mask_t[:, None] & mask_d[None, :]
+
+
+@_jit
+def _raw_tile(delta_ptr, bias, offs, mask):
+    """delta + bias as an fp32 tile."""
+    return tl.load(delta_ptr + offs, mask=mask, other=0.0).to(tl.float32) + bias[None, :]
+
+
+@_jit
 def _dt_tile(delta_ptr, bias, offs, mask, SOFTPLUS: tl.constexpr):
-    """raw = delta + bias and dt (softplus(raw) or raw) as fp32 tiles; dt = 0 where masked off, so
-    positions past the end leave the state as it is (a = 1, b = 0)."""
-    raw = tl.load(delta_ptr + offs, mask=mask, other=0.0).to(tl.float32) + bias[None, :]
+    """dt = softplus(delta + bias) (or delta + bias) as an fp32 tile; 0 where masked off, so positions
+    past the end leave the state as it is (a = 1, b = 0)."""
+    dt = _raw_tile(delta_ptr, bias, offs, mask)
     if SOFTPLUS:
-        dt = _softplus(raw)
-    else:
-        dt = raw
-    return raw, tl.where(mask, dt, 0.0)
+        dt = _softplus(dt)
+    return tl.where(mask, dt, 0.0)
 
 
 @_jit
@@ -225,14 +239,11 @@ def _fwd_kernel(
     state_mask = (offs_n < NSTATE)[:, None] & mask_d[None, :]
     h = tl.zeros((N_PAD, BLOCK_D), tl.float32)  # the state entering the chunk, all N of it
     for c in range(nchunks):
-        rows = c * CHUNK + offs_t
-        mask_t = rows < length
-        offs = (pid_b * length + rows)[:, None] * dim + offs_d[None, :]
-        mask = mask_t[:, None] & mask_d[None, :]
+        rows, mask_t, offs, mask = _chunk_tiles(pid_b, c, offs_t, offs_d, mask_d, length, dim, CHUNK)
         if STORE_STATES:
             tl.store(states_ptr + (pid_b * nchunks + c) * N_PAD * dim + state_tile, h, mask=state_mask)
         u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        _, dt = _dt_tile(delta_ptr, bias, offs, mask, SOFTPLUS)
+        dt = _dt_tile(delta_ptr, bias, offs, mask, SOFTPLUS)
         dtu = dt * u
         y = Dskip[None, :] * u
         bc_offs = pid_b * length + rows
@@ -276,14 +287,11 @@ def _bwd_kernel(
     grad_bias = tl.zeros((BLOCK_D,), tl.float32)
     for i in range(nchunks):
         c = nchunks - 1 - i
-        rows = c * CHUNK + offs_t
-        mask_t = rows < length
-        offs = (pid_b * length + rows)[:, None] * dim + offs_d[None, :]
-        mask = mask_t[:, None] & mask_d[None, :]
+        rows, mask_t, offs, mask = _chunk_tiles(pid_b, c, offs_t, offs_d, mask_d, length, dim, CHUNK)
         # Only what the loop over states needs stays in registers through it; u, z, dout and
         # delta are read again after it (cache hits) rather than held.
-        _, dt = _dt_tile(delta_ptr, bias, offs, mask, SOFTPLUS)
-        _, dt_next = _dt_tile(delta_ptr, bias, offs + dim, (rows + 1 < length)[:, None] & mask_d[None, :], SOFTPLUS)
+        dt = _dt_tile(delta_ptr, bias, offs, mask, SOFTPLUS)
+        dt_next = _dt_tile(delta_ptr, bias, offs + dim, (rows + 1 < length)[:, None] & mask_d[None, :], SOFTPLUS)
         dtu = dt * tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         g = _gated_grad(dout_ptr, z_ptr, offs, mask, HAS_Z)
         y = tl.zeros((CHUNK, BLOCK_D), tl.float32)  # C_t . h_t, summed over the states
@@ -320,8 +328,7 @@ def _bwd_kernel(
         tl.store(du_ptr + offs, (dt * GB + g * Dskip[None, :]).to(du_ptr.dtype.element_ty), mask=mask)
         grad_dt = u * GB + QA
         if SOFTPLUS:
-            raw, _ = _dt_tile(delta_ptr, bias, offs, mask, False)
-            grad_dt = grad_dt * tl.sigmoid(raw)
+            grad_dt = grad_dt * tl.sigmoid(_raw_tile(delta_ptr, bias, offs, mask))
         grad_dt = tl.where(mask, grad_dt, 0.0)
         grad_bias += tl.sum(grad_dt, axis=0)
         tl.store(ddelta_ptr + offs, grad_dt.to(ddelta_ptr.dtype.element_ty), mask=mask)
