@@ -25,7 +25,14 @@ def save(state: dict[str, Any], path: str | os.PathLike) -> None:
         torch.save(state, tmp)
 
 
+def one_line(message: object, limit: int = 200) -> str:
+    """``str(message)`` (an exception's, say) on one line, cut to ``limit`` characters."""
+    text = " ".join(str(message).split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """A checkpoint's state: ``model`` (named tensors), ``model_config`` (a mapping) and the rest."""
     path = Path(path)
     if not path.is_file():
         raise PipelineError(f"checkpoint not found: {path}")
@@ -33,7 +40,24 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> d
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # truncated, not a torch file, foreign pickle
         raise PipelineError(f"{path}: not a readable ptm-mamba checkpoint ({type(exc).__name__}: "
-                            f"{' '.join(str(exc).split())[:200]})") from None
+                            f"{one_line(exc)})") from None
     if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION or "model" not in state:
         raise PipelineError(f"{path}: not a ptm-mamba checkpoint (format_version {FORMAT_VERSION} expected)")
+    weights = state["model"]
+    if not (isinstance(weights, dict)
+            and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in weights.items())):
+        raise PipelineError(f"{path}: damaged checkpoint: 'model' is not a mapping of names to tensors")
+    if not isinstance(state.get("model_config"), dict):
+        raise PipelineError(f"{path}: damaged checkpoint: 'model_config' is missing or not a mapping")
     return state
+
+
+def load_weights(module: torch.nn.Module, state_dict: dict[str, torch.Tensor], path: str | os.PathLike,
+                 *, assign: bool = False) -> None:
+    """``module.load_state_dict(state_dict)`` (strict), refusing weights of other names or shapes
+    with one line naming ``path``. ``assign=True`` checks a skeleton built on the meta device."""
+    try:
+        module.load_state_dict(state_dict, assign=assign)
+    except RuntimeError as exc:  # "Error(s) in loading state_dict for PTMMamba:\n\tsize mismatch for ..."
+        detail = str(exc).split(":", 1)[-1] if str(exc).startswith("Error(s) in loading") else str(exc)
+        raise PipelineError(f"{path}: weights do not fit the model: {one_line(detail)}") from None

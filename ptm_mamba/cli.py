@@ -11,7 +11,7 @@ import argparse
 import sys
 from typing import Callable
 
-from .errors import PipelineError
+from .errors import PipelineError, StopRequested
 
 
 def _add_config(p: argparse.ArgumentParser) -> None:
@@ -31,9 +31,11 @@ def cmd_split(args: argparse.Namespace) -> None:
 
     config = load_config(args.config)
     summary = run_split(config, args.output_dir)
-    for name, s in summary.items():
+    for name, s in summary["splits"].items():
         print(f"{name}: {s['sequences']} sequences, {s['residues']} residues, {s['ptm_sites']} PTM sites, "
-              f"{s['longer_than_max_sequence_length']} longer than max_sequence_length")
+              f"longest {s['max_length']}")
+    dup = summary["duplicates"]
+    print(f"{dup['groups']} groups of duplicate sequences ({dup['proteins']} proteins), each kept in one split")
 
 
 def cmd_embed_shard(args: argparse.Namespace) -> None:
@@ -71,10 +73,12 @@ def cmd_embed(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from .config import load_config
+    from .config import load_config, validate
     from .train import train
 
     config = load_config(args.config)
+    if args.run_name is not None:  # the schema's rule for run_name (a plain folder name) holds here too
+        validate({**config, "run_name": args.run_name}, source="--run_name")
     out = train(config, split_dir=args.split_dir, run_name=args.run_name, progress=not args.no_progress)
     print(f"outputs in {out}")
 
@@ -145,17 +149,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def one_line(exc: PipelineError) -> str:
+    """The error's message; a DataLoader worker's error arrives wrapped with the worker's
+    traceback ("Caught PipelineError in DataLoader worker process 0. Original Traceback ..."),
+    whose last line holds the message."""
+    text = str(exc).strip()
+    if "Original Traceback" in text:
+        text = text.splitlines()[-1].split(": ", 1)[-1]
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     func: Callable[[argparse.Namespace], None] = args.func
     try:
         func(args)
     except PipelineError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+    except StopRequested as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 128 + exc.signum
     return 0
 
 

@@ -3,6 +3,11 @@
 The schema lives in ``workflow/schemas/config.schema.yaml``; the Snakefile
 validates with the same file (``snakemake.utils.validate``), so a config that
 passes one passes the other. Errors name the file, the key and the value.
+
+Config files are read strictly (a key given twice is an error), and values that
+arrive as strings where the schema wants numbers, booleans, null, lists or
+sections (``--config 'training={lr: 0.1}'``, YAML 1.1's ``lr: 1e-3``) are
+converted first.
 """
 
 from __future__ import annotations
@@ -10,7 +15,9 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import os
+from collections.abc import Hashable
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +40,50 @@ def load_schema() -> dict:
         return yaml.safe_load(fh)
 
 
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key: Any, line: int, first: int):
+        super().__init__(f"line {line}: duplicate key {key!r} (first at line {first})")
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """``yaml.safe_load``, except that a key given twice in one mapping is an error."""
+
+    def construct_mapping(self, node, deep=False):
+        first: dict = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # "<<: *defaults" may be overridden
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, Hashable):
+                continue  # the parent class reports it
+            line = key_node.start_mark.line + 1
+            if key in first:
+                raise _DuplicateKey(key, line, first[key])
+            first[key] = line
+        return super().construct_mapping(node, deep)
+
+
+def load_yaml_strict(path: str | os.PathLike) -> Any:
+    """A YAML file's content (as ``yaml.safe_load``), refusing duplicate keys at any level.
+
+    Raises :class:`PipelineError` naming the file and the line.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"config file not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return yaml.load(fh, Loader=_StrictLoader)
+    except UnicodeDecodeError as exc:
+        raise PipelineError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except _DuplicateKey as exc:
+        raise PipelineError(f"{path} {exc}") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise PipelineError(f"{path}{where}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
+
+
 def _fill_defaults(instance: Any, schema: dict) -> None:
     """Set schema defaults for missing keys, recursively (as snakemake's validate does)."""
     if not isinstance(instance, dict):
@@ -44,8 +95,75 @@ def _fill_defaults(instance: Any, schema: dict) -> None:
             _fill_defaults(instance[key], sub)
 
 
+_NULLS = ("null", "~", "none")
+_BOOLEANS = {"true": True, "yes": True, "false": False, "no": False}
+
+
+def _types(schema: dict) -> set[str]:
+    kind = schema.get("type", ())
+    return {kind} if isinstance(kind, str) else set(kind)
+
+
+def _parse_scalar(text: str, types: set[str]) -> Any:
+    """``text`` as the null, boolean or number that ``types`` allows, else ``text`` itself."""
+    word = text.strip().lower()
+    if "null" in types and word in _NULLS:
+        return None
+    if "boolean" in types and word in _BOOLEANS:
+        return _BOOLEANS[word]
+    if types & {"integer", "number"}:
+        try:
+            return int(word)  # "100" -> 100, as YAML reads it
+        except ValueError:
+            pass
+        try:
+            number = float(word)  # "1e-3", "0.1", "1e3"
+        except ValueError:
+            return text
+        if not math.isfinite(number):
+            return text
+        if "number" in types:
+            return number
+        if number.is_integer():
+            return int(number)
+    return text
+
+
+def _coerce(value: Any, schema: dict) -> Any:
+    """``value`` with strings converted to the types ``schema`` asks for (dicts in place).
+
+    A string that does not convert stays as it is, for validation to report.
+    """
+    types = _types(schema)
+    if isinstance(value, str) and types & {"array", "object"}:
+        try:
+            parsed = yaml.load(value, Loader=_StrictLoader)
+        except yaml.YAMLError:
+            parsed = None
+        if isinstance(parsed, list) and "array" in types or isinstance(parsed, dict) and "object" in types:
+            value = parsed
+    if isinstance(value, str):
+        return _parse_scalar(value, types)
+    if isinstance(value, list) and "items" in schema:
+        return [_coerce(item, schema["items"]) for item in value]
+    if isinstance(value, dict):
+        for key, sub in schema.get("properties", {}).items():
+            if key in value:
+                value[key] = _coerce(value[key], sub)
+    return value
+
+
 def _key_path(error) -> str:
     return ".".join(str(p) for p in error.absolute_path) or "(top level)"
+
+
+_TYPE_NAMES = {"number": "a number", "integer": "an integer", "boolean": "true or false", "null": "null",
+               "string": "a string", "object": "a mapping", "array": "a list"}
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _describe(error) -> str:
@@ -57,11 +175,19 @@ def _describe(error) -> str:
         return f"{where}unknown key {extra[0]!r} (known keys: {', '.join(known)})"
     if error.validator == "required":
         return f"{key}: {error.message}"
-    return f"{key}: {error.instance!r} is invalid: {error.message}"
+    if error.validator == "type":
+        wanted = " or ".join(_TYPE_NAMES.get(t, t) for t in sorted(_types(error.schema)))
+        return f"{key}: {_short(error.instance)} is not {wanted}"
+    # jsonschema's messages start with the value's repr: keep the rest ("is less than the minimum of 0")
+    message = error.message.removeprefix(repr(error.instance)).strip()
+    if message == error.message.strip():
+        message = f"is invalid: {message}"
+    return f"{key}: {_short(error.instance)} {message}"
 
 
 def validate(config: dict, source: str = "config") -> dict:
-    """Fill defaults into ``config`` (in place) and validate it; return it.
+    """Convert string values to the schema's types, fill defaults (both in place) and
+    validate ``config``; return it.
 
     Raises :class:`PipelineError` naming the first offending key and value.
     """
@@ -70,6 +196,7 @@ def validate(config: dict, source: str = "config") -> dict:
     import jsonschema
 
     schema = load_schema()
+    _coerce(config, schema)
     _fill_defaults(config, schema)
     validator = jsonschema.Draft202012Validator(schema)
     errors = sorted(validator.iter_errors(config), key=lambda e: (len(e.absolute_path), list(map(str, e.absolute_path))))
@@ -90,19 +217,9 @@ def _check_sizes(config: dict, source: str) -> None:
 
 
 def load_config(path: str | os.PathLike) -> dict:
-    """Read, default-fill and validate a config file."""
+    """Read (strictly), convert, default-fill and validate a config file."""
     path = Path(path)
-    if not path.is_file():
-        raise PipelineError(f"config file not found: {path}")
-    try:
-        with open(path, encoding="utf-8") as fh:
-            config = yaml.safe_load(fh)
-    except UnicodeDecodeError as exc:
-        raise PipelineError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise PipelineError(f"{path}:{where} not valid YAML: {getattr(exc, 'problem', exc)}") from None
+    config = load_yaml_strict(path)
     if config is None:
         raise PipelineError(f"{path}: the config file is empty")
     return validate(config, source=str(path))

@@ -73,6 +73,13 @@ class BatchBuilder:
             if missing:
                 raise PipelineError(f"{store.path}: no embeddings for {len(missing)} proteins of this split "
                                     f"(e.g. {sorted(missing)[0]!r}); rerun the embed stage")
+            rows, residues = store.lengths(self.ids), np.array([len(t) for t in self.tokens], dtype=np.int64)
+            bad = np.flatnonzero(rows != residues)
+            if bad.size:
+                i = bad[0]
+                raise PipelineError(f"{store.path}: protein {self.ids[i]!r} has {rows[i]} rows of embeddings but "
+                                    f"{residues[i]} residues in the split (stale or foreign embeddings; "
+                                    "rerun the embed stage)")
 
     def __len__(self) -> int:
         return len(self.proteins)
@@ -86,6 +93,9 @@ class BatchBuilder:
         for n, i in enumerate(indices):
             tokens, pid = self.tokens[i], self.ids[i]
             feats, rmask = stored[n] if stored else (None, None)
+            if feats is not None and not np.isfinite(feats).all():  # damage the checksums cannot see
+                raise PipelineError(f"{self.store.path}: protein {pid!r} replicate {replicate} has NaN/Inf "
+                                    "embeddings (rerun the embed stage)")
             if rmask is None:
                 rmask = (torch.rand(len(tokens), generator=generator).numpy() < self.mask_prob) if train \
                     else replicate_mask(pid, 0, len(tokens), self.mask_prob)

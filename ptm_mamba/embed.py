@@ -13,6 +13,7 @@ job (``embed_shard``), and ``gather_split`` joins a split's shards into
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -21,10 +22,11 @@ from typing import Iterator
 import numpy as np
 
 from .dataset import Protein
-from .embedding_store import ShardWriter, gather
+from .embedding_store import EmbeddingReader, ShardWriter, gather
 from .errors import PipelineError
 from .masking import esm_mask, replicate_mask
-from .split import SPLITS, read_split, split_fingerprint
+from .split import SPLITS, load_split_dir, split_fingerprint
+from .stages import EMBED, check_settings, stage_settings
 from .tokenizer import PTMTokenizer
 
 log = logging.getLogger(__name__)
@@ -65,7 +67,28 @@ def store_attrs(config: dict, esm_name: str, repr_layer: int, split: str, protei
         "mask_replicates": int(config["embedding"]["mask_replicates"]),
         "mask_prob": float(config["training"]["mask_prob"]),
         "mask_seed": MASK_SEED,
+        "settings": json.dumps(stage_settings(config, EMBED), sort_keys=True),
     }
+
+
+def check_store_settings(path: str | os.PathLike, config: dict) -> None:
+    """Refuse embeddings (a shard or a gathered file) made with other embed-stage settings than
+    ``config``'s, e.g. another ESM-2 checkpoint or mask_prob (one line naming the key)."""
+    with EmbeddingReader(path) as store:
+        recorded = store.attrs.get("settings")
+    try:
+        recorded = json.loads(recorded) if isinstance(recorded, str) else None
+    except ValueError:
+        recorded = None
+    check_settings(recorded, config, EMBED, str(path), "the embeddings are stale, rerun the embed stage")
+
+
+def split_proteins_of(config: dict, split: str, split_file: str | os.PathLike) -> list[Protein]:
+    """One split's proteins, read from the split stage's folder after its checks."""
+    split_file = Path(split_file)
+    if split_file.name != f"{split}.csv":
+        raise PipelineError(f"{split_file}: the {split} split must be the split stage's {split}.csv")
+    return load_split_dir(split_file.parent, config)[split]
 
 
 def esm_inputs(proteins: list[Protein], replicates: int, mask_prob: float, tokenizer: PTMTokenizer
@@ -125,7 +148,7 @@ def embed_shard(config: dict, split: str, index: int, num_shards: int, split_fil
     """Embed shard ``index`` of ``num_shards`` of one split file; returns its protein count."""
     if not 0 <= index < num_shards:
         raise PipelineError(f"shard index {index} is outside 0..{num_shards - 1}")
-    proteins = read_split(split_file, unknown_ptm=config["dataset"]["unknown_ptm"])
+    proteins = split_proteins_of(config, split, split_file)
     output = Path(output)
     for stale in output.parent.glob(f".{output.name}.tmp-*"):  # left by a killed earlier try of this job
         stale.unlink()
@@ -140,7 +163,9 @@ def embed_shard(config: dict, split: str, index: int, num_shards: int, split_fil
 def gather_split(config: dict, split: str, split_file: str | os.PathLike, shard_files: list[str],
                  output: str | os.PathLike) -> None:
     """Validate a split's shards against its split file and config, then join them."""
-    proteins = read_split(split_file, unknown_ptm=config["dataset"]["unknown_ptm"])
+    proteins = split_proteins_of(config, split, split_file)
+    for shard in shard_files:
+        check_store_settings(shard, config)
     from .esm import model_name
 
     attrs = store_attrs(config, model_name(config["esm"]["model"]), config["esm"]["repr_layer"] or 0,
@@ -172,9 +197,10 @@ def embed_all(config: dict, split_dir: str | os.PathLike, output_dir: str | os.P
         split_file = Path(split_dir) / f"{split}.csv"
         if out.exists():
             try:
-                proteins = read_split(split_file, unknown_ptm=config["dataset"]["unknown_ptm"])
+                proteins = split_proteins_of(config, split, split_file)
                 validate_shard(out, expected_ids=[p.id for p in plan_shards(proteins, num_shards)[i]],
                                expected_attrs={"split_fingerprint": split_fingerprint(proteins)})
+                check_store_settings(out, config)
                 log.info("shard %s is complete, skipping", out)
                 continue
             except PipelineError as err:

@@ -18,6 +18,13 @@ Layout (a shard and a gathered file look the same to a reader)::
 R is the total residue count (a PTM token counts as one residue). ``complete``
 is set last, just before the atomic rename, so a file without it is the
 remains of a crashed writer.
+
+Every array a writer stores, except ``ids`` (HDF5 cannot filter variable-length
+strings), has HDF5's Fletcher32 checksum per chunk, so flipped bits on disk fail
+the read instead of returning wrong numbers; reads through a gathered file are
+checked by its shards' filters. Such a failure, or a truncated file, is reported
+as a one-line PipelineError naming the file (and the protein, when reading).
+Files written before the checksums (same format_version) still read, unchecked.
 """
 
 from __future__ import annotations
@@ -64,6 +71,13 @@ def _read_attrs(f: h5py.File) -> dict[str, Any]:
 
 def _read_ids(f: h5py.File) -> list[str]:
     return [str(x) for x in f["ids"].asstr()[()]]
+
+
+def _damaged(where: str, e: OSError) -> PipelineError:
+    """An HDF5 read failure (checksum mismatch, truncation) as a one-line error."""
+    detail = (str(e).splitlines() or [type(e).__name__])[0]
+    return PipelineError(f"{where}: stored data unreadable (checksum mismatch, truncated or corrupt file; "
+                         f"rerun the embed stage): {detail}")
 
 
 def _fsync(path: Path) -> None:
@@ -152,12 +166,13 @@ class ShardWriter:
             self._emb = [
                 f.create_dataset(
                     f"embeddings/{k}", shape=(0, self.dim), maxshape=(None, self.dim), dtype=np.float16,
-                    chunks=(self.chunk_rows, self.dim), compression=self.compression,
+                    chunks=(self.chunk_rows, self.dim), compression=self.compression, fletcher32=True,
                 )
                 for k in range(self.replicates)
             ]
             self._mask = [
-                f.create_dataset(f"masks/{k}", shape=(0,), maxshape=(None,), dtype=bool, chunks=(_MASK_CHUNK,))
+                f.create_dataset(f"masks/{k}", shape=(0,), maxshape=(None,), dtype=bool, chunks=(_MASK_CHUNK,),
+                                 fletcher32=True)
                 for k in range(self.replicates)
             ]
         except BaseException:
@@ -180,7 +195,7 @@ class ShardWriter:
             self._flush()
             f = out.file
             f.create_dataset("ids", data=np.array(self._ids, dtype=object), dtype=h5py.string_dtype("utf-8"))
-            f.create_dataset("offsets", data=np.array(self._offsets, dtype=np.int64))
+            f.create_dataset("offsets", data=np.array(self._offsets, dtype=np.int64), fletcher32=True)
             for k, v in self.attrs.items():
                 f.attrs[k] = v
             out.commit()
@@ -302,26 +317,50 @@ def _check_attrs(attrs: Mapping[str, Any], expected: Mapping[str, Any], where: s
             raise PipelineError(f"{where}: attribute {key} is {attrs[key]!r}, expected {want!r} (stale file?)")
 
 
-def _check_finite(f: h5py.File, K: int, where: str) -> None:
-    """Scan every embeddings/<k> block by block (bounded memory) for NaN/Inf."""
-    for k in range(K):
-        dset = f[f"embeddings/{k}"]
-        step = max(1, _CHECK_BLOCK_BYTES // (2 * max(1, dset.shape[1])))
-        for start in range(0, dset.shape[0], step):
-            block = dset[start:start + step]
-            if not np.isfinite(block).all():
+def _check_values(f: h5py.File, K: int, path: Path) -> None:
+    """Read every embeddings/<k> and masks/<k> block by block (bounded memory), which verifies
+    every chunk's checksum, and refuse NaN/Inf features."""
+    for name in [f"{g}/{k}" for k in range(K) for g in ("embeddings", "masks")]:
+        dset = f[name]
+        row_bytes = dset.dtype.itemsize * int(np.prod(dset.shape[1:]))
+        step = max(1, _CHECK_BLOCK_BYTES // max(1, row_bytes))
+        for start in range(0, len(dset), step):
+            stop = min(start + step, len(dset))
+            try:
+                block = dset[start:stop]
+            except OSError as e:
+                raise _damaged(f"{path}: {name} rows {start}..{stop - 1}{_shards_note(dset, start, stop, path)}",
+                               e) from None
+            if block.dtype == np.float16 and not np.isfinite(block).all():
                 row = start + int(np.argwhere(~np.isfinite(block))[0, 0])
-                raise PipelineError(f"{where}: embeddings/{k} has NaN/Inf at row {row}")
+                raise PipelineError(f"{path}: {name} has NaN/Inf at row {row}")
+
+
+def _source_path(name: str, path: Path) -> Path:
+    """A virtual dataset's source file, resolved like HDF5 does (relative to the file's folder)."""
+    return Path(name) if os.path.isabs(name) else path.parent / name
 
 
 def _virtual_sources(f: h5py.File, path: Path) -> list[Path]:
-    """Source files of the virtual datasets in ``f``, resolved like HDF5 does (relative to the file's folder)."""
+    """Source files of the virtual datasets in ``f``."""
     files: dict[str, None] = {}
     for group in ("embeddings", "masks"):
         for dset in f[group].values():
             if dset.is_virtual:
                 files.update((m.file_name, None) for m in dset.virtual_sources())
-    return [Path(n) if os.path.isabs(n) else path.parent / n for n in files if n != "."]
+    return [_source_path(n, path) for n in files if n != "."]
+
+
+def _shards_note(dset: h5py.Dataset, start: int, stop: int, path: Path) -> str:
+    """For an error message: " (in shard X)", the source files of rows start..stop-1 of a virtual dataset."""
+    if not dset.is_virtual:
+        return ""
+    names = []
+    for m in dset.virtual_sources():
+        first, last = m.vspace.get_select_bounds()  # inclusive corners of the mapped block
+        if first[0] < stop and last[0] >= start:
+            names.append(str(_source_path(m.file_name, path)))
+    return f" (in shard {', '.join(names)})" if names else ""
 
 
 def _check_sources(f: h5py.File, path: Path) -> None:
@@ -341,7 +380,8 @@ def _open(path: Path) -> h5py.File:
         # so locks protect nothing, and they fail on cluster filesystems without flock.
         return h5py.File(path, "r", rdcc_nbytes=0, locking=False)
     except OSError as e:
-        raise PipelineError(f"{path}: not a readable HDF5 file (truncated or corrupt): {str(e).splitlines()[0]}") from None
+        detail = (str(e).splitlines() or [type(e).__name__])[0]
+        raise PipelineError(f"{path}: not a readable HDF5 file (truncated or corrupt): {detail}") from None
 
 
 def _validate(path: Path, expected_ids, expected_attrs, check_values: bool):
@@ -355,9 +395,9 @@ def _validate(path: Path, expected_ids, expected_attrs, check_values: bool):
             _check_attrs(attrs, expected_attrs or {}, str(path))
             _check_sources(f, path)
             if check_values:
-                _check_finite(f, attrs["mask_replicates"], str(path))
-    except OSError as e:  # damage found only while reading data
-        raise PipelineError(f"{path}: HDF5 read failed (truncated or corrupt): {str(e).splitlines()[0]}") from None
+                _check_values(f, attrs["mask_replicates"], path)
+    except OSError as e:  # damage found while reading ids/offsets
+        raise _damaged(str(path), e) from None
     return ids, offsets, attrs
 
 
@@ -372,7 +412,8 @@ def validate_shard(
 
     Checks: readable HDF5, ``complete`` set, datasets present with consistent shapes,
     ids equal to ``expected_ids`` (as a set), every ``expected_attrs`` entry equal, and
-    (``check_values``) no NaN/Inf, scanned in bounded blocks. Also works on a gathered file.
+    (``check_values``) every array readable with valid checksums and no NaN/Inf, scanned in
+    bounded blocks. Also works on a gathered file (then its shards' data is what is read).
     """
     _validate(Path(path), expected_ids, expected_attrs, check_values)
 
@@ -499,6 +540,9 @@ class EmbeddingReader:
                     ids, offsets, attrs = _check_layout(f, str(self.path))
                     self._meta = (ids, {i: n for n, i in enumerate(ids)}, offsets, attrs)
                 _check_sources(f, self.path)
+            except OSError as e:  # ids/offsets unreadable
+                f.close()
+                raise _damaged(str(self.path), e) from None
             except BaseException:
                 f.close()
                 raise
@@ -530,10 +574,14 @@ class EmbeddingReader:
         except KeyError:
             raise PipelineError(f"{self.path}: unknown protein id {id!r}") from None
 
-    def length(self, id: str) -> int:
+    def lengths(self, ids: Sequence[str]) -> np.ndarray:
+        """Stored row counts of ``ids`` (int64 array), from the offsets loaded once."""
         offsets = self._metadata()[2]
-        i = self.index(id)
-        return int(offsets[i + 1] - offsets[i])
+        i = np.array([self.index(x) for x in ids], dtype=np.int64)
+        return offsets[i + 1] - offsets[i]
+
+    def length(self, id: str) -> int:
+        return int(self.lengths([id])[0])
 
     def _datasets(self, replicate: int) -> tuple[h5py.Dataset, h5py.Dataset]:
         self._h5()
@@ -542,18 +590,24 @@ class EmbeddingReader:
             raise PipelineError(f"{self.path}: replicate {replicate} out of range 0..{K - 1}")
         return self._emb[replicate], self._mask[replicate]
 
+    def _read(self, replicate: int, a: int, b: int, what: str) -> tuple[np.ndarray, np.ndarray]:
+        """Rows a:b of one replicate; a failed checksum or truncated file becomes a PipelineError."""
+        emb, mask = self._datasets(replicate)
+        try:
+            return emb[a:b], mask[a:b]
+        except OSError as e:
+            raise _damaged(f"{self.path}: {what} replicate {replicate}{_shards_note(emb, a, b, self.path)}",
+                           e) from None
+
     def get(self, id: str, replicate: int) -> tuple[np.ndarray, np.ndarray]:
         """Features (L, dim) float16 and mask (L,) bool of protein ``id``, replicate ``replicate``."""
-        emb, mask = self._datasets(replicate)
         offsets = self._metadata()[2]
         i = self.index(id)
-        a, b = int(offsets[i]), int(offsets[i + 1])
-        return emb[a:b], mask[a:b]
+        return self._read(replicate, int(offsets[i]), int(offsets[i + 1]), f"protein {id!r}")
 
     def get_many(self, ids: Sequence[str], replicate: int) -> list[tuple[np.ndarray, np.ndarray]]:
         """Like ``get`` for a batch, in ``ids`` order; proteins adjacent in the file are read in one go."""
-        emb, mask = self._datasets(replicate)
-        offsets = self._metadata()[2]
+        ids_all, _, offsets, _ = self._metadata()
         rows = sorted({self.index(i) for i in ids})
         out: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         j = 0
@@ -562,7 +616,12 @@ class EmbeddingReader:
             while end + 1 < len(rows) and rows[end + 1] == rows[end] + 1:
                 end += 1
             a, b = int(offsets[rows[j]]), int(offsets[rows[end] + 1])
-            x, m = emb[a:b], mask[a:b]
+            try:
+                x, m = self._read(replicate, a, b, f"proteins {ids_all[rows[j]]!r}..{ids_all[rows[end]]!r}")
+            except PipelineError:
+                for r in rows[j:end + 1]:  # name the damaged protein
+                    self.get(ids_all[r], replicate)
+                raise
             for r in rows[j:end + 1]:
                 s, e = int(offsets[r]) - a, int(offsets[r + 1]) - a
                 out[r] = (x[s:e], m[s:e])

@@ -247,14 +247,22 @@ class PTMMamba(nn.Module):
         """A trained model from ``best.ckpt``/``last.ckpt`` (``torch.load(weights_only=True)``), in eval mode.
 
         The run's config travels with it (``model.run_config``), so :meth:`predict`
-        knows which ESM-2 model to run.
+        knows which ESM-2 model to run. A checkpoint whose config or weights do not
+        make a model raises :class:`PipelineError`.
         """
         from . import checkpoint
 
         state = checkpoint.load(path, map_location=device)
-        config = ModelConfig.from_dict({**state["model_config"], "backend": backend})
+        try:
+            config = ModelConfig.from_dict({**state["model_config"], "backend": backend})
+            with torch.device("meta"):  # allocates nothing, whatever sizes the config names
+                skeleton = cls(config)
+        except Exception as exc:  # e.g. a crafted model_config: wrong types, impossible sizes
+            raise PipelineError(f"{path}: cannot build its model: {checkpoint.one_line(exc)}") from None
+        weights = _drop_unused_mixer_params(state["model"])
+        checkpoint.load_weights(skeleton, weights, path, assign=True)  # names and shapes first
         model = cls(config).to(device)
-        model.load_state_dict(_drop_unused_mixer_params(state["model"]))
+        checkpoint.load_weights(model, weights, path)
         model.run_config = state.get("config")
         return model.eval()
 

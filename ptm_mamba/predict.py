@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from .batching import plan_batches
 from .data import BatchBuilder
-from .dataset import Protein, read_dataset
+from .dataset import Protein, _read_text, read_dataset
 from .embedding_store import ShardWriter
 from .errors import PipelineError
 from .tokenizer import PTMTokenizer
@@ -32,14 +32,16 @@ def _proteins(sequences: list[str]) -> list[Protein]:
 def _esm_for(model, esm_model):
     if not model.config.use_esm or esm_model is not None:
         return esm_model
-    run = getattr(model, "run_config", None)
-    if not run:
+    try:
+        esm = model.run_config["esm"]
+        name, layer = esm["model"], esm["repr_layer"]
+    except (AttributeError, KeyError, TypeError):
         raise PipelineError("this model uses ESM-2 features but its checkpoint names no ESM model: "
-                            "pass esm_model=load_esm(...)")
+                            "pass esm_model=load_esm(...)") from None
     from .esm import load_esm
 
     device = next(model.parameters()).device
-    return load_esm(run["esm"]["model"], run["esm"]["repr_layer"], device=device)
+    return load_esm(name, layer, device=device)
 
 
 @torch.no_grad()
@@ -82,11 +84,9 @@ def read_sequences(path: str | os.PathLike) -> list[Protein]:
 
 
 def read_fasta(path: Path) -> list[Protein]:
-    if not path.is_file():
-        raise PipelineError(f"input file not found: {path}")
     tok = PTMTokenizer()
     records: list[tuple[int, str, list[str]]] = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(_read_text(path).splitlines(), 1):  # UTF-8 (a BOM is fine), else one line
         line = line.strip()
         if line.startswith(">"):
             records.append((n, line[1:].split()[0] if line[1:].strip() else "", []))
@@ -109,11 +109,22 @@ def read_fasta(path: Path) -> list[Protein]:
     return proteins
 
 
+def _check_output(output: Path, **inputs: Path) -> None:
+    """Refuse an output path that is a folder or one of the inputs (it would be replaced)."""
+    if output.is_dir():
+        raise PipelineError(f"output {output} is a directory; give a file name (.h5)")
+    for what, path in inputs.items():
+        both = output.exists() and path.exists()
+        if os.path.samefile(output, path) if both else output.resolve() == path.resolve():
+            raise PipelineError(f"output {output} is the {what} file; writing it would destroy the {what}")
+
+
 def write_predictions(checkpoint_path: str | os.PathLike, input_path: str | os.PathLike,
                       output: str | os.PathLike, device: str | None = None, max_tokens_per_batch: int = 8192) -> int:
     """Hidden states of every protein of ``input_path`` into ``output`` (HDF5, atomic)."""
     from .model import PTMMamba
 
+    _check_output(Path(output), input=Path(input_path), checkpoint=Path(checkpoint_path))
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = PTMMamba.from_checkpoint(checkpoint_path, device=device)
     proteins = read_sequences(input_path)

@@ -321,15 +321,16 @@ def test_results_table(metrics_path: str | Path, out_tsv: str | Path) -> Path:
     return _write_tsv(out_tsv, ("scope", "metric", "sites", "value"), rows)
 
 
-SPLIT_COLUMNS = ("sequences", "residues", "ptm_sites", "longer_than_max_sequence_length", "max_length")
+SPLIT_COLUMNS = ("sequences", "residues", "ptm_sites", "max_length")
 
 
 def split_table(summary_json: str | Path, out_tsv: str | Path) -> Path:
     """One row per split of the split stage's summary.json, then their total; PTM sites per 100 residues."""
     path = Path(summary_json)
     summary = _read_json(path, "split summary not found (run the split stage first)")
+    summary = summary.get("splits") if isinstance(summary, dict) else None
     if not isinstance(summary, dict) or not all(isinstance(v, dict) for v in summary.values()):
-        raise PipelineError(f"{path}: expected {{split: {{counts}}}}")
+        raise PipelineError(f"{path}: expected {{\"splits\": {{split: {{counts}}}}}}")
     for name, s in summary.items():
         missing = [c for c in SPLIT_COLUMNS if c not in s]
         if missing:

@@ -15,10 +15,11 @@ Snakemake's clean-up of an interrupted job).
 
 from __future__ import annotations
 
-import copy
 import datetime as dt
 import logging
 import math
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -28,13 +29,15 @@ from tqdm import tqdm
 
 from . import checkpoint
 from .batching import epoch_batches, plan_batches
-from .config import dump_config, fingerprint
+from .config import dump_config
 from .data import Batch, BatchBuilder, EpochBatches, EvalBatches, collate_single
+from .embed import check_store_settings, split_store_path
 from .embedding_store import EmbeddingReader
-from .errors import PipelineError
+from .errors import PipelineError, StopRequested
 from .fileio import atomic_write_json, atomic_write_text
 from .model import ModelConfig, PTMMamba
-from .split import SPLITS, mapping, read_split, split_fingerprint, split_from_config
+from .split import load_split_dir, mapping, split_fingerprint, split_from_config
+from .stages import TRAIN, fingerprint_of, stage_settings
 from .tokenizer import FIRST_RESIDUE_ID, PAD_ID, PTM_MARKER_ID, VOCAB
 
 log = logging.getLogger(__name__)
@@ -57,32 +60,38 @@ def make_accelerator(config: dict):
     return Accelerator(mixed_precision=precision, kwargs_handlers=[ddp], cpu=not torch.cuda.is_available())
 
 
-def run_dir(config: dict, run_name: str | None) -> Path:
-    name = run_name or config["run_name"] or dt.datetime.now().strftime("%Y-%m-%d-%H-%M-%S")
-    return Path(config["training"]["output_dir"]) / f"ptm-mamba-{name}"
+def run_dir(config: dict, run_name: str | None, accelerator) -> Path:
+    """The run's output folder, decided once by the main process (a timestamp when unnamed)."""
+    from accelerate.utils import broadcast_object_list
+
+    name = [run_name or config["run_name"] or dt.datetime.now().strftime("%Y-%m-%d-%H-%M-%S")]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(name, from_process=0)
+    out = Path(config["training"]["output_dir"]) / f"ptm-mamba-{name[0]}"
+    for folder in (out, *out.parents):
+        if folder.exists() and not folder.is_dir():
+            raise PipelineError(f"{folder} is a file, not a folder: training writes its outputs into {out}/")
+    return out
 
 
 def load_splits(config: dict, split_dir: str | None) -> dict:
-    """The split stage's files, or (standalone) the same split made in memory."""
+    """The split stage's files (checked), or (standalone) the same split made in memory."""
     if split_dir is None:
         return split_from_config(config)
-    return {name: read_split(Path(split_dir) / f"{name}.csv", config["dataset"]["unknown_ptm"])
-            for name in SPLITS}
+    return load_split_dir(split_dir, config)
 
 
 def open_store(config: dict, name: str, proteins) -> EmbeddingReader:
-    """A split's precomputed embeddings, checked against the split and the masking settings."""
-    path = Path(config["training"]["embeddings_dir"]) / f"{name}_embeddings.h5"
+    """A split's precomputed embeddings, checked against the split and the embed-stage settings."""
+    path = split_store_path(config["training"]["embeddings_dir"], name)
     if not path.exists():
         raise PipelineError(f"{path} not found: run the embed stage first (ptm-mamba embed --config ... "
                             f"--output_dir {path.parent}) or set training.use_precomputed_embeddings: false")
+    check_store_settings(path, config)
     store = EmbeddingReader(path)
-    want = {"split_fingerprint": split_fingerprint(proteins), "mask_prob": config["training"]["mask_prob"],
-            "mask_replicates": config["embedding"]["mask_replicates"]}
-    for key, value in want.items():
-        if store.attrs.get(key) != value:
-            raise PipelineError(f"{path}: {key} is {store.attrs.get(key)!r} but this run needs {value!r}; "
-                                "the embeddings are stale, rerun the embed stage")
+    if store.attrs.get("split_fingerprint") != split_fingerprint(proteins):
+        raise PipelineError(f"{path}: made for another {name} split than {name}.csv holds; "
+                            "the embeddings are stale, rerun the embed stage")
     return store
 
 
@@ -137,12 +146,36 @@ def lr_factor(step: int, *, warmup: int, total: int, schedule: str, min_ratio: f
 
 
 def resume_fingerprint(config: dict, world_size: int) -> str:
-    """What must match for a saved state to be continued exactly."""
-    cfg = copy.deepcopy(config)
-    for key in ("resume_from_checkpoint", "num_workers"):
-        cfg["training"].pop(key)
-    cfg["world_size"] = world_size
-    return fingerprint(cfg, *cfg)
+    """What must match for a saved state to be continued exactly: the train stage's settings
+    (see ``stages.DEPENDS_ON``) and the number of processes."""
+    return fingerprint_of({**stage_settings(config, TRAIN), "world_size": world_size})
+
+
+class StopSignals:
+    """Catch SIGTERM (SLURM's time limit or preemption, a kill), SIGUSR1 (SLURM's ``--signal``)
+    and SIGINT (Ctrl-C) during training: the run saves its state at the end of the current step
+    and stops. A second SIGINT stops at once."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.received == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = signum
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 # ----------------------------------------------------------------------------- one step, one evaluation
@@ -222,14 +255,29 @@ def esm_forward(esm_model, tokens):
 
 # ----------------------------------------------------------------------------- the run
 
+def cpu_copy(state_dict: dict) -> dict:
+    return {k: v.detach().to("cpu", copy=True) for k, v in state_dict.items()}
+
+
+def check_finite_weights(weights: dict, what: str) -> None:
+    """Never write a checkpoint with NaN/Inf weights (it would pass for a trained model)."""
+    bad = next((k for k, v in weights.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    if bad is not None:
+        raise PipelineError(f"{what}: weight {bad} is NaN/Inf; no checkpoint written")
+
+
 def train(config: dict, *, split_dir: str | None = None, run_name: str | None = None,
           progress: bool = True) -> Path:
-    """Train PTM-Mamba as ``config`` says; returns the run's output folder."""
+    """Train PTM-Mamba as ``config`` says; returns the run's output folder.
+
+    Stops with :class:`StopRequested` (state saved at the current step) on SIGTERM/SIGUSR1/SIGINT;
+    calling it again continues exactly where it stopped.
+    """
     tr = config["training"]
     accelerator = make_accelerator(config)
     rank, world = accelerator.process_index, accelerator.num_processes
     main = accelerator.is_main_process
-    out = run_dir(config, run_name)
+    out = run_dir(config, run_name, accelerator)
     state_path = out / "resume" / "state.ckpt"
 
     # --- data
@@ -263,8 +311,12 @@ def train(config: dict, *, split_dir: str | None = None, run_name: str | None = 
 
     # --- resume: an explicit checkpoint, or this run's own interrupted state
     position = {"epoch": 0, "batch_in_epoch": 0, "step": 0, "best_val_loss": math.inf}
-    sizes = {name: len(p) for name, p in splits.items()}
-    metrics: list[dict] = [{"split_sizes": sizes, "num_parameters": model.num_parameters()}]
+    best_weights: dict | None = None  # the best validation's model, kept so that best.ckpt can always be written
+    max_residues = config["dataset"]["max_sequence_length"] - 2
+    metrics: list[dict] = [{"split_sizes": {name: len(p) for name, p in splits.items()},
+                            "longer_than_max_sequence_length": {
+                                name: sum(p.length > max_residues for p in ps) for name, ps in splits.items()},
+                            "num_parameters": model.num_parameters()}]
     fp = resume_fingerprint(config, world)
     source = tr["resume_from_checkpoint"]
     if source is None and state_path.exists():
@@ -281,6 +333,7 @@ def train(config: dict, *, split_dir: str | None = None, run_name: str | None = 
             scheduler.load_state_dict(saved["scheduler"])
             position = saved["position"]
             metrics = saved["metrics"]
+            best_weights = saved.get("best_model")
         accelerator.print(f"resumed from {source} at step {position['step']}")
 
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
@@ -288,28 +341,34 @@ def train(config: dict, *, split_dir: str | None = None, run_name: str | None = 
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "config.yaml", dump_config(config))
         atomic_write_json(out / "split_mapping.json", mapping(splits))
+    sizes = metrics[0]["split_sizes"]
     accelerator.print(f"{mcfg.model_type}: {accelerator.unwrap_model(model).num_parameters():,} parameters on "
                       f"{world} process{'es' if world > 1 else ''}; "
                       f"train {sizes['train']} / val {sizes['val']} / test {sizes['test']} proteins; "
                       f"{batches_per_epoch} batches per epoch per process, {total_steps} steps")
 
-    def model_state() -> dict:
-        return {"format_version": checkpoint.FORMAT_VERSION, "model": accelerator.unwrap_model(model).state_dict(),
-                "model_config": mcfg.to_dict(), "config": config, "vocab": list(VOCAB)}
+    def model_state(weights: dict) -> dict:
+        check_finite_weights(weights, f"step {position['step']}")
+        return {"format_version": checkpoint.FORMAT_VERSION, "model": weights, "model_config": mcfg.to_dict(),
+                "config": config, "settings": stage_settings(config, TRAIN), "vocab": list(VOCAB)}
 
     def full_state() -> dict:
-        return {**model_state(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "position": dict(position), "metrics": metrics, "fingerprint": fp}
+        return {**model_state(accelerator.unwrap_model(model).state_dict()), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "position": dict(position), "metrics": metrics,
+                "best_model": best_weights, "fingerprint": fp}
 
     def validate(epoch: int, step: int) -> None:
+        nonlocal best_weights
         avg, records = evaluate(model, eval_loaders["val"], accelerator, esm_model, "val", epoch, step)
         metrics.extend(records)
         metrics.append(avg)
         accelerator.print(f"epoch {epoch} step {step}: val loss {avg['avg_val_loss']:.4f} "
                           f"acc {avg['avg_val_acc']:.4f} PTM acc {avg['avg_val_ptm_acc']:.4f}")
-        if main and avg["avg_val_loss"] < position["best_val_loss"]:
-            checkpoint.save(model_state(), out / "best.ckpt")
-        position["best_val_loss"] = min(position["best_val_loss"], avg["avg_val_loss"])
+        if avg["avg_val_loss"] < position["best_val_loss"]:
+            position["best_val_loss"] = avg["avg_val_loss"]
+            best_weights = cpu_copy(accelerator.unwrap_model(model).state_dict())
+            if main:
+                checkpoint.save(model_state(best_weights), out / "best.ckpt")
 
     def save_progress() -> None:
         if main:
@@ -322,57 +381,72 @@ def train(config: dict, *, split_dir: str | None = None, run_name: str | None = 
                dynamic_ncols=True)
     tokens_seen, started = 0.0, time.perf_counter()
     model.train()
-    while position["step"] < total_steps:
-        epoch = position["epoch"]
-        batches = epoch_batches(builders["train"].lengths, tr["max_tokens_per_batch"],
-                                tr["per_device_train_batch_size"], seed=config["seed"], epoch=epoch,
-                                world_size=world)
-        replicate = epoch % config["embedding"]["mask_replicates"]
-        loader = torch.utils.data.DataLoader(
-            EpochBatches(builders["train"], batches, seed=config["seed"], epoch=epoch, replicate=replicate,
-                         rank=rank, world_size=world, start=position["batch_in_epoch"]),
-            **loader_args)
-        for batch in loader:
-            batch = batch.to(accelerator.device)
-            with accelerator.autocast():
-                logits = forward_batch(model, batch, esm_model).logits
-            loss, sums = batch_sums(logits, batch)
-            optimizer.zero_grad(set_to_none=True)
-            accelerator.backward(loss)
-            if tr["grad_clip"] is not None:
-                accelerator.clip_grad_norm_(model.parameters(), tr["grad_clip"])
-            lr = scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
-            sums = accelerator.reduce(sums, reduction="sum")
-            position["step"] += 1
-            position["batch_in_epoch"] += 1
-            step = position["step"]
-            record = {"Epoch": epoch, "Step": step, **rates(sums, "train"), "lr": lr,
-                      "tokens": int(sums[SUM_FIELDS.index("tokens")])}
-            metrics.append(record)
-            tokens_seen += record["tokens"]
-            bar.update(1)
-            bar.set_postfix(loss=f"{record['train_loss']:.3f}",
-                            tok_s=f"{tokens_seen / (time.perf_counter() - started):.0f}")
-            if step % tr["log_steps"] == 0 or step == total_steps:
-                validate(epoch, step)
-                if step == total_steps:
+    with StopSignals() as signals:
+        while position["step"] < total_steps:
+            epoch = position["epoch"]
+            batches = epoch_batches(builders["train"].lengths, tr["max_tokens_per_batch"],
+                                    tr["per_device_train_batch_size"], seed=config["seed"], epoch=epoch,
+                                    world_size=world)
+            replicate = epoch % config["embedding"]["mask_replicates"]
+            loader = torch.utils.data.DataLoader(
+                EpochBatches(builders["train"], batches, seed=config["seed"], epoch=epoch, replicate=replicate,
+                             rank=rank, world_size=world, start=position["batch_in_epoch"]),
+                **loader_args)
+            for batch in loader:
+                batch = batch.to(accelerator.device)
+                with accelerator.autocast():
+                    logits = forward_batch(model, batch, esm_model).logits
+                loss, sums = batch_sums(logits, batch)
+                optimizer.zero_grad(set_to_none=True)
+                accelerator.backward(loss)
+                # one reduction carries the step's sums and any process's stop request
+                flag = torch.tensor([float(signals.received or 0)], dtype=torch.float64, device=sums.device)
+                shared = accelerator.reduce(torch.cat([sums, flag]), reduction="sum")
+                sums, stop = shared[:-1], int(shared[-1]) != 0
+                if not math.isfinite(float(sums[0])):
+                    raise PipelineError(
+                        f"step {position['step'] + 1}: the training loss is {float(sums[0]):.4g} (NaN/Inf); "
+                        f"stopped before the optimiser step, no checkpoint of it written (lower training.lr, "
+                        f"check the embeddings, or set training.mixed_precision: \"no\")")
+                if tr["grad_clip"] is not None:
+                    accelerator.clip_grad_norm_(model.parameters(), tr["grad_clip"])
+                lr = scheduler.get_last_lr()[0]
+                optimizer.step()
+                scheduler.step()
+                position["step"] += 1
+                position["batch_in_epoch"] += 1
+                step = position["step"]
+                record = {"Epoch": epoch, "Step": step, **rates(sums, "train"), "lr": lr,
+                          "tokens": int(sums[SUM_FIELDS.index("tokens")])}
+                metrics.append(record)
+                tokens_seen += record["tokens"]
+                bar.update(1)
+                bar.set_postfix(loss=f"{record['train_loss']:.3f}",
+                                tok_s=f"{tokens_seen / (time.perf_counter() - started):.0f}")
+                if step % tr["log_steps"] == 0 or step == total_steps:
+                    validate(epoch, step)
+                    if step == total_steps:
+                        break
+                    save_progress()
+                if stop:
+                    save_progress()
+                    raise StopRequested(int(signals.received or signal.SIGTERM), step, state_path)
+                if step >= total_steps:
                     break
-                save_progress()
-            if step >= total_steps:
-                break
-        else:  # the epoch ran to its end
-            position["epoch"] += 1
-            position["batch_in_epoch"] = 0
+            else:  # the epoch ran to its end
+                position["epoch"] += 1
+                position["batch_in_epoch"] = 0
     bar.close()
 
-    # --- last.ckpt, then the test set scored with the best model
+    # --- last.ckpt, best.ckpt from the best validation's weights, then the test set scored with them
+    if best_weights is None:  # resumed from a last.ckpt of an earlier version, which kept no best weights
+        best_weights = checkpoint.load(out / "best.ckpt")["model"]
     if main:
         checkpoint.save(full_state(), out / "last.ckpt")
+        checkpoint.save(model_state(best_weights), out / "best.ckpt")
     accelerator.wait_for_everyone()
     best_model = PTMMamba(mcfg).to(accelerator.device)
-    best_model.load_state_dict(checkpoint.load(out / "best.ckpt")["model"])
+    best_model.load_state_dict(best_weights)
     avg, records = evaluate(best_model, eval_loaders["test"], accelerator, esm_model, "test",
                             position["epoch"], position["step"], per_type=True)
     metrics.extend(records)

@@ -190,7 +190,7 @@ def test_split_table_of_a_real_split(tmp_path, toy_config):
     from ptm_mamba.config import load_config
     from ptm_mamba.split import run_split
 
-    summary = run_split(load_config(toy_config), tmp_path / "split")
+    summary = run_split(load_config(toy_config), tmp_path / "split")["splits"]
     rows = read_tsv(report.split_table(tmp_path / "split" / "summary.json", tmp_path / "splits.tsv"))
     assert [r["split"] for r in rows] == ["train", "val", "test", "total"]
     for r in rows[:3]:
@@ -207,7 +207,7 @@ def test_split_table_of_a_real_split(tmp_path, toy_config):
 
 def test_split_table_names_a_missing_key(tmp_path):
     bad = tmp_path / "summary.json"
-    bad.write_text(json.dumps({"train": {"sequences": 3}}))
+    bad.write_text(json.dumps({"splits": {"train": {"sequences": 3}}}))
     with pytest.raises(PipelineError, match="summary.json.*'train' lacks residues"):
         report.split_table(bad, tmp_path / "splits.tsv")
 
@@ -270,8 +270,8 @@ def test_plots_subcommand_writes_figures_and_tables(tmp_path):
     report.add_parser(parser.add_subparsers())
     metrics = write_metrics(tmp_path / "metrics.json", synthetic_metrics())
     write_store(tmp_path / "val_embeddings.h5", [20, 30])
-    (tmp_path / "summary.json").write_text(json.dumps({"train": {
-        "sequences": 2, "residues": 50, "ptm_sites": 3, "longer_than_max_sequence_length": 0, "max_length": 30}}))
+    (tmp_path / "summary.json").write_text(json.dumps({"splits": {"train": {
+        "sequences": 2, "residues": 50, "ptm_sites": 3, "max_length": 30}}}))
     args = parser.parse_args(["plots", "--metrics", str(metrics), "--summary", str(tmp_path / "summary.json"),
                               "--embeddings", str(tmp_path / "val_embeddings.h5"), "--output-dir", str(tmp_path / "o")])
     args.func(args)

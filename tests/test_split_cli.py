@@ -24,7 +24,7 @@ def test_split_writes_files_and_is_deterministic(toy_config: Path, tmp_path: Pat
     assert len(mapping) == 20
     assert sorted(mapping.values()).count("val") == 3
     assert sorted(mapping.values()).count("test") == 3
-    summary = json.loads((a / "summary.json").read_text())
+    summary = json.loads((a / "summary.json").read_text())["splits"]
     assert summary["train"]["sequences"] == 14
     assert summary["train"]["ptm_sites"] == 14 * 2
     # ids in different splits never overlap, and every split file holds its ids
@@ -65,14 +65,14 @@ def test_fractions_and_derived_ids(tmp_path: Path):
     assert list(mapping.values()).count("val") == 2
 
 
-def test_long_sequences_are_kept_and_counted(tmp_path: Path):
+def test_long_sequences_are_kept(tmp_path: Path):
     rows = toy_rows() + [("LONG", "M" + "A" * 300)]
     config = write_config(tmp_path / "c.yaml", dataset={
         "dataset_location": str(write_csv(tmp_path / "d.csv", rows)), "val_size": 2, "test_size": 2,
         "max_sequence_length": 100})
     assert split(config, tmp_path / "out").returncode == 0
-    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
-    assert sum(s["longer_than_max_sequence_length"] for s in summary.values()) == 1
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())["splits"]
+    assert max(s["max_length"] for s in summary.values()) == 301
     assert sum(s["sequences"] for s in summary.values()) == 21
 
 

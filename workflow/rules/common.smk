@@ -1,32 +1,47 @@
-# Shared set-up: config validation, the resolved config file the rules pass to
-# the ptm-mamba CLI, and the target list. All real work lives in ptm_mamba/.
+# Shared set-up: config validation, the config file the rules pass to the ptm-mamba CLI,
+# and the target list. All real work lives in ptm_mamba/.
 
-from snakemake.utils import validate
+import hashlib
+import sys
 
-from ptm_mamba.config import fingerprint, validate as validate_config, write_config
+from ptm_mamba.config import dump_config, load_yaml_strict, validate as validate_config
 from ptm_mamba.errors import PipelineError
+from ptm_mamba.fileio import atomic_write_text
+from ptm_mamba.stages import EMBED, SPLIT, TRAIN, stage_fingerprint
 
-validate(config, schema="../schemas/config.schema.yaml")
+# One schema (workflow/schemas/config.schema.yaml), validated the way the CLI validates it: string
+# values from --config are coerced to the schema's types, and a mistake is one line, not a dump.
 try:
+    for path in workflow.configfiles:
+        load_yaml_strict(path)  # refuses duplicate keys, which YAML loaders silently merge
     validate_config(config, source="config")
 except PipelineError as err:
-    raise WorkflowError(str(err))
+    print(f"error: {err}", file=sys.stderr)
+    sys.exit(1)
 
-# The CLI reads the config from a file. Command-line overrides (--config key=value)
-# live only in memory, so the resolved config is written to a fixed path (only when
-# it changed); each rule carries a fingerprint of the settings it reads, so changing
-# a setting reruns exactly the stages that depend on it.
-RESOLVED_CONFIG = "results/resolved_config.yaml"
-write_config(config, RESOLVED_CONFIG)
+# The CLI reads the config from a file. Overrides (--config key=value) live only in this
+# invocation's memory, so its jobs read a file named by the content's hash: parsing writes
+# nothing (onstart runs only when jobs are about to run, under Snakemake's lock), and another
+# invocation (a dry run with other --config, a locked-out run) writes another file, never this
+# one. What reruns a stage is its settings param (ptm_mamba/stages.py), not this file.
+CONFIG_TEXT = dump_config(config)
+CONFIG_FILE = f"results/configs/{hashlib.sha256(CONFIG_TEXT.encode()).hexdigest()[:16]}.yaml"
+
+
+onstart:
+    atomic_write_text(CONFIG_FILE, CONFIG_TEXT)
+
 
 SPLIT_DIR = "results/split"
 SPLITS = ["train", "val", "test"]
+SPLIT_FILES = [f"{SPLIT_DIR}/{name}" for name in ("train.csv", "val.csv", "test.csv", "split_mapping.json", "summary.json")]
 EMBEDDINGS_DIR = config["training"]["embeddings_dir"]
 NUM_SHARDS = config["embedding"]["shards"]
 PRECOMPUTED = config["training"]["use_esm"] and config["training"]["use_precomputed_embeddings"]
 ENV = "../../environment.yml"
 RUN_NAME = config["run_name"] or "default"
 RUN_DIR = f"{config['training']['output_dir']}/ptm-mamba-{RUN_NAME}"
+RUN_FILES = [f"{RUN_DIR}/{name}" for name in ("config.yaml", "split_mapping.json", "metrics.json", "best.ckpt", "last.ckpt")]
 NUM_PROCESSES = config["training"]["num_processes"]
 # One process per GPU; --multi_gpu makes accelerate start a process group (gloo on CPU, NCCL on GPU).
 LAUNCH = f"accelerate launch --num_machines 1 --num_processes {NUM_PROCESSES} --dynamo_backend no" + (
@@ -53,6 +68,6 @@ def shard_files():
 
 
 def all_targets():
-    # the report rules' outputs pull in training, which pulls in split and embeddings
-    return [*shard_files(), f"{RUN_DIR}/best.ckpt", f"{RUN_DIR}/last.ckpt",
+    """Every file a stage promises, so that a deleted one is rebuilt (with what depends on it)."""
+    return [*SPLIT_FILES, *shard_files(), *embedding_files(), *RUN_FILES,
             *rules.plots.output, *rules.run_config.output]

@@ -11,12 +11,12 @@ rule embeddings:
 rule embed_shard:
     input:
         split=f"{SPLIT_DIR}/{{split}}.csv",
+        split_unit=SPLIT_FILES,  # read together: the split is checked as one unit
     output:
         f"{EMBEDDINGS_DIR}/shards/{{split}}/{{shard}}-of-{NUM_SHARDS}.h5",
     params:
-        config=RESOLVED_CONFIG,
         num_shards=NUM_SHARDS,
-        settings=fingerprint(config, "dataset", "esm", "embedding", "training.mask_prob"),
+        settings=stage_fingerprint(config, EMBED),
     threads: 2
     resources:
         gpu=1,
@@ -25,14 +25,15 @@ rule embed_shard:
     conda:
         ENV
     shell:
-        "OMP_NUM_THREADS={threads} ptm-mamba embed-shard --config {params.config} --split {wildcards.split}"
-        " --split_file {input.split} --shard {wildcards.shard} --num_shards {params.num_shards}"
-        " --output {output} > {log} 2>&1"
+        "OMP_NUM_THREADS={threads} ptm-mamba embed-shard --config {CONFIG_FILE:q} --split {wildcards.split}"
+        " --split_file {input.split:q} --shard {wildcards.shard} --num_shards {params.num_shards}"
+        " --output {output:q} > {log:q} 2>&1"
 
 
 rule gather_embeddings:
     input:
         split=f"{SPLIT_DIR}/{{split}}.csv",
+        split_unit=SPLIT_FILES,
         shards=expand(
             f"{EMBEDDINGS_DIR}/shards/{{{{split}}}}/{{shard}}-of-{NUM_SHARDS}.h5",
             shard=range(NUM_SHARDS),
@@ -40,11 +41,11 @@ rule gather_embeddings:
     output:
         f"{EMBEDDINGS_DIR}/{{split}}_embeddings.h5",
     params:
-        config=RESOLVED_CONFIG,
+        settings=stage_fingerprint(config, EMBED),
     log:
         "logs/embed/{split}-gather.log",
     conda:
         ENV
     shell:
-        "ptm-mamba gather --config {params.config} --split {wildcards.split} --split_file {input.split}"
-        " --shards {input.shards} --output {output} > {log} 2>&1"
+        "ptm-mamba gather --config {CONFIG_FILE:q} --split {wildcards.split} --split_file {input.split:q}"
+        " --shards {input.shards:q} --output {output:q} > {log:q} 2>&1"

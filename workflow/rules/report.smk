@@ -2,6 +2,8 @@
 #   snakemake --report report.html
 # (figures and tables from ptm_mamba/report.py; captions in workflow/report/).
 
+import shlex
+
 REPORT_DIR = f"results/report/{RUN_NAME}"
 
 
@@ -42,15 +44,15 @@ rule plots:
     params:
         outdir=lambda wildcards, output: os.path.dirname(output.loss),
         embeddings=lambda wildcards, input: (
-            f"--embeddings {' '.join(input.embeddings)}" if input.embeddings else ""
+            "--embeddings " + " ".join(shlex.quote(path) for path in input.embeddings) if input.embeddings else ""
         ),
     log:
         f"logs/report/{RUN_NAME}-plots.log",
     conda:
         ENV
     shell:
-        "ptm-mamba plots --metrics {input.metrics} --summary {input.summary} {params.embeddings}"
-        " --output_dir {params.outdir} > {log} 2>&1"
+        "ptm-mamba plots --metrics {input.metrics:q} --summary {input.summary:q} {params.embeddings}"
+        " --output_dir {params.outdir:q} > {log:q} 2>&1"
 
 
 rule run_config:
@@ -64,5 +66,5 @@ rule run_config:
         ENV
     shell:
         # A copy under a temp name in the same folder, renamed into place: never a partial file.
-        "(cp {input} {output}.tmp && mv {output}.tmp {output}) > {log} 2>&1"
+        "(cp {input:q} {output:q}.tmp && mv {output:q}.tmp {output:q}) > {log:q} 2>&1"
 

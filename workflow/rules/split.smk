@@ -1,3 +1,4 @@
+
 rule split:
     input:
         config["dataset"]["dataset_location"],
@@ -8,12 +9,11 @@ rule split:
         mapping=f"{SPLIT_DIR}/split_mapping.json",
         summary=f"{SPLIT_DIR}/summary.json",
     params:
-        config=RESOLVED_CONFIG,
         outdir=lambda wildcards, output: os.path.dirname(output.mapping),
-        settings=fingerprint(config, "dataset"),
+        settings=stage_fingerprint(config, SPLIT),
     log:
         "logs/split.log",
     conda:
         ENV
     shell:
-        "ptm-mamba split --config {params.config} --output_dir {params.outdir} > {log} 2>&1"
+        "ptm-mamba split --config {CONFIG_FILE:q} --output_dir {params.outdir:q} > {log:q} 2>&1"

@@ -3,7 +3,7 @@
 
 rule train:
     input:
-        splits=expand(f"{SPLIT_DIR}/{{split}}.csv", split=SPLITS),
+        splits=SPLIT_FILES,
         embeddings=embedding_files(),
     output:
         config=f"{RUN_DIR}/config.yaml",
@@ -12,11 +12,10 @@ rule train:
         best=f"{RUN_DIR}/best.ckpt",
         last=f"{RUN_DIR}/last.ckpt",
     params:
-        config=RESOLVED_CONFIG,
         split_dir=lambda wildcards, input: os.path.dirname(input.splits[0]),
         run_name=RUN_NAME,
         launch=LAUNCH,
-        settings=fingerprint(config, *config),
+        settings=stage_fingerprint(config, TRAIN),
     threads: 2
     resources:
         gpu=NUM_PROCESSES,
@@ -25,5 +24,5 @@ rule train:
     conda:
         ENV
     shell:
-        "OMP_NUM_THREADS={threads} {params.launch} -m ptm_mamba train --config {params.config}"
-        " --split_dir {params.split_dir} --run_name {params.run_name} --no_progress > {log} 2>&1"
+        "OMP_NUM_THREADS={threads} {params.launch} -m ptm_mamba train --config {CONFIG_FILE:q}"
+        " --split_dir {params.split_dir:q} --run_name {params.run_name:q} --no_progress > {log:q} 2>&1"

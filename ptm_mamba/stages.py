@@ -1,0 +1,173 @@
+"""What each stage's result depends on, listed once.
+
+:data:`DEPENDS_ON` names, per stage, the config keys that change the stage's
+result, and the inputs it depends on by content (the dataset CSV, the ESM-2
+weights). Both users of "is this output still valid?" read it:
+
+- Snakemake's rerun triggers: each rule carries :func:`stage_fingerprint` as a
+  param, so changing a listed key reruns the stage and what depends on it, and
+  changing any other key (``embedding.max_tokens_per_batch``,
+  ``training.num_workers``, paths, thread counts) reruns nothing;
+- the stale checks: a stage records :func:`stage_settings` in what it writes
+  (``summary.json`` of the split, the HDF5 attribute ``settings`` of the
+  embeddings, the checkpoints of training), and a stage that reads those files
+  compares them with its config through :func:`check_settings`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from .errors import PipelineError
+
+SPLIT, EMBED, TRAIN = "split", "embed", "train"
+
+
+def _uses_esm(config: dict) -> bool:
+    return config["training"]["use_esm"]
+
+
+def _precomputed(config: dict) -> bool:
+    return config["training"]["use_esm"] and config["training"]["use_precomputed_embeddings"]
+
+
+_HASH_BLOCK = 1 << 22
+_CACHE_FROM_BYTES = 64 << 20  # hashes of larger files (ESM-2 weights) are kept, keyed by stat
+
+
+def _hash_cache_path() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ptm-mamba" / "sha256.json"
+
+
+def file_sha256(path: str | os.PathLike) -> str | None:
+    """``sha256:<hex>`` of a file's bytes (None when it does not exist).
+
+    Every Snakemake parse and every job asks for the hash of the ESM-2 weights (GBs), so the
+    hash of a large file is cached by (path, size, mtime, inode); the cache is only an
+    accelerator: an unreadable or unwritable cache means hashing again.
+    """
+    from .fileio import atomic_write_json
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        return None
+    st = path.stat()
+    key, stamp = str(path.resolve()), [st.st_size, st.st_mtime_ns, st.st_ino]
+    cached: dict = {}
+    if st.st_size >= _CACHE_FROM_BYTES:
+        try:
+            cached = json.loads(_hash_cache_path().read_text())
+            if cached.get(key, {}).get("stat") == stamp:
+                return cached[key]["sha256"]
+        except (OSError, ValueError, AttributeError):
+            cached = {}
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(_HASH_BLOCK):
+            digest.update(block)
+    value = f"sha256:{digest.hexdigest()}"
+    if st.st_size >= _CACHE_FROM_BYTES:
+        try:
+            atomic_write_json(_hash_cache_path(), {**cached, key: {"stat": stamp, "sha256": value}})
+        except OSError:
+            pass
+    return value
+
+
+def esm_identity(model: str) -> str:
+    """Which ESM-2 weights ``esm.model`` means: the content hash of a local checkpoint file, or
+    the pretrained name (fair-esm's published weights are fixed per name)."""
+    return file_sha256(model) or str(model)
+
+
+@dataclass(frozen=True)
+class Dep:
+    """A config key a stage's result depends on; ``identity`` maps its value to what matters
+    (e.g. a path to its file's content hash); ``when`` limits it to some modes."""
+
+    key: str
+    identity: Callable[[Any], Any] | None = None
+    when: Callable[[dict], bool] | None = None
+
+
+DEPENDS_ON: dict[str, tuple[Dep, ...]] = {
+    SPLIT: (
+        Dep("dataset.dataset_location", identity=file_sha256),
+        Dep("dataset.sequence_column_name"),
+        Dep("dataset.id_column_name"),
+        Dep("dataset.val_size"),
+        Dep("dataset.test_size"),
+        Dep("dataset.split_seed"),
+    ),
+    EMBED: (
+        Dep("esm.model", identity=esm_identity),
+        Dep("esm.repr_layer"),
+        Dep("dataset.unknown_ptm"),
+        Dep("embedding.mask_replicates"),
+        Dep("embedding.window"),
+        Dep("embedding.overlap"),
+        Dep("training.mask_prob"),
+    ),
+    TRAIN: (
+        Dep("seed"),
+        Dep("dataset.max_sequence_length"),
+        Dep("dataset.unknown_ptm"),
+        Dep("model"),
+        Dep("esm.model", identity=esm_identity, when=_uses_esm),
+        Dep("esm.repr_layer", when=_uses_esm),
+        Dep("embedding.mask_replicates", when=_precomputed),
+        *(Dep(f"training.{key}") for key in (
+            "use_esm", "use_precomputed_embeddings", "num_train_epochs", "max_steps", "log_steps",
+            "per_device_train_batch_size", "max_tokens_per_batch", "lr", "weight_decay", "adam_betas",
+            "warmup_steps", "lr_schedule", "min_lr_ratio", "grad_clip", "mask_prob", "random_mask_only_prob",
+            "mixed_precision", "num_processes")),
+    ),
+}
+# Not listed, on purpose: run_name and the folders (where results go, not what they are),
+# embedding.shards / max_tokens_per_batch / batch_size (how the embedding work is cut up),
+# training.num_workers (DataLoader processes), training.resume_from_checkpoint (where a run
+# continues from; the resumed run checks the saved state's own settings).
+
+
+def _lookup(config: dict, key: str) -> Any:
+    value: Any = config
+    for part in key.split("."):
+        value = value[part]
+    return value
+
+
+def stage_settings(config: dict, stage: str) -> dict[str, Any]:
+    """The values of ``stage``'s dependencies under ``config`` (JSON-plain, keyed by config key)."""
+    settings = {}
+    for dep in DEPENDS_ON[stage]:
+        if dep.when is not None and not dep.when(config):
+            continue
+        value = _lookup(config, dep.key)
+        settings[dep.key] = dep.identity(value) if dep.identity is not None else value
+    return json.loads(json.dumps(settings, sort_keys=True))  # tuples -> lists, as read back from a file
+
+
+def fingerprint_of(settings: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def stage_fingerprint(config: dict, stage: str) -> str:
+    """A short hash of :func:`stage_settings`: the rule param that triggers reruns."""
+    return fingerprint_of(stage_settings(config, stage))
+
+
+def check_settings(recorded: Any, config: dict, stage: str, where: str, fix: str) -> None:
+    """Raise a one-line :class:`PipelineError` unless ``recorded`` (what a file says it was
+    made with) equals ``stage``'s settings under ``config``; ``fix`` says what to do."""
+    expected = stage_settings(config, stage)
+    if not isinstance(recorded, dict):
+        raise PipelineError(f"{where}: does not record the settings it was made with; {fix}")
+    for key in sorted(set(expected) | set(recorded)):
+        if recorded.get(key) != expected.get(key):
+            raise PipelineError(f"{where}: made with {key} = {recorded.get(key)!r}, but the config gives "
+                                f"{expected.get(key)!r}; {fix}")
