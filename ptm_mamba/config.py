@@ -13,8 +13,6 @@ converted first.
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 import math
 import os
 from collections.abc import Hashable
@@ -24,7 +22,6 @@ from typing import Any
 import yaml
 
 from .errors import PipelineError
-from .fileio import atomic_write_text
 
 _PACKAGE_SCHEMA = Path(__file__).parent / "schemas" / "config.schema.yaml"
 _REPO_SCHEMA = Path(__file__).parent.parent / "workflow" / "schemas" / "config.schema.yaml"
@@ -225,30 +222,5 @@ def load_config(path: str | os.PathLike) -> dict:
     return validate(config, source=str(path))
 
 
-def fingerprint(config: dict, *sections: str) -> str:
-    """A short stable hash of some config sections (``"dataset"``, ``"training.mask_prob"``...).
-
-    Snakemake rules carry it as a param, so changing a setting reruns exactly
-    the stages that read it.
-    """
-    picked = {}
-    for name in sections:
-        value: Any = config
-        for part in name.split("."):
-            value = value[part]
-        picked[name] = value
-    text = json.dumps(picked, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
 def dump_config(config: dict) -> str:
     return yaml.safe_dump(config, sort_keys=False, default_flow_style=False)
-
-
-def write_config(config: dict, path: str | os.PathLike) -> None:
-    """Write a resolved config atomically, leaving the file untouched when unchanged."""
-    text = dump_config(config)
-    path = Path(path)
-    if path.exists() and path.read_text(encoding="utf-8") == text:
-        return
-    atomic_write_text(path, text)

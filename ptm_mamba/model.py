@@ -264,6 +264,7 @@ class PTMMamba(nn.Module):
         model = cls(config).to(device)
         checkpoint.load_weights(model, weights, path)
         model.run_config = state.get("config")
+        model.run_settings = state.get("settings")  # what it was trained with (ptm_mamba/stages.py)
         return model.eval()
 
     @torch.no_grad()

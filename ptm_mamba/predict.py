@@ -39,7 +39,13 @@ def _esm_for(model, esm_model):
         raise PipelineError("this model uses ESM-2 features but its checkpoint names no ESM model: "
                             "pass esm_model=load_esm(...)") from None
     from .esm import load_esm
+    from .stages import esm_identity
 
+    trained_with = (getattr(model, "run_settings", None) or {}).get("esm.model")
+    if trained_with is not None and esm_identity(name) != trained_with:
+        raise PipelineError(f"ESM model {name}: not the weights this model was trained with "
+                            f"({esm_identity(name)[:19]}, trained with {trained_with[:19]}); "
+                            "restore that checkpoint or pass esm_model=")
     device = next(model.parameters()).device
     return load_esm(name, layer, device=device)
 

@@ -327,9 +327,13 @@ def train(config: dict, *, split_dir: str | None = None, run_name: str | None = 
             log.warning("ignoring %s: it was written with other settings", state_path)
     if source is not None:
         saved = checkpoint.load(source)
-        model.load_state_dict(saved["model"])
+        checkpoint.load_weights(model, saved["model"], source)
         if "optimizer" in saved:
-            optimizer.load_state_dict(saved["optimizer"])
+            try:
+                optimizer.load_state_dict(saved["optimizer"])
+            except (ValueError, KeyError, RuntimeError) as exc:
+                raise PipelineError(f"{source}: its optimiser state does not fit this model "
+                                    f"({checkpoint.one_line(str(exc))})") from None
             scheduler.load_state_dict(saved["scheduler"])
             position = saved["position"]
             metrics = saved["metrics"]

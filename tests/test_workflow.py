@@ -1,33 +1,47 @@
-"""The Snakemake workflow end to end on tiny data: split -> embed -> train, reruns, resume."""
+"""The Snakemake workflow end to end on tiny data: split -> embed -> train, reruns, resume, and the
+state of a run under the ways it goes wrong in use: other invocations during a run, deleted
+outputs, kills at random moments."""
 
 from __future__ import annotations
 
+import json
 import os
+import random
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 from conftest import REPO, tiny_config, write_config
 
 pytestmark = pytest.mark.slow
 SNAKEMAKE = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--cores", "2"]
+RUN = "out dir/ptm-mamba-wf"  # folders with a space: the rules must quote paths
+EMB = "emb dir"
+SPLIT_FILES = ("train.csv", "val.csv", "test.csv", "split_mapping.json", "summary.json")
+RUN_FILES = ("config.yaml", "split_mapping.json", "metrics.json", "best.ckpt", "last.ckpt")
+
+
+def command(workdir: Path, *args: str) -> list[str]:
+    # targets and options first: --configfile takes every word after it
+    return [*SNAKEMAKE, *args, "--directory", str(workdir), "--configfile", str(workdir / "config.yaml")]
 
 
 def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    # targets first: --configfile takes every word after it
-    result = subprocess.run([*SNAKEMAKE, *args, "--directory", str(workdir), "--configfile",
-                             str(workdir / "config.yaml")], capture_output=True, text=True, timeout=900)
+    result = subprocess.run(command(workdir, *args), capture_output=True, text=True, timeout=900)
     if check:
         assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     return result
 
 
 def planned(result: subprocess.CompletedProcess) -> dict[str, int]:
-    """Jobs per rule from a dry run's job table."""
+    """Jobs per rule from a dry run's job table ({} for "Nothing to be done")."""
     jobs, table = {}, False
     for line in (result.stdout + result.stderr).splitlines():
         if line.startswith("job ") and "count" in line:
@@ -42,24 +56,78 @@ def planned(result: subprocess.CompletedProcess) -> dict[str, int]:
     return jobs
 
 
+def files_of(root: Path) -> dict[str, int]:
+    """Every file under ``root`` but Snakemake's own folder, with its mtime."""
+    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.rglob("*")
+            if p.is_file() and ".snakemake" not in p.parts}
+
+
+def outputs(root: Path) -> dict:
+    """What a finished run produced, in comparable form: split files, stored embeddings, the run's
+    files (checkpoints as tensors), the report's tables."""
+    from ptm_mamba.embedding_store import EmbeddingReader
+
+    out: dict = {f"split/{n}": (root / "results" / "split" / n).read_bytes() for n in SPLIT_FILES}
+    for split in ("train", "val", "test"):
+        with EmbeddingReader(root / EMB / f"{split}_embeddings.h5") as store:
+            out[f"emb/{split}"] = [(i, [np.asarray(a) for a in store.get(i, k)])
+                                   for i in store.ids for k in range(store.attrs["mask_replicates"])]
+    for n in ("config.yaml", "split_mapping.json"):
+        out[f"run/{n}"] = (root / RUN / n).read_bytes()
+    out["run/metrics"] = json.loads((root / RUN / "metrics.json").read_text())
+    for n in ("best.ckpt", "last.ckpt"):
+        out[f"run/{n}"] = torch.load(root / RUN / n, weights_only=True)["model"]
+    for n in ("splits.tsv", "test_results.tsv", "config.yaml"):
+        out[f"report/{n}"] = (root / "results" / "report" / "wf" / n).read_bytes()
+    return out
+
+
+def assert_same_outputs(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        if key.startswith("emb/"):
+            assert [i for i, _ in a[key]] == [i for i, _ in b[key]], key
+            for (_, x), (_, y) in zip(a[key], b[key]):
+                assert all(np.array_equal(u, v) for u, v in zip(x, y)), key
+        elif key.endswith(".ckpt"):
+            assert a[key].keys() == b[key].keys()
+            assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
+        else:
+            assert a[key] == b[key], key
+
+
+def same_config_in(workdir: Path, root: Path) -> Path:
+    """A new project folder with the reference's config (same data, same ESM-2 file)."""
+    root.mkdir(parents=True, exist_ok=True)
+    shutil.copy(workdir / "config.yaml", root / "config.yaml")
+    return root
+
+
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
+    """The reference: one uninterrupted run of the whole DAG."""
     root = tmp_path_factory.mktemp("workflow")
-    config = tiny_config(root, n=48, run_name="wf", training={"embeddings_dir": "embeddings",
-                                                             "output_dir": "outputs"})
+    config = tiny_config(root, n=48, run_name="wf", training={"embeddings_dir": EMB, "output_dir": "out dir"})
     write_config(root / "config.yaml", **config)
     snakemake(root)
     return root
 
 
+@pytest.fixture(scope="module")
+def reference(workdir) -> dict:
+    return outputs(workdir)
+
+
 def test_full_dag_runs_and_writes_the_seed_outputs(workdir):
-    run = workdir / "outputs" / "ptm-mamba-wf"
-    for name in ("config.yaml", "split_mapping.json", "metrics.json", "best.ckpt", "last.ckpt"):
-        assert (run / name).is_file(), name
+    for name in RUN_FILES:
+        assert (workdir / RUN / name).is_file(), name
     for split in ("train", "val", "test"):
-        assert (workdir / "embeddings" / f"{split}_embeddings.h5").is_file()
+        assert (workdir / EMB / f"{split}_embeddings.h5").is_file()
     assert (workdir / "logs" / "split.log").is_file()
     assert (workdir / "logs" / "train" / "wf.log").is_file()
+    # the jobs read the config of this invocation, from a file named by its content
+    configs = list((workdir / "results" / "configs").iterdir())
+    assert len(configs) == 1 and configs[0].read_text() == (workdir / RUN / "config.yaml").read_text()
 
 
 def test_rerun_does_nothing(workdir):
@@ -67,24 +135,124 @@ def test_rerun_does_nothing(workdir):
     assert "Nothing to be done" in result.stdout + result.stderr
 
 
-def test_changing_a_training_parameter_reruns_only_training(workdir):
-    import yaml
+@pytest.mark.parametrize("override, stages", [
+    ("training={lr: 0.001}", {"train", "plots", "run_config", "all"}),       # a nested number, typed by the schema
+    ("seed=7", {"train", "plots", "run_config", "all"}),
+    ("training={mask_prob: 0.2}", {"embed_shard", "gather_embeddings", "train", "plots", "run_config", "all"}),
+    ("dataset={split_seed: 1}", {"split", "embed_shard", "gather_embeddings", "train", "plots", "run_config",
+                                 "all"}),
+    ("training={num_workers: 1}", set()),                                       # how, not what: reruns nothing
+    ("embedding={max_tokens_per_batch: 2000, batch_size: 3}", set()),
+])
+def test_a_setting_reruns_exactly_the_stages_that_read_it(workdir, override, stages):
+    assert set(planned(snakemake(workdir, "-n", "--config", override))) == stages
 
-    config = yaml.safe_load((workdir / "config.yaml").read_text())
-    config["training"]["lr"] = 1e-3
-    (workdir / "changed.yaml").write_text(yaml.safe_dump(config))
-    result = subprocess.run([*SNAKEMAKE, "--directory", str(workdir), "--configfile",
-                             str(workdir / "changed.yaml"), "-n"], capture_output=True, text=True, timeout=300)
-    assert planned(result) == {"all": 1, "train": 1, "plots": 1, "run_config": 1}, result.stdout
+
+@pytest.mark.parametrize("deleted, stages", [
+    (f"{RUN}/metrics.json", {"train", "plots", "run_config", "all"}),
+    (f"{RUN}/split_mapping.json", {"train", "plots", "run_config", "all"}),
+    (f"{RUN}/config.yaml", {"train", "plots", "run_config", "all"}),
+    (f"{EMB}/val_embeddings.h5", {"gather_embeddings", "train", "plots", "run_config", "all"}),
+    ("results/split/split_mapping.json", {"split", "embed_shard", "gather_embeddings", "train", "plots",
+                                          "run_config", "all"}),
+    ("results/split/test.csv", {"split", "embed_shard", "gather_embeddings", "train", "plots", "run_config",
+                                "all"}),
+])
+def test_a_deleted_output_is_rebuilt_with_what_depends_on_it(workdir, tmp_path, deleted, stages):
+    path = workdir / deleted
+    shutil.move(path, tmp_path / "saved")
+    try:
+        assert set(planned(snakemake(workdir, "-n"))) == stages
+    finally:
+        shutil.move(tmp_path / "saved", path)
+
+
+def test_a_deleted_metrics_file_comes_back(workdir, reference):
+    (workdir / RUN / "metrics.json").unlink()
+    snakemake(workdir)
+    assert json.loads((workdir / RUN / "metrics.json").read_text()) == reference["run/metrics"]
+    assert "Nothing to be done" in (lambda r: r.stdout + r.stderr)(snakemake(workdir, "-n"))
+
+
+def test_parsing_writes_nothing(workdir):
+    """A dry run with other settings, --lint and --report write no file that a job reads."""
+    before = files_of(workdir)
+    snakemake(workdir, "-n", "--config", "seed=7", "training={lr: 0.5}")
+    snakemake(workdir, "--lint", check=False)
+    before_report = files_of(workdir)
+    snakemake(workdir, "--report", str(workdir / "report.html"))
+    assert files_of(workdir) == {**before_report, "report.html": files_of(workdir)["report.html"]}
+    assert before == before_report
+
+
+def test_config_mistakes_are_one_line(workdir, tmp_path):
+    bad = tmp_path / "dup.yaml"
+    bad.write_text((workdir / "config.yaml").read_text() + "seed: 3\nseed: 4\n")
+    duplicate = subprocess.run([*SNAKEMAKE, "-n", "--directory", str(workdir), "--configfile", str(bad)],
+                               capture_output=True, text=True, timeout=300)
+    not_a_number = snakemake(workdir, "-n", "--config", "training={lr: abc}", check=False)
+    for result, words in ((duplicate, "duplicate key 'seed'"), (not_a_number, "training.lr: 'abc'")):
+        lines = [line for line in result.stderr.splitlines()
+                 if line.strip() and not line.startswith("Using workflow specific profile")]  # Snakemake's
+        assert result.returncode != 0 and len(lines) == 1, result.stderr
+        assert lines[0].startswith("error: ") and words in lines[0], lines[0]
 
 
 def test_deleting_one_shard_reruns_only_that_shard_and_the_gather(workdir):
-    (workdir / "embeddings" / "shards" / "val" / "1-of-2.h5").unlink()
+    (workdir / EMB / "shards" / "val" / "1-of-2.h5").unlink()
     result = snakemake(workdir, "embeddings")
     out = result.stdout + result.stderr
     assert "rule embed_shard:" in out.replace("localrule", "rule")
     assert out.count("embed_shard:") == 1 and out.count("gather_embeddings:") == 1, out
     assert "rule split" not in out.replace("localrule", "rule")
+
+
+def wait_for(predicate, proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while not predicate():
+        assert proc.poll() is None, "the run ended before the moment the test waits for"
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_other_invocations_during_a_run_change_nothing(workdir, reference, tmp_path):
+    """A dry run with other settings and a second, locked-out run while the first one embeds:
+    the first run's jobs still get its own settings."""
+    root = same_config_in(workdir, tmp_path / "p")
+    proc = subprocess.Popen(command(root), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: (root / "logs" / "embed").is_dir(), proc)
+        snakemake(root, "-n", "--config", "seed=7")
+        second = snakemake(root, "--config", "seed=7", check=False)
+        assert second.returncode != 0 and "lock" in (second.stdout + second.stderr).lower()
+        assert proc.wait(timeout=600) == 0
+    finally:
+        proc.kill()
+    assert len(list((root / "results" / "configs").iterdir())) == 1
+    assert_same_outputs(outputs(root), reference)
+    assert "Nothing to be done" in (lambda r: r.stdout + r.stderr)(snakemake(root, "-n"))
+
+
+def test_killed_at_random_moments_ends_as_an_uninterrupted_run(workdir, reference, tmp_path):
+    """Chaos: SIGKILL to Snakemake and its jobs at seeded random moments, each time restarted
+    (with --unlock, as Snakemake asks); the outputs equal the uninterrupted run's."""
+    root = same_config_in(workdir, tmp_path / "chaos")
+    rng = random.Random(20261201)
+    kills = 0
+    for _ in range(4):
+        proc = subprocess.Popen(command(root), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
+        try:
+            proc.wait(timeout=rng.uniform(1.0, 20.0))
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # Snakemake and every job, as a node failure would
+            proc.wait()
+            kills += 1
+        snakemake(root, "--unlock")
+    assert kills >= 2, "the seeded moments should interrupt the run"
+    snakemake(root)
+    assert_same_outputs(outputs(root), reference)
+    assert "Nothing to be done" in (lambda r: r.stdout + r.stderr)(snakemake(root, "-n"))
 
 
 def test_interrupted_training_resumes_under_snakemake(tmp_path):
@@ -93,12 +261,9 @@ def test_interrupted_training_resumes_under_snakemake(tmp_path):
     write_config(tmp_path / "config.yaml", **config)
     snakemake(tmp_path, "embeddings")
     state = tmp_path / "outputs" / "ptm-mamba-kill" / "resume" / "state.ckpt"
-    proc = subprocess.Popen([*SNAKEMAKE, "--directory", str(tmp_path), "--configfile", str(tmp_path / "config.yaml")],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 300
-    while not state.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    assert proc.poll() is None, "training ended before it could be interrupted"
+    proc = subprocess.Popen(command(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    wait_for(state.exists, proc)
     os.killpg(proc.pid, signal.SIGKILL)  # snakemake and the training job, as a crash or a scancel would
     proc.wait()
     snakemake(tmp_path, "--unlock")  # a killed Snakemake leaves its lock, as the message tells the user
