@@ -170,6 +170,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:  # the file system refused: a path under a file, no permission, disk full ...
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 2
     except StopRequested as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 128 + exc.signum

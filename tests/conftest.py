@@ -109,3 +109,19 @@ def embedded_project(tmp_path_factory) -> tuple[Path, dict]:
     embed_all(config, root / "split", root / "embeddings")
     write_config(root / "config.yaml", **config)
     return root, config
+
+
+# Two PTM sequences for inference tests (10 and 8 residues).
+SEQS = {"a": "MK<Phosphoserine>LLVRRAS", "b": "M<N-acetylalanine>KN<N-linked (GlcNAc...) asparagine>GTW"}
+
+
+@pytest.fixture(scope="session")
+def checkpoint(embedded_project, tmp_path_factory) -> Path:
+    """best.ckpt of a 2-step training run on the embedded project (through the real CLI)."""
+    root, config = embedded_project
+    cfg = dict(config, run_name="trained")
+    cfg["training"] = dict(config["training"], max_steps=2, log_steps=2)
+    path = write_config(tmp_path_factory.mktemp("trained") / "c.yaml", **cfg)
+    result = run_cli("train", "--config", path, "--split_dir", root / "split", "--no_progress")
+    assert result.returncode == 0, result.stderr
+    return root / "outputs" / "ptm-mamba-trained" / "best.ckpt"

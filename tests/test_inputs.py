@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import run_cli, write_config
+from conftest import SEQS, run_cli, write_config
 from ptm_mamba.config import load_config, load_yaml_strict, validate
 from ptm_mamba.embedding_store import EmbeddingReader
 from ptm_mamba.errors import PipelineError
@@ -129,21 +129,20 @@ def test_config_run_name_with_dots_is_refused(toy_config: Path):
     assert validate({**load_yaml_strict(toy_config), "run_name": "v1.2-run_3"})["run_name"] == "v1.2-run_3"
 
 
+# --- output folders that are files
+
+
+def test_an_output_folder_that_is_a_file_is_refused(toy_config: Path, tmp_path: Path):
+    blocker = tmp_path / "taken"
+    blocker.write_text("a file, not a folder\n")
+    assert_refused(run_cli("split", "--config", toy_config, "--output_dir", blocker / "split"), str(blocker))
+    config = write_config(tmp_path / "c.yaml", **load_yaml_strict(toy_config),
+                          training={"output_dir": str(blocker), "use_esm": False, "max_steps": 1})
+    assert_refused(run_cli("train", "--config", config, "--run_name", "r", "--no_progress"), str(blocker))
+    assert blocker.read_text() == "a file, not a folder\n"
+
+
 # --- predict
-
-
-SEQS = {"a": "MK<Phosphoserine>LLVRRAS", "b": "M<N-acetylalanine>KN<N-linked (GlcNAc...) asparagine>GTW"}
-
-
-@pytest.fixture(scope="module")
-def checkpoint(embedded_project, tmp_path_factory) -> Path:
-    root, config = embedded_project
-    cfg = dict(config, run_name="inputs")
-    cfg["training"] = dict(config["training"], max_steps=1, log_steps=1)
-    path = write_config(tmp_path_factory.mktemp("inputs") / "c.yaml", **cfg)
-    result = run_cli("train", "--config", path, "--split_dir", root / "split", "--no_progress")
-    assert result.returncode == 0, result.stderr
-    return root / "outputs" / "ptm-mamba-inputs" / "best.ckpt"
 
 
 def fasta(path: Path, prefix: bytes = b"") -> Path:

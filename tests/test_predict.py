@@ -3,25 +3,11 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
 
-from conftest import run_cli, write_config
+from conftest import SEQS, run_cli
 from ptm_mamba.embedding_store import EmbeddingReader
 from ptm_mamba.model import PTMMamba
-
-SEQS = {"a": "MK<Phosphoserine>LLVRRAS", "b": "M<N-acetylalanine>KN<N-linked (GlcNAc...) asparagine>GTW"}
-
-
-@pytest.fixture(scope="module")
-def checkpoint(embedded_project, tmp_path_factory):
-    root, config = embedded_project
-    cfg = dict(config, run_name="predict")
-    cfg["training"] = dict(config["training"], max_steps=2, log_steps=2)
-    path = write_config(tmp_path_factory.mktemp("predict") / "c.yaml", **cfg)
-    result = run_cli("train", "--config", path, "--split_dir", root / "split", "--no_progress")
-    assert result.returncode == 0, result.stderr
-    return root / "outputs" / "ptm-mamba-predict" / "best.ckpt"
 
 
 def test_from_checkpoint_predicts_with_its_own_esm(checkpoint):
