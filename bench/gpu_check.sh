@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # The GPU checks of the Triton scan and of training throughput, as one device run (about 5 minutes
 # on an H100 after the machine's start):
-#   1. tests/test_scan_triton.py with the kernels compiled for the GPU (against the sequential reference);
+#   1. tests/test_scan_triton.py with the kernels compiled for the GPU (against the sequential reference),
+#      and tests/test_scan_fallback.py (failures injected: one warning, then the PyTorch path);
 #   2. bench/scan.py at the paper's block size, batch 16: PyTorch scan vs Triton, chunks of 16, 32 and 64;
-#   3. bench/train.py --paper: tokens/s precomputed vs on the fly (the Triton configs pinned to the
-#      ones step 2 chose, so no autotuning lands inside the timed steps).
+#   3. bench/train.py --paper: tokens/s precomputed vs on the fly (model.scan auto; the Triton chunk and
+#      config pinned to the ones step 2 chose, so no autotuning lands inside the timed steps). Each
+#      bench prints what ran: a kernel that failed and fell back to PyTorch shows there.
 # Logs go to $OUT (the device tool's folder) or /tmp/gpu_check.
 #
 # The lent machines have torch, triton, h5py, accelerate and pytest but not fair-esm: carry it from
@@ -23,15 +25,16 @@ mkdir -p "$log"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 
-echo "== 1. Triton scan tests on the GPU"
-timeout 180 python3 -m pytest -q -p no:cacheprovider tests/test_scan_triton.py 2>&1 | tee "$log/tests.log" | tail -15
+echo "== 1. Triton scan tests and the fallbacks on the GPU"
+timeout 180 python3 -m pytest -q -p no:cacheprovider tests/test_scan_triton.py tests/test_scan_fallback.py 2>&1 \
+  | tee "$log/tests.log" | tail -15
 
 echo "== 2. scan fwd+bwd, (16, 1536, 16, 1024)"
 for chunk in 16 32 64; do
-  echo "-- PTM_MAMBA_SCAN_CHUNK=$chunk"
-  backends=triton; [ "$chunk" = 32 ] && backends="torch triton"
-  PTM_MAMBA_SCAN_CHUNK=$chunk timeout 120 python3 bench/scan.py --device cuda --batch 16 --repeats 10 --skip-ref \
-    --backend $backends 2>&1 | tee "$log/scan-$chunk.log"
+  echo "-- chunk $chunk"
+  scans=triton; [ "$chunk" = 32 ] && scans="torch triton"
+  timeout 120 python3 bench/scan.py --device cuda --batch 16 --repeats 10 --skip-ref --chunk "$chunk" \
+    --scan $scans 2>&1 | tee "$log/scan-$chunk.log"
 done
 if [ -f .bench_old/scan_triton_seq.py ]; then
   echo "-- 2b. the earlier position-by-position Triton kernel (commit 7ca7c22), same inputs"
@@ -52,5 +55,5 @@ block=$(grep -o 'bwd [0-9]*x[0-9]*' "$log/scan-${best_chunk:-32}.log" | cut -d' 
 echo "fastest chunk: ${best_chunk:-?}, bwd config: ${block:-?}"
 
 echo "== 3. training tokens/s at the paper's size"
-PTM_MAMBA_SCAN_CHUNK=${best_chunk:-32} PTM_MAMBA_SCAN_BLOCK=${block:-} timeout 300 python3 bench/train.py \
-  --device cuda --paper --steps 8 --warmup 4 --threads 8 --workers 2 2>&1 | tee "$log/train.log"
+timeout 300 python3 bench/train.py --device cuda --paper --steps 8 --warmup 4 --threads 8 --workers 2 \
+  --scan auto --chunk "${best_chunk:-32}" ${block:+--block "$block"} 2>&1 | tee "$log/train.log"

@@ -4,15 +4,16 @@ Inputs are one Mamba block's at the paper's size (batch 1, d_inner 1536, d_state
 called as the block calls it (D, z, delta_bias, delta_softplus=True). "fwd" is a forward pass
 under no_grad, "fwd+bwd" a forward and a backward pass of sum(out * w). Each number is the median
 of --repeats timed runs after one untimed warm-up (the reference: one run, no warm-up). On a GPU
-where ``mamba_ssm`` imports, its fused ``selective_scan_fn`` is timed too. --backend sets
-PTM_MAMBA_SCAN (auto, torch: the PyTorch scan, triton: ``ptm_mamba.scan_triton``); with several,
-each is timed in turn ("ours[torch]", "ours[triton]"), and the Triton configs the autotuner chose are
-printed (PTM_MAMBA_SCAN_CHUNK sets the Triton scan's chunk length).
+where ``mamba_ssm`` imports, its fused ``selective_scan_fn`` is timed too. --scan is selective_scan's
+``scan`` (auto, torch: the PyTorch scan, triton: ``ptm_mamba.scan_triton``; model.scan in the config);
+with several, each is timed in turn ("ours[torch]", "ours[triton]"), and the Triton configs the
+autotuner chose are printed. --chunk and --block set the Triton scan's chunk length and pin its
+config (``scan_triton.configure``). The last line says what ran (a kernel that failed fell back).
 
     python bench/scan.py                                   # CPU, 2 threads (reference fwd+bwd ~40 s)
     python bench/scan.py --skip-ref-backward
     python bench/scan.py --device cuda --repeats 20
-    python bench/scan.py --device cuda --batch 16 --backend torch triton --skip-ref
+    python bench/scan.py --device cuda --batch 16 --scan torch triton --chunk 64 --skip-ref
 
 ``main()`` returns the numbers as a dict.
 """
@@ -20,15 +21,17 @@ printed (PTM_MAMBA_SCAN_CHUNK sets the Triton scan's chunk length).
 from __future__ import annotations
 
 import argparse
+import functools
 import math
-import os
 import statistics
 import time
 from typing import Callable
 
 import torch
 
-from ptm_mamba.scan import selective_scan, selective_scan_ref
+from ptm_mamba import scan_triton
+from ptm_mamba.mamba_block import check_scan
+from ptm_mamba.scan import selective_scan, selective_scan_ref, what_ran
 
 
 def make_inputs(batch: int, dim: int, nstate: int, length: int, device: str) -> dict[str, torch.Tensor]:
@@ -88,8 +91,6 @@ def time_scan(
 
 def triton_configs() -> dict[str, str]:
     """The autotuner's last choice per Triton scan kernel, as "BLOCK_DxWARPS"; empty if none ran."""
-    from ptm_mamba import scan_triton
-
     chosen = {}
     for name, kernel in (("fwd", scan_triton._fwd_kernel), ("bwd", scan_triton._bwd_kernel)):
         config = getattr(kernel, "best_config", None)
@@ -109,28 +110,29 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     p.add_argument("--length", type=int, default=1024)
     p.add_argument("--skip-ref", action="store_true", help="do not time the reference at all")
     p.add_argument("--skip-ref-backward", action="store_true", help="time only the reference's forward")
-    p.add_argument("--backend", nargs="+", default=["auto"], choices=("auto", "torch", "triton"),
-                   help="PTM_MAMBA_SCAN for selective_scan; several: time each")  # fmt: skip
+    p.add_argument("--scan", nargs="+", default=["auto"], choices=("auto", "torch", "triton"),
+                   help="selective_scan's scan (model.scan); several: time each")  # fmt: skip
+    p.add_argument("--chunk", type=int, default=scan_triton.DEFAULT_CHUNK, help="the Triton scan's chunk length")
+    p.add_argument("--block", metavar="BLOCK_DxWARPS", help="pin the Triton scan's config, e.g. 32x4 (no autotuning)")
     args = p.parse_args(argv)
+    for choice in args.scan:
+        check_scan(choice)
+    if scan_triton.unavailable() is None:
+        scan_triton.configure(args.chunk, args.block)
 
     torch.set_num_threads(args.threads)
     inputs = make_inputs(args.batch, args.dim, args.state, args.length, args.device)
     shape = (args.batch, args.dim, args.state, args.length)
     print(f"device {args.device}, threads {torch.get_num_threads()}, (batch, d_inner, d_state, length) = {shape}")
     results: dict[str, dict[str, float]] = {}
-    previous = os.environ.get("PTM_MAMBA_SCAN")
-    for backend in args.backend:
-        os.environ["PTM_MAMBA_SCAN"] = backend
-        name = "ours" if len(args.backend) == 1 else f"ours[{backend}]"
-        results[name] = time_scan(selective_scan, inputs, args.repeats, True, args.device)
+    for choice in args.scan:
+        name = "ours" if len(args.scan) == 1 else f"ours[{choice}]"
+        scan = functools.partial(selective_scan, scan=choice)
+        results[name] = time_scan(scan, inputs, args.repeats, True, args.device)
         if args.device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
-            time_scan(selective_scan, inputs, 1, False, args.device)
+            time_scan(scan, inputs, 1, False, args.device)
             results[name]["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
-    if previous is None:
-        os.environ.pop("PTM_MAMBA_SCAN")
-    else:
-        os.environ["PTM_MAMBA_SCAN"] = previous
     if args.device.startswith("cuda"):
         try:
             from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
@@ -143,13 +145,14 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
 
     tuned = triton_configs()
     if tuned:
-        print("triton configs chosen (PTM_MAMBA_SCAN_BLOCK form): " + "  ".join(f"{k} {v}" for k, v in tuned.items()))
+        print("triton configs chosen (--block form): " + "  ".join(f"{k} {v}" for k, v in tuned.items()))
     for name, r in results.items():
         print(f"{name:14s} " + "  ".join(f"{k} {v:.4f}{'' if k == 'peak_gib' else ' s'}" for k, v in r.items()))
     if "reference" in results:
         ref = results["reference"]
         for name in (n for n in results if n.startswith("ours")):
             print(f"reference / {name}: " + "  ".join(f"{k} {ref[k] / results[name][k]:.1f}x" for k in ref))
+    print(f"ran: {what_ran()}")
     return results
 
 

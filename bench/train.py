@@ -12,6 +12,10 @@ ESM-2 weights are random (no download): the architecture sets the cost.
 
     python bench/train.py                                   # demo config on CPU (ESM-2 8M arch)
     python bench/train.py --device cuda --paper             # paper size: d_model 768, 24 layers, ESM-2 650M
+    python bench/train.py --device cuda --paper --scan triton --chunk 64 --block 32x4
+
+--scan is the config's model.scan; --chunk and --block tune the Triton scan (``scan_triton.configure``).
+The results say which kernels ran ("ran"): one that failed and fell back to PyTorch shows there.
 """
 
 from __future__ import annotations
@@ -28,12 +32,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from ptm_mamba import scan_triton  # noqa: E402
 from ptm_mamba.batching import epoch_batches  # noqa: E402
 from ptm_mamba.data import BatchBuilder, EpochBatches, collate_single  # noqa: E402
 from ptm_mamba.dataset import Protein  # noqa: E402
 from ptm_mamba.embedding_store import EmbeddingReader, ShardWriter  # noqa: E402
 from ptm_mamba.esm import EsmModel  # noqa: E402
+from ptm_mamba.mamba_block import SCANS  # noqa: E402
 from ptm_mamba.model import ModelConfig, PTMMamba  # noqa: E402
+from ptm_mamba.scan import what_ran  # noqa: E402
 from ptm_mamba.tokenizer import PAD_ID, PTM_TOKENS  # noqa: E402
 from ptm_mamba.train import batch_sums, forward_batch  # noqa: E402
 
@@ -113,7 +120,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--workers", type=int, default=1, help="DataLoader workers assembling batches")
+    ap.add_argument("--scan", choices=SCANS, default="auto", help="model.scan: the Mamba blocks' kernels")
+    ap.add_argument("--chunk", type=int, default=scan_triton.DEFAULT_CHUNK, help="the Triton scan's chunk length")
+    ap.add_argument("--block", metavar="BLOCK_DxWARPS", help="pin the Triton scan's config, e.g. 32x4 (no autotuning)")
     args = ap.parse_args(argv)
+    if scan_triton.unavailable() is None:
+        scan_triton.configure(args.chunk, args.block)
     if args.paper:
         args.d_model, args.n_layer, args.esm_arch = 768, 24, "650M"
         args.max_tokens, args.batch_size = 16384, 64
@@ -124,7 +136,8 @@ def main(argv=None) -> dict:
     dim = esm_model.embed_dim
     results = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                "d_model": args.d_model, "n_layer": args.n_layer, "esm": args.esm_arch,
-               "max_tokens": args.max_tokens, "batch_size": args.batch_size, "workers": args.workers}
+               "max_tokens": args.max_tokens, "batch_size": args.batch_size, "workers": args.workers,
+               "scan": args.scan}
     with tempfile.TemporaryDirectory() as tmp:
         store = write_store(proteins, dim, Path(tmp) / "train.h5")
         for mode in ("precomputed", "on_the_fly"):
@@ -133,13 +146,16 @@ def main(argv=None) -> dict:
                                    esm_alphabet=esm_model.alphabet if mode == "on_the_fly" else None)
             batches = epoch_batches(builder.lengths, args.max_tokens, args.batch_size, seed=0, epoch=0)
             torch.manual_seed(0)
-            model = PTMMamba(ModelConfig(d_model=args.d_model, n_layer=args.n_layer, esm_dim=dim)).to(device)
+            model = PTMMamba(ModelConfig(d_model=args.d_model, n_layer=args.n_layer, esm_dim=dim,
+                                         scan=args.scan)).to(device)
             results[mode] = measure(model, builder, batches, esm_model if mode == "on_the_fly" else None,
                                     device, args.steps, args.warmup, args.workers)
             print(f"{mode:12s} {results[mode]['tokens_per_s']:10.0f} tokens/s", flush=True)
     results["precomputed_over_on_the_fly"] = results["precomputed"]["tokens_per_s"] / \
         results["on_the_fly"]["tokens_per_s"]
     print(f"precomputed / on the fly: {results['precomputed_over_on_the_fly']:.2f}x")
+    results["ran"] = what_ran()
+    print(f"ran: {results['ran']}")
     print(json.dumps(results))
     return results
 

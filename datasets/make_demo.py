@@ -1,10 +1,14 @@
 """Generate the SYNTHETIC demo data set: random proteins with motif-rule PTMs.
 
-    python datasets/make_demo.py [--n 2000] [--seed 0] [--out datasets/demo.csv] [--stats]
+    python datasets/make_demo.py [--n 2000] [--families 24] [--seed 0] [--out datasets/demo.csv] [--stats]
 
 Not biology: residues are drawn independently from UniProt background
 frequencies, a few motifs are planted, then each PTM rule below puts its token
 on matching residues with a fixed probability, so a model can learn the rules.
+After the ``n`` unrelated proteins come ``families`` homolog families: a founder
+and copies of it at the known identities of :data:`FAMILY_IDENTITIES`, so that
+a random split puts near-copies of training proteins in the test set and a
+split by sequence clusters does not.
 The output (columns ``unique_id``, ``ptm_seq``) is byte-identical for the same
 arguments: one ``random.Random(seed)`` drives every draw, in a fixed order.
 """
@@ -76,6 +80,10 @@ PLANTS = [
     ("any", "h" * 16 + "C", 0.05, 1),
 ]
 
+# Each homolog family: a founder, then one copy per identity here (substitutions only, the initiator
+# Met kept, every substituted residue changed to another one: the identity to the founder is exact).
+FAMILY_IDENTITIES = (0.9, 0.7, 0.5, 0.4)
+
 
 class Demo:
     """One seeded generator: every random draw happens here, in a fixed order."""
@@ -117,6 +125,15 @@ class Demo:
                 seq[start:start + len(motif)] = motif
         return "".join(seq)
 
+    def mutate(self, seq: str, identity: float) -> str:
+        """A copy of ``seq`` with ``round((1 - identity) * len)`` residues (never Met 1) substituted."""
+        out = list(seq)
+        for i in sorted(self.rng.sample(range(1, len(seq)), round((1 - identity) * len(seq)))):
+            while (new := self.residues(1)) == seq[i]:
+                pass
+            out[i] = new
+        return "".join(out)
+
     def modify(self, seq: str) -> list[str]:
         """Tokens of ``seq`` with PTM tokens placed by :data:`RULES`."""
         tokens = list(seq)
@@ -129,10 +146,14 @@ class Demo:
         return tokens
 
 
-def generate(n: int, seed: int) -> list[tuple[str, list[str]]]:
-    """``n`` rows of (unique_id, tokens)."""
+def generate(n: int, seed: int, families: int = 0) -> list[tuple[str, list[str]]]:
+    """``n`` unrelated proteins, then ``families`` homolog families, as rows of (unique_id, tokens)."""
     demo = Demo(seed)
-    return [(f"DEMO_{i:05d}", demo.modify(demo.protein())) for i in range(1, n + 1)]
+    rows = [demo.modify(demo.protein()) for _ in range(n)]
+    for _ in range(families):
+        founder = demo.protein()
+        rows += [demo.modify(seq) for seq in (founder, *(demo.mutate(founder, x) for x in FAMILY_IDENTITIES))]
+    return [(f"DEMO_{i:05d}", tokens) for i, tokens in enumerate(rows, start=1)]
 
 
 def write_csv(rows: list[tuple[str, list[str]]], out: Path) -> None:
@@ -167,13 +188,17 @@ def stats(rows: list[tuple[str, list[str]]]) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=2000, help="number of proteins")
+    parser.add_argument("--families", type=int, default=24,
+                        help=f"homolog families after the n proteins ({1 + len(FAMILY_IDENTITIES)} proteins each)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("demo.csv"))
     parser.add_argument("--stats", action="store_true", help="print counts after writing")
     args = parser.parse_args(argv)
     if args.n < 1:
         raise PipelineError(f"make_demo: --n must be at least 1, got {args.n}")
-    rows = generate(args.n, args.seed)
+    if args.families < 0:
+        raise PipelineError(f"make_demo: --families must be at least 0, got {args.families}")
+    rows = generate(args.n, args.seed, args.families)
     write_csv(rows, args.out)
     if args.stats:
         print(stats(rows))

@@ -8,6 +8,7 @@ A :class:`PipelineError` ends the command with one line on stderr and exit 2.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from typing import Callable
 
@@ -30,12 +31,40 @@ def cmd_split(args: argparse.Namespace) -> None:
     from .split import run_split
 
     config = load_config(args.config)
-    summary = run_split(config, args.output_dir)
+    if args.clusters and config["dataset"]["split_by"] != "cluster":
+        raise PipelineError("--clusters is read only with dataset.split_by: cluster")
+    summary = run_split(config, args.output_dir, clusters_file=args.clusters, threads=args.threads)
     for name, s in summary["splits"].items():
-        print(f"{name}: {s['sequences']} sequences, {s['residues']} residues, {s['ptm_sites']} PTM sites, "
+        clusters = f" in {s['clusters']} clusters" if "clusters" in s else ""
+        print(f"{name}: {s['sequences']} sequences{clusters}, {s['residues']} residues, {s['ptm_sites']} PTM sites, "
               f"longest {s['max_length']}")
     dup = summary["duplicates"]
     print(f"{dup['groups']} groups of duplicate sequences ({dup['proteins']} proteins), each kept in one split")
+    if "clusters" in summary:
+        near = summary["clusters"]["test_vs_train"]
+        best = "no alignment" if near["max_identity"] is None else f"highest identity {near['max_identity']}"
+        print(f"test vs train: {best} over >= {near['coverage']} of both ({near['searched']} of {near['of']} "
+              "test proteins searched with mmseqs)")
+
+
+def cmd_cluster(args: argparse.Namespace) -> None:
+    from collections import Counter
+
+    from .cluster import run_cluster
+    from .config import load_config
+
+    clusters = run_cluster(load_config(args.config), args.output, threads=args.threads)
+    sizes = sorted(Counter(clusters.values()).values(), reverse=True)
+    print(f"{len(clusters)} proteins in {len(sizes)} clusters (largest {sizes[0]}, {sizes.count(1)} singletons) "
+          f"-> {args.output}")
+
+
+def cmd_prepare(args: argparse.Namespace) -> None:
+    from .prepare import prepare, report_lines, summary_path
+
+    summary = prepare(args.format, args.input, args.output)
+    print("\n".join(report_lines(summary)))
+    print(f"-> {args.output} (summary: {summary_path(args.output)})")
 
 
 def cmd_embed_shard(args: argparse.Namespace) -> None:
@@ -87,8 +116,20 @@ def cmd_predict(args: argparse.Namespace) -> None:
     from .predict import write_predictions
 
     n = write_predictions(args.checkpoint, args.input, args.output, device=args.device,
-                          max_tokens_per_batch=args.max_tokens_per_batch)
+                          max_tokens_per_batch=args.max_tokens_per_batch, pooled=args.pooled,
+                          progress=not args.no_progress)
     print(f"{n} proteins -> {args.output}")
+
+
+def cmd_import_original(args: argparse.Namespace) -> None:
+    from .original import import_original
+
+    summary = import_original(args.checkpoint, args.output, esm_model=args.esm_model,
+                              esm_repr_layer=args.esm_repr_layer)
+    m = summary["model_config"]
+    print(f"{m['model_type']} d_model {m['d_model']} n_layer {m['n_layer']} esm_dim {m['esm_dim']}: "
+          f"{summary['kept']} tensors kept, {len(summary['dropped'])} unused *_b mixer tensors dropped "
+          f"-> {args.output}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,7 +139,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("split", help="validate the dataset and split it into train/val/test")
     _add_config(p)
     _opt(p, "output_dir", required=True, help="folder for train/val/test.csv, split_mapping.json, summary.json")
+    p.add_argument("--clusters", default=None, help="with dataset.split_by: cluster, the cluster stage's "
+                   "clusters.tsv (without it the clusters are made here)")
+    p.add_argument("--threads", type=int, default=None, help="mmseqs threads (default: all cores)")
     p.set_defaults(func=cmd_split)
+
+    p = sub.add_parser("cluster", help="MMseqs2 sequence clusters of the dataset, for dataset.split_by: cluster")
+    _add_config(p)
+    p.add_argument("--output", required=True, help="clusters.tsv to write")
+    p.add_argument("--threads", type=int, default=None, help="mmseqs threads (default: all cores)")
+    p.set_defaults(func=cmd_cluster)
+
+    p = sub.add_parser("prepare", help="build the dataset CSV (unique_id,ptm_seq) from UniProt or PTM-Mamba data")
+    p.add_argument("--format", required=True, choices=["uniprot_tsv", "ptm_mamba_sites"],
+                   help="uniprot_tsv: UniProtKB TSV export; ptm_mamba_sites: the original's per-site table")
+    p.add_argument("--input", required=True, help="the source file (.gz read as gzip)")
+    p.add_argument("--output", required=True, help="the CSV to write (NAME.summary.json lands beside it)")
+    p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("embed", help="ESM-2 embeddings of all three splits (the seed's one command; "
                        "under accelerate launch the processes share the shards)")
@@ -141,7 +198,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="HDF5 file (embedding-store layout)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     _opt(p, "max_tokens_per_batch", type=int, default=8192)
+    p.add_argument("--pooled", action=argparse.BooleanOptionalAction, default=True,
+                   help="also store each protein's mean hidden state over its residues (dataset 'pooled', "
+                   "row i for id i; read with ptm_mamba.predict.read_pooled); default: on")
+    _opt(p, "no_progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("import-original", help="convert a checkpoint of the original PTM-Mamba code "
+                       "({'model', 'config'}) into this format")
+    p.add_argument("--checkpoint", required=True, help="the original's best.ckpt/last.ckpt (or the published one)")
+    p.add_argument("--output", required=True, help="the checkpoint to write (for predict, or to fine-tune from)")
+    _opt(p, "esm_model", default="esm2_t33_650M_UR50D",
+         help="the ESM-2 the model is run with, as esm.model takes it (default: the original's)")
+    _opt(p, "esm_repr_layer", type=int, default=None, help="its layer (default: the last, as the original)")
+    p.set_defaults(func=cmd_import_original)
 
     from .report import add_parser as add_plots_parser
 
@@ -161,6 +231,9 @@ def one_line(exc: PipelineError) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # warnings and notes of the stages (e.g. why a shard is recomputed, a kernel that fell back) on stderr
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("ptm_mamba").setLevel(logging.INFO)
     func: Callable[[argparse.Namespace], None] = args.func
     try:
         func(args)

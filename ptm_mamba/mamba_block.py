@@ -1,5 +1,5 @@
-"""The Mamba mixer (mamba-ssm's `mamba_simple.Mamba`) in plain PyTorch, plus a factory that picks
-mamba-ssm's fused CUDA version when it is there.
+"""The Mamba mixer (mamba-ssm's `mamba_simple.Mamba`) in plain PyTorch, which can also run
+mamba-ssm's fused CUDA kernels, and `make_mixer`, which checks the choice of kernels.
 
 `Mamba` has mamba-ssm's constructor, parameter names, shapes and initialisation, so state dicts
 move between the two with strict=True. Per block, for hidden states (B, L, d_model):
@@ -13,39 +13,79 @@ move between the two with strict=True. Per block, for hidden states (B, L, d_mod
 
 Position t only ever reads positions <= t (causal conv, forward scan), so right-padded batches need
 no mask: the padding cannot change the outputs at real positions.
+
+The choice of kernels, `scan` (the config key model.scan): "fused" runs all of the above in
+mamba-ssm's `mamba_inner_fn`, as mamba-ssm's own block does (it needs mamba-ssm with its CUDA
+extensions and causal-conv1d); "triton" and "torch" run the steps above in PyTorch with the
+selective scan on the Triton kernels or in PyTorch (`ptm_mamba.scan`); "auto" takes the fused
+kernels on CUDA inputs where mamba-ssm is installed, else the scan's own "auto". Kernels that fail
+at run time warn once and leave the process on the PyTorch path (`ptm_mamba.scan.fall_back`); a
+choice that cannot run here at all is an error when the block is made (`check_scan`).
 """
 
 from __future__ import annotations
 
+import functools
+import importlib
 import math
-from typing import Any, Callable
+from types import ModuleType
+from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from ptm_mamba import scan_triton
 from ptm_mamba.errors import PipelineError
-from ptm_mamba.scan import selective_scan
+from ptm_mamba.scan import describe, falling_back, has_failed, note_ran, selective_scan
 
-try:  # mamba-ssm's CUDA build; importing it can fail in many ways on machines without it
-    from mamba_ssm.modules.mamba_simple import Mamba as FusedMamba
-except Exception:  # noqa: BLE001 - ImportError, or OSError/RuntimeError from a broken CUDA extension
-    FusedMamba = None
+SCANS = ("auto", "torch", "triton", "fused")
 
-FUSED_AVAILABLE: bool = FusedMamba is not None and torch.cuda.is_available()
-BACKENDS = ("auto", "torch", "fused")
+
+@functools.cache
+def fused_ops() -> ModuleType | None:
+    """mamba-ssm's `selective_scan_interface` (its fused kernels), or None where mamba-ssm is not
+    installed. Where it is installed but does not import (a CUDA extension that does not load), this
+    raises what the import raised. Imported once per process."""
+    try:
+        return importlib.import_module("mamba_ssm.ops.selective_scan_interface")
+    except ModuleNotFoundError as exc:
+        if exc.name != "mamba_ssm":
+            raise
+        return None
+
+
+def unavailable(scan: str) -> str | None:
+    """Why the kernels `scan` names cannot run in this process, or None ("auto" and "torch" always can)."""
+    if scan == "triton":
+        return scan_triton.unavailable()
+    if scan == "fused":
+        if not torch.cuda.is_available():
+            return "no CUDA GPU"
+        try:
+            if fused_ops() is None:
+                return "mamba-ssm is not installed"
+        except Exception as exc:  # noqa: BLE001 - ImportError, OSError, RuntimeError from its CUDA extension
+            return f"mamba-ssm does not import: {describe(exc)}"
+    return None
+
+
+def check_scan(scan: str) -> None:
+    """A one-line PipelineError unless `scan` is one of SCANS and can run here."""
+    if scan not in SCANS:
+        raise PipelineError(f"model.scan: {scan!r} is not one of {', '.join(SCANS)}")
+    reason = unavailable(scan)
+    if reason is not None:
+        raise PipelineError(f"model.scan: {scan!r} cannot run here ({reason}); use auto or torch")
 
 
 class Mamba(nn.Module):
     """mamba-ssm's `Mamba` block (same signature, parameters and math) on `selective_scan`.
 
-    `use_fast_path` is accepted for compatibility and ignored: this class has only the PyTorch path
-    (use `make_mixer` to get the fused kernels). hidden_states: (B, L, d_model) -> (B, L, d_model).
+    `use_fast_path` is accepted for compatibility and ignored; `scan` picks the kernels (see the
+    module's docstring; `make_mixer` checks that they can run). hidden_states: (B, L, d_model) -> (B, L, d_model).
     """
-
-    # The scan function; tests swap in `selective_scan_ref` on an instance.
-    scan_fn: Callable[..., Tensor] = staticmethod(selective_scan)
 
     def __init__(
         self,
@@ -65,6 +105,7 @@ class Mamba(nn.Module):
         layer_idx: int | None = None,
         device: Any = None,
         dtype: torch.dtype | None = None,
+        scan: str = "auto",
     ) -> None:
         factory = {"device": device, "dtype": dtype}
         super().__init__()
@@ -76,6 +117,10 @@ class Mamba(nn.Module):
         self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else int(dt_rank)
         self.use_fast_path = use_fast_path
         self.layer_idx = layer_idx
+        self.scan = scan
+        # The scan function, after mamba-ssm's block if that was asked for and failed; tests swap in
+        # `selective_scan_ref` on an instance.
+        self.scan_fn = functools.partial(selective_scan, scan="torch" if scan == "fused" else scan)
 
         self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=bias, **factory)
         self.conv1d = nn.Conv1d(
@@ -122,31 +167,45 @@ class Mamba(nn.Module):
             raise NotImplementedError("step-by-step decoding (inference_params) is not implemented")
         seqlen = hidden_states.shape[1]
         xz = self.in_proj(hidden_states).transpose(1, 2)  # (B, 2 * d_inner, L)
+        A = -torch.exp(self.A_log.float())  # (d_inner, d_state)
+        if self._wants_fused(hidden_states):
+            with falling_back("fused"):
+                out = self._fused(xz, A)
+                if out is not None:
+                    note_ran("fused")
+                    return out
         x, z = xz.chunk(2, dim=1)
         x = self.act(self.conv1d(x)[..., :seqlen])  # causal: pad d_conv-1 on both sides, keep the first L
         x_dbl = self.x_proj(x.transpose(1, 2))  # (B, L, dt_rank + 2 * d_state)
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = F.linear(dt, self.dt_proj.weight).transpose(1, 2)  # (B, d_inner, L); bias goes in the scan
-        A = -torch.exp(self.A_log.float())  # (d_inner, d_state)
         B, C = B.transpose(1, 2), C.transpose(1, 2)  # (B, d_state, L)
         y = self.scan_fn(
             x, dt, A, B, C, self.D.float(), z=z, delta_bias=self.dt_proj.bias.float(), delta_softplus=True
         )
         return self.out_proj(y.transpose(1, 2))
 
+    def _wants_fused(self, hidden_states: Tensor) -> bool:
+        """Whether to try mamba-ssm's kernels: with "fused" always, with "auto" on CUDA inputs; never once
+        they have failed in this process."""
+        wanted = self.scan == "fused" or (self.scan == "auto" and hidden_states.is_cuda)
+        return wanted and not has_failed("fused")
 
-def make_mixer(d_model: int, layer_idx: int | None = None, backend: str = "auto", **ssm_cfg: Any) -> nn.Module:
-    """A Mamba block: mamba-ssm's fused one or ours, which share one state-dict layout.
+    def _fused(self, xz: Tensor, A: Tensor) -> Tensor | None:
+        """The block in mamba-ssm's `mamba_inner_fn` (its own block's fast path), or None where
+        mamba-ssm is not installed (with "auto"; "fused" was checked by `make_mixer`)."""
+        ops = fused_ops()
+        if ops is None:
+            return None
+        return ops.mamba_inner_fn(
+            xz, self.conv1d.weight, self.conv1d.bias, self.x_proj.weight, self.dt_proj.weight,
+            self.out_proj.weight, self.out_proj.bias, A, None, None, self.D.float(),
+            delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
+        )  # fmt: skip
 
-    backend: "fused" (mamba-ssm, needs it installed and CUDA), "torch" (ours), or "auto" (fused when
-    available and no CPU device is asked for). ssm_cfg: the other `Mamba` constructor arguments.
-    """
-    if backend not in BACKENDS:
-        raise PipelineError(f"mixer backend {backend!r} is not one of {', '.join(BACKENDS)}")
-    if backend == "fused" and not FUSED_AVAILABLE:
-        raise PipelineError("mixer backend 'fused' needs the mamba_ssm package and a CUDA GPU; use 'torch' or 'auto'")
-    device = ssm_cfg.get("device")
-    on_cpu = device is not None and torch.device(device).type != "cuda"
-    fused = backend == "fused" or (backend == "auto" and FUSED_AVAILABLE and not on_cpu)
-    cls = FusedMamba if fused else Mamba
-    return cls(d_model, layer_idx=layer_idx, **ssm_cfg)
+
+def make_mixer(d_model: int, layer_idx: int | None = None, scan: str = "auto", **ssm_cfg: Any) -> Mamba:
+    """A Mamba block running the kernels `scan` names (one of SCANS), checked to be able to run here
+    (`check_scan`). ssm_cfg: the other `Mamba` constructor arguments."""
+    check_scan(scan)
+    return Mamba(d_model, layer_idx=layer_idx, scan=scan, **ssm_cfg)

@@ -44,9 +44,11 @@ MODEL_TYPES = ("bidirectional_mamba", "mamba")
 class ModelConfig:
     """Network shape. Plain values only, so it round-trips through YAML and checkpoints.
 
-    ``backend`` picks the Mamba mixer (see :func:`ptm_mamba.mamba_block.make_mixer`):
-    "auto" (mamba-ssm's fused CUDA kernels where they import, else pure PyTorch),
-    "torch", or "fused". Either way the state-dict layout is the same.
+    ``scan`` (config key ``model.scan``) picks the kernels of the Mamba blocks (see
+    :mod:`ptm_mamba.mamba_block`): "auto" (mamba-ssm's fused CUDA kernels where they run,
+    else the Triton scan on a GPU, else PyTorch), "torch", "triton" or "fused". It changes
+    speed, not the model: the state-dict layout is the same and results agree to rounding.
+    Checkpoints before it was named ``scan`` call it ``backend``.
     """
 
     model_type: str = "bidirectional_mamba"
@@ -57,7 +59,7 @@ class ModelConfig:
     use_esm: bool = True
     ssm_cfg: dict = field(default_factory=dict)
     norm_eps: float = 1e-5
-    backend: str = "auto"
+    scan: str = "auto"
 
     def __post_init__(self) -> None:
         if self.model_type not in MODEL_TYPES:
@@ -70,11 +72,13 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "ModelConfig":
+        values = dict(values)
+        if "backend" in values:  # its name in checkpoints written before it was called scan
+            values.setdefault("scan", values.pop("backend"))
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
             raise PipelineError(f"model config: unknown key {unknown[0]!r} (known: {', '.join(sorted(known))})")
-        values = dict(values)
         if "ssm_cfg" in values:
             values["ssm_cfg"] = dict(values["ssm_cfg"] or {})
         return cls(**values)
@@ -108,7 +112,7 @@ class Block(nn.Module):
 
     def __init__(self, d_model: int, layer_idx: int, config: ModelConfig):
         super().__init__()
-        self.mixer = make_mixer(d_model, layer_idx=layer_idx, backend=config.backend, **config.ssm_cfg)
+        self.mixer = make_mixer(d_model, layer_idx=layer_idx, scan=config.scan, **config.ssm_cfg)
         self.norm = nn.RMSNorm(d_model, eps=config.norm_eps)
 
     def forward(
@@ -243,8 +247,10 @@ class PTMMamba(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     @classmethod
-    def from_checkpoint(cls, path, device: str | torch.device = "cpu", backend: str = "auto") -> "PTMMamba":
+    def from_checkpoint(cls, path, device: str | torch.device = "cpu", scan: str = "auto") -> "PTMMamba":
         """A trained model from ``best.ckpt``/``last.ckpt`` (``torch.load(weights_only=True)``), in eval mode.
+
+        ``scan`` picks the kernels here (see :class:`ModelConfig`), whatever the training run used.
 
         The run's config travels with it (``model.run_config``), so :meth:`predict`
         knows which ESM-2 model to run. A checkpoint whose config or weights do not
@@ -254,7 +260,7 @@ class PTMMamba(nn.Module):
 
         state = checkpoint.load(path, map_location=device)
         try:
-            config = ModelConfig.from_dict({**state["model_config"], "backend": backend})
+            config = ModelConfig.from_dict({**state["model_config"], "scan": scan})
             with torch.device("meta"):  # allocates nothing, whatever sizes the config names
                 skeleton = cls(config)
         except Exception as exc:  # e.g. a crafted model_config: wrong types, impossible sizes

@@ -3,7 +3,10 @@
 ``ptm-mamba predict`` reads a CSV (``unique_id``/``ptm_seq`` or the config's
 column names) or a FASTA file whose sequences carry PTM tokens, and writes the
 final hidden states, one row per residue (``<cls>``/``<eos>`` dropped), to an
-HDF5 file in the embedding-store layout (read it with ``EmbeddingReader``).
+HDF5 file in the embedding-store layout (read it with ``EmbeddingReader``). With
+``pooled`` (the default) the file also holds each protein's mean hidden state over
+its residues, in float32: dataset ``pooled`` (n, d_model), row i for ``ids[i]``;
+:func:`read_pooled` reads the rows of the ids asked for, not the whole file.
 """
 
 from __future__ import annotations
@@ -19,8 +22,9 @@ from tqdm import tqdm
 from .batching import plan_batches
 from .data import BatchBuilder
 from .dataset import Protein, _read_text, read_dataset
-from .embedding_store import ShardWriter
+from .embedding_store import EmbeddingReader, ShardWriter
 from .errors import PipelineError
+from .fileio import atomic_path
 from .tokenizer import PTMTokenizer
 
 
@@ -45,7 +49,7 @@ def _esm_for(model, esm_model):
     if trained_with is not None and esm_identity(name) != trained_with:
         raise PipelineError(f"ESM model {name}: not the weights this model was trained with "
                             f"({esm_identity(name)[:19]}, trained with {trained_with[:19]}); "
-                            "restore that checkpoint or pass esm_model=")
+                            "put the training's ESM-2 file back at that path")
     device = next(model.parameters()).device
     return load_esm(name, layer, device=device)
 
@@ -118,16 +122,23 @@ def read_fasta(path: Path) -> list[Protein]:
 def _check_output(output: Path, **inputs: Path) -> None:
     """Refuse an output path that is a folder or one of the inputs (it would be replaced)."""
     if output.is_dir():
-        raise PipelineError(f"output {output} is a directory; give a file name (.h5)")
+        raise PipelineError(f"output {output} is a directory; give a file name")
     for what, path in inputs.items():
         both = output.exists() and path.exists()
         if os.path.samefile(output, path) if both else output.resolve() == path.resolve():
             raise PipelineError(f"output {output} is the {what} file; writing it would destroy the {what}")
 
 
+POOLED = "pooled"
+
+
 def write_predictions(checkpoint_path: str | os.PathLike, input_path: str | os.PathLike,
-                      output: str | os.PathLike, device: str | None = None, max_tokens_per_batch: int = 8192) -> int:
-    """Hidden states of every protein of ``input_path`` into ``output`` (HDF5, atomic)."""
+                      output: str | os.PathLike, device: str | None = None, max_tokens_per_batch: int = 8192,
+                      pooled: bool = True, progress: bool = True) -> int:
+    """Hidden states of every protein of ``input_path`` into ``output`` (HDF5, atomic), and with
+    ``pooled`` their means over residues (dataset ``pooled``)."""
+    import h5py
+
     from .model import PTMMamba
 
     _check_output(Path(output), input=Path(input_path), checkpoint=Path(checkpoint_path))
@@ -137,9 +148,38 @@ def write_predictions(checkpoint_path: str | os.PathLike, input_path: str | os.P
     digest = hashlib.sha256("".join(p.id + p.sequence for p in proteins).encode()).hexdigest()[:24]
     attrs = {"esm_model": f"ptm-mamba:{Path(checkpoint_path).resolve()}", "repr_layer": -1, "split": "predict",
              "split_fingerprint": digest, "mask_prob": 0.0, "mask_seed": 0}
-    with ShardWriter(output, dim=model.config.d_model, replicates=1, attrs=attrs) as writer:
-        for indices, _, hidden, lengths in predict_batches(model, proteins, None, max_tokens_per_batch, True):
-            for row, i in enumerate(indices):  # drop <cls>/<eos>: row j is residue j
-                states = hidden[row, 1:int(lengths[row]) - 1].float().cpu().numpy()
-                writer.add(proteins[i].id, [states], [np.zeros(proteins[i].length, dtype=bool)])
+    means = np.zeros((len(proteins), model.config.d_model), dtype=np.float32)  # rows in writing order
+    with atomic_path(output) as tmp:  # the store and its pooled rows appear together or not at all
+        with ShardWriter(tmp, dim=model.config.d_model, replicates=1, attrs=attrs) as writer:
+            batches = predict_batches(model, proteins, None, max_tokens_per_batch, progress)
+            written = 0
+            for indices, _, hidden, lengths in batches:
+                for row, i in enumerate(indices):  # drop <cls>/<eos>: row j is residue j
+                    states = hidden[row, 1:int(lengths[row]) - 1].float().cpu().numpy()
+                    writer.add(proteins[i].id, [states], [np.zeros(proteins[i].length, dtype=bool)])
+                    if len(states):
+                        means[written] = states.mean(axis=0)
+                    written += 1
+        if pooled:
+            with h5py.File(tmp, "r+", locking=False) as f:
+                f.create_dataset(POOLED, data=means, fletcher32=True)
+                f[POOLED].attrs["about"] = "mean over residues of the final hidden states, row i for ids[i]"
     return len(proteins)
+
+
+def read_pooled(path: str | os.PathLike, ids: list[str]) -> np.ndarray:
+    """Pooled embeddings (len(ids), d_model) float32 of ``ids`` from a ``ptm-mamba predict`` file;
+    reads only their rows."""
+    import h5py
+
+    with EmbeddingReader(path) as store:  # checks the file and maps ids to rows
+        rows = np.array([store.index(i) for i in ids], dtype=np.int64)
+    with h5py.File(path, "r", locking=False) as f:
+        if POOLED not in f:
+            raise PipelineError(f"{path}: no pooled embeddings (written with --no-pooled)")
+        unique, inverse = np.unique(rows, return_inverse=True)  # h5py reads increasing rows
+        try:
+            data = f[POOLED][unique] if len(unique) else np.zeros((0, f[POOLED].shape[1]), np.float32)
+        except OSError as exc:  # a failed checksum, a truncated file
+            raise PipelineError(f"{path}: pooled embeddings unreadable: {' '.join(str(exc).split())[:200]}") from None
+    return data[inverse]

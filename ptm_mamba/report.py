@@ -3,6 +3,7 @@
     plot_metrics(metrics.json, out_dir)     -> {name: PNG path}: loss, accuracy, learning_rate, test_ptm_accuracy
     test_results_table(metrics.json, tsv)   overall test metrics and accuracy per PTM type
     split_table(summary.json, tsv)          the split stage's counts per split
+    provenance_table(provenance.json, tsv)  data, ESM-2 weights, code, packages and machine of the run
     embedding_stats([*.h5], tsv)            size, ESM model and value statistics of the embedding files
 
 ``metrics.json`` is the list ``train.py`` writes: a header ``{"split_sizes", "num_parameters"}``,
@@ -322,10 +323,12 @@ def test_results_table(metrics_path: str | Path, out_tsv: str | Path) -> Path:
 
 
 SPLIT_COLUMNS = ("sequences", "residues", "ptm_sites", "max_length")
+CLUSTER_COLUMNS = ("clusters", "max_identity_to_train")  # only in a split by clusters
 
 
 def split_table(summary_json: str | Path, out_tsv: str | Path) -> Path:
-    """One row per split of the split stage's summary.json, then their total; PTM sites per 100 residues."""
+    """One row per split of the split stage's summary.json, then their total; PTM sites per 100 residues.
+    A split by clusters adds the clusters per split and the test set's highest identity to training."""
     path = Path(summary_json)
     summary = _read_json(path, "split summary not found (run the split stage first)")
     summary = summary.get("splits") if isinstance(summary, dict) else None
@@ -336,16 +339,40 @@ def split_table(summary_json: str | Path, out_tsv: str | Path) -> Path:
         if missing:
             raise PipelineError(f"{path}: split {name!r} lacks {', '.join(missing)}")
 
+    extra = [c for c in CLUSTER_COLUMNS if any(c in s for s in summary.values())]
+
     def row(name: str, s: dict, fingerprint) -> tuple:
         per100 = 100.0 * s["ptm_sites"] / s["residues"] if s["residues"] else None
-        return (name, *(s[c] for c in SPLIT_COLUMNS), per100, fingerprint)
+        return (name, *(s[c] for c in SPLIT_COLUMNS), per100, *(s.get(c) for c in extra), fingerprint)
 
     rows = [row(name, s, s.get("fingerprint")) for name, s in summary.items()]
     if summary:
         total = {c: sum(s[c] for s in summary.values()) for c in SPLIT_COLUMNS}
         total["max_length"] = max(s["max_length"] for s in summary.values())
+        if "clusters" in extra:
+            total["clusters"] = sum(s.get("clusters", 0) for s in summary.values())
         rows.append(row("total", total, None))
-    return _write_tsv(out_tsv, ("split", *SPLIT_COLUMNS, "ptm_sites_per_100_residues", "fingerprint"), rows)
+    return _write_tsv(out_tsv, ("split", *SPLIT_COLUMNS, "ptm_sites_per_100_residues", *extra, "fingerprint"), rows)
+
+
+def provenance_table(provenance_json: str | Path, out_tsv: str | Path) -> Path:
+    """The run's provenance.json as ``item value`` rows (nested keys joined with dots); a run
+    without one (made before provenance was recorded) gets one row saying so."""
+    path = Path(provenance_json)
+    if not path.exists():
+        return _write_tsv(out_tsv, ("item", "value"), [("provenance", f"not recorded ({path.name} not found)")])
+    record = _read_json(path, "not found")
+    if not isinstance(record, dict):
+        raise PipelineError(f"{path}: expected a JSON object")
+
+    def flat(prefix: str, value) -> list[tuple[str, object]]:
+        if isinstance(value, dict) and value:
+            return [item for k, v in value.items() for item in flat(f"{prefix}.{k}" if prefix else k, v)]
+        if isinstance(value, list):
+            return [(prefix, ", ".join(map(str, value)) or "none")]
+        return [(prefix, "" if value is None else value)]
+
+    return _write_tsv(out_tsv, ("item", "value"), flat("", record))
 
 
 EMBEDDING_COLUMNS = ("split", "proteins", "residues", "dim", "replicates", "esm_model", "repr_layer", "shards",
@@ -402,6 +429,8 @@ def cmd_plots(args: argparse.Namespace) -> None:
         written.append(split_table(args.summary, out / "splits.tsv"))
     if args.embeddings:
         written.append(embedding_stats(args.embeddings, out / "embeddings.tsv"))
+    if args.provenance:
+        written.append(provenance_table(args.provenance, out / "provenance.tsv"))
     for path in written:
         print(path)
 
@@ -415,6 +444,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--summary", default=None, help="the split stage's summary.json (-> splits.tsv)")
     p.add_argument("--embeddings", nargs="+", default=None,
                    help="gathered {split}_embeddings.h5 files (-> embeddings.tsv)")
+    p.add_argument("--provenance", default=None,
+                   help="the run's provenance.json (-> provenance.tsv; a missing file is noted there)")
     _opt(p, "output_dir", required=True, help="folder for the PNGs and TSVs")
     p.set_defaults(func=cmd_plots)
     return p

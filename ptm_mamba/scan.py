@@ -20,17 +20,20 @@ Internally everything is time-major, (B, L, N, D) for states and (B, L, D) / (B,
 rest, so each step of the scan touches contiguous blocks of N*D numbers. The arithmetic is fp32
 (fp64 when an input is fp64) whatever the input dtype; the output has u's dtype.
 
-On CUDA, `selective_scan` runs the Triton kernels of `ptm_mamba.scan_triton` instead when triton
-imports and the kernels pass a check against this module's scan, once per GPU and process
-(`triton_agrees`; environment switch PTM_MAMBA_SCAN=auto|torch|triton, read at every call; see `_use_triton`).
+`selective_scan(..., scan=)` may run the Triton kernels of `ptm_mamba.scan_triton` instead: "auto"
+on CUDA inputs, "triton" on any inputs the kernels take (CPU ones too under Triton's interpreter),
+"torch" never; first the kernels must pass a check against this module's scan, once per device
+and process (`triton_agrees`). A check that fails or raises, or a kernel that fails to compile or
+launch, warns once (`fall_back`) and leaves the process on the PyTorch scan. `what_ran()` says
+which implementations ran (mamba-ssm's fused block, see `ptm_mamba.mamba_block`, records here too).
 
 `selective_scan_ref` is the plain loop over positions, for tests and benchmarks only.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-import os
 import threading
 import warnings
 from typing import Iterator, NamedTuple
@@ -41,7 +44,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from ptm_mamba import scan_triton
-from ptm_mamba.errors import PipelineError
+from ptm_mamba.checkpoint import one_line
 
 
 def _compute_dtype(*tensors: Tensor | None) -> torch.dtype:
@@ -272,6 +275,7 @@ def selective_scan(
     delta_bias: Tensor | None = None,
     delta_softplus: bool = False,
     return_last_state: bool = False,
+    scan: str = "auto",
 ) -> Tensor | tuple[Tensor, Tensor]:
     """mamba-ssm's `selective_scan_fn` in plain PyTorch (real A; B, C of shape (B, N, L)).
 
@@ -279,41 +283,83 @@ def selective_scan(
     in u's dtype (strided as out.transpose(1, 2) contiguous, so "b d l -> b l d" is free), or
     (out, last_state (B, D, N)) when return_last_state; like mamba-ssm, no gradient flows through
     last_state. Inputs that are transposed views of (B, L, X) tensors, as in the Mamba block, are
-    read without copies.
+    read without copies. scan: "auto", "triton" or "torch", which may run the Triton kernels instead
+    (see the module's docstring); return_last_state always takes the PyTorch scan.
     """
     _check_shapes(u, delta, A, B, C)
-    if not return_last_state and _use_triton(u, delta, A, B, C, D, z, delta_bias):
-        return scan_triton.selective_scan_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    if not return_last_state and _wants_triton(scan, u, delta, A, B, C, D, z, delta_bias):
+        with falling_back("triton"):
+            if triton_agrees(u.device):
+                out = scan_triton.selective_scan_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+                note_ran("triton")
+                return out
+    note_ran("torch")
     return _SelectiveScan.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
 
 
-def _use_triton(*tensors: Tensor | None) -> bool:
-    """Whether `selective_scan` runs on the Triton kernels (`ptm_mamba.scan_triton`), per PTM_MAMBA_SCAN.
-
-    auto (default): on CUDA when triton imports, the kernels take these inputs and they passed their
-    check on this GPU (`triton_agrees`); torch: never; triton: the same, but CUDA inputs the kernels
-    cannot take, or a failed check, are an error rather than a fallback. Read at every call, so one
-    process can compare both. CPU inputs and return_last_state always take the PyTorch scan.
-    """
-    choice = os.environ.get("PTM_MAMBA_SCAN", "auto").strip().lower() or "auto"
-    if choice not in ("auto", "torch", "triton"):
-        raise PipelineError(f"PTM_MAMBA_SCAN={choice!r}: want auto, torch or triton")
-    if choice == "torch" or not tensors[0].is_cuda:
+def _wants_triton(scan: str, *tensors: Tensor | None) -> bool:
+    """Whether `selective_scan` tries the Triton kernels: "auto" on CUDA inputs, "triton" on any the
+    kernels take, never with "torch" or once they have failed in this process."""
+    if scan not in ("auto", "torch", "triton"):
+        raise ValueError(f"scan {scan!r}: want auto, torch or triton")
+    if scan == "torch" or has_failed("triton") or (scan == "auto" and not tensors[0].is_cuda):
         return False
-    usable = scan_triton.AVAILABLE and scan_triton.supports(*tensors)
-    if choice == "triton" and not usable:
-        raise PipelineError(
-            "PTM_MAMBA_SCAN=triton: the Triton scan cannot run here "
-            + ("(triton does not import)" if not scan_triton.AVAILABLE else "(inputs not all fp32/bf16/fp16 on one GPU)")
-        )
-    if usable and not triton_agrees(tensors[0].device):
-        if choice == "triton":
-            raise PipelineError(f"PTM_MAMBA_SCAN=triton: the Triton scan failed its check on {tensors[0].device}")
-        return False
-    return usable
+    return scan_triton.supports(*tensors)
 
 
-_TRITON_CHECKS: dict[str, bool] = {}
+# What ran in this process: implementations in the order of their first use, and those that failed
+# (name -> why), which are not tried again. "fused" is mamba-ssm's block (ptm_mamba.mamba_block).
+_RAN: dict[str, None] = {}
+_FAILED: dict[str, str] = {}
+_LABELS = {"triton": "the Triton selective scan", "fused": "mamba-ssm's fused Mamba kernels"}
+
+
+def note_ran(name: str) -> None:
+    """Record that `name` ("torch", "triton" or "fused") ran."""
+    _RAN.setdefault(name)
+
+
+def has_failed(name: str) -> bool:
+    """Whether `name` failed in this process (see `fall_back`): then it is not tried again."""
+    return name in _FAILED
+
+
+def what_ran() -> str:
+    """One line on the kernels this process used so far, e.g. "triton", "fused", or
+    "torch (triton failed: RuntimeError: ...)"; "nothing yet" before the first scan."""
+    ran = ", ".join(_RAN) or "nothing yet"
+    failed = "; ".join(f"{name} failed: {why}" for name, why in _FAILED.items())
+    return f"{ran} ({failed})" if failed else ran
+
+
+def describe(exc: BaseException) -> str:
+    """An exception as "Type: message" on one line."""
+    return f"{type(exc).__name__}: {one_line(exc)}"
+
+
+def fall_back(name: str, why: str | BaseException) -> None:
+    """Record that `name` ("triton" or "fused") cannot run in this process; the first time, warn (one line)."""
+    if has_failed(name):
+        return
+    _FAILED[name] = why if isinstance(why, str) else describe(why)
+    warnings.warn(f"{_LABELS[name]} failed ({_FAILED[name]}); using the PyTorch path in this process from now on",
+                  RuntimeWarning, stacklevel=3)  # fmt: skip
+
+
+@contextlib.contextmanager
+def falling_back(name: str) -> Iterator[None]:
+    """Run the block; an exception in it (a kernel that does not compile or launch) means `fall_back(name)`
+    and is swallowed, so the code after the block takes the PyTorch path. Out of memory is not the
+    kernels' fault, and the PyTorch path needs more: it is raised."""
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - whatever the compiler, driver or extension raises
+        fall_back(name, exc)
+
+
+_TRITON_CHECKED: set[str] = set()  # devices on which the kernels passed `triton_agrees`
 
 
 def triton_agrees(device: torch.device | str) -> bool:
@@ -322,23 +368,20 @@ def triton_agrees(device: torch.device | str) -> bool:
     block; 16 states; 40 positions: two chunks, the second partial), out and every gradient.
 
     A kernel that compiles but computes wrong numbers (a compiler or driver fault) would otherwise
-    train a model silently wrong; on a mismatch this warns once and `selective_scan` keeps to
-    PyTorch. The global RNG is left untouched (exact resume depends on it).
+    train a model silently wrong; on a mismatch this calls `fall_back` (one warning) and
+    `selective_scan` keeps to PyTorch. A kernel that fails to compile or launch raises. The global
+    RNG is left untouched (exact resume depends on it).
     """
     key = str(torch.device(device))
-    if key not in _TRITON_CHECKS:
+    if key not in _TRITON_CHECKED and not has_failed("triton"):
         # It may be first called inside a model's forward, under inference_mode, no_grad or autocast.
         with torch.inference_mode(False), torch.enable_grad(), torch.autocast(torch.device(key).type, enabled=False):
             error = _triton_error(torch.device(key))
-        _TRITON_CHECKS[key] = error < 1e-3
-        if error >= 1e-3:
-            warnings.warn(
-                f"the Triton selective scan disagrees with the PyTorch scan on {key} (relative error {error:.2g}); "
-                "using the PyTorch scan (set PTM_MAMBA_SCAN=torch to skip this check)",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-    return _TRITON_CHECKS[key]
+        if error < 1e-3:
+            _TRITON_CHECKED.add(key)
+        else:
+            fall_back("triton", f"it disagrees with the PyTorch scan on {key}, relative error {error:.2g}")
+    return key in _TRITON_CHECKED and not has_failed("triton")
 
 
 def _triton_error(device: torch.device) -> float:

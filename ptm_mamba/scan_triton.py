@@ -30,12 +30,13 @@ views of (B, L, D) memory, like `selective_scan`'s. fp64 inputs and return_last_
 the PyTorch scan (see `supports`).
 
 BLOCK_D and the warps per program are autotuned (`CONFIGS`) once per D, N, dtypes and batch and L
-rounded up to powers of two; PTM_MAMBA_SCAN_BLOCK=32x4 (say) pins one config instead. CHUNK is
-PTM_MAMBA_SCAN_CHUNK (default `DEFAULT_CHUNK`), read at each forward call and kept for its backward.
+rounded up to powers of two; CHUNK is `DEFAULT_CHUNK`. `configure` changes both for the calls that
+follow (benchmarks: bench/scan.py --chunk/--block); training keeps the defaults.
 
-`AVAILABLE` is true when triton imports and CUDA is there. Without triton this module still
-imports (the kernels are then plain, never-called functions). The tests also run the kernels on
-CPU tensors under Triton's interpreter (TRITON_INTERPRET=1, set before triton is imported).
+`unavailable()` says why the kernels cannot run in this process (None when triton imports and there
+is a GPU, or Triton's interpreter); `supports` whether they take given inputs. Without triton this
+module still imports (the kernels are then plain, never-called functions). The tests also run the
+kernels on CPU tensors under Triton's interpreter (TRITON_INTERPRET=1, set before triton is imported).
 """
 
 import contextlib
@@ -45,19 +46,30 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from ptm_mamba.errors import PipelineError
+from ptm_mamba.checkpoint import one_line
 
 try:
     import triton
     import triton.language as tl
-except Exception:  # noqa: BLE001 - not installed, or broken: AVAILABLE is False and nothing below ever runs
+
+    _IMPORT_ERROR = None
+except Exception as exc:  # noqa: BLE001 - not installed, or broken: unavailable() says so, nothing below runs
     from types import SimpleNamespace
 
     triton = None
     tl = SimpleNamespace(constexpr=None)
+    _IMPORT_ERROR = exc
 
-AVAILABLE: bool = triton is not None and torch.cuda.is_available()
 INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def unavailable() -> str | None:
+    """Why the kernels cannot run in this process, or None: they need triton, and a CUDA GPU or the interpreter."""
+    if triton is None:
+        return f"triton does not import: {one_line(_IMPORT_ERROR)}"
+    if not (INTERPRET or torch.cuda.is_available()):
+        return "no CUDA GPU"
+    return None
 
 
 def _jit(fn=None, **options):
@@ -69,34 +81,33 @@ def _jit(fn=None, **options):
 CONFIGS = ((16, 2), (16, 4), (32, 4), (32, 8), (64, 8))  # (BLOCK_D, num_warps) the autotuner tries
 MIN_BLOCK_D = 16  # smallest BLOCK_D allowed: sizes the dB, dC partials before the tuner has picked one
 DEFAULT_CHUNK = 32  # positions per chunk: the scan's parallel width; L / CHUNK steps run in sequence
+_TUNING: dict = {"chunk": DEFAULT_CHUNK, "config": None}  # set by `configure`
 
 
-def _chunk() -> int:
-    """CHUNK for the next forward: PTM_MAMBA_SCAN_CHUNK, a power of two >= 2, or DEFAULT_CHUNK."""
-    spec = os.environ.get("PTM_MAMBA_SCAN_CHUNK", "").strip()
-    if not spec:
-        return DEFAULT_CHUNK
-    chunk = int(spec) if spec.isdigit() else 0
+def configure(chunk: int = DEFAULT_CHUNK, block: str | None = None) -> None:
+    """CHUNK for the forward calls that follow, and one "BLOCK_DxWARPS" config (e.g. "32x4") in place
+    of autotuning for the (batch, D, L, N, dtypes) keys not tuned yet; no arguments: the defaults.
+
+    For benchmarks, which sweep chunks and keep autotuning out of timed steps; a forward's CHUNK is
+    kept for its backward.
+    """
     if chunk < 2 or chunk & (chunk - 1):
-        raise PipelineError(f"PTM_MAMBA_SCAN_CHUNK={spec!r}: want a power of two >= 2")
-    return chunk
+        raise ValueError(f"chunk {chunk}: want a power of two >= 2")
+    config = None
+    if block is not None:
+        try:
+            block_d, warps = (int(x) for x in block.lower().split("x"))
+        except ValueError:
+            block_d = warps = 0
+        if block_d < MIN_BLOCK_D or block_d & (block_d - 1) or warps not in (1, 2, 4, 8):
+            raise ValueError(f"block {block!r}: want BLOCK_DxWARPS, BLOCK_D a power of two >= {MIN_BLOCK_D}")
+        config = triton.Config({"BLOCK_D": block_d}, num_warps=warps)
+    _TUNING.update(chunk=chunk, config=config)
 
 
 def _pinned_config(configs, named_args, **kwargs):
-    """The configs to try: all, or the one PTM_MAMBA_SCAN_BLOCK="BLOCK_DxWARPS" names (e.g. "32x4").
-
-    Read when a (batch, D, L, N, dtypes) key is first tuned; later calls with that key reuse the choice.
-    """
-    spec = os.environ.get("PTM_MAMBA_SCAN_BLOCK", "").strip()
-    if not spec:
-        return configs
-    try:
-        block, warps = (int(x) for x in spec.lower().split("x"))
-    except ValueError:
-        block = warps = 0
-    if block < MIN_BLOCK_D or block & (block - 1) or warps not in (1, 2, 4, 8):
-        raise PipelineError(f"PTM_MAMBA_SCAN_BLOCK={spec!r}: want BLOCK_DxWARPS, BLOCK_D a power of two >= 16")
-    return [triton.Config({"BLOCK_D": block}, num_warps=warps)]
+    """The configs to try: all, or the one `configure` pinned."""
+    return configs if _TUNING["config"] is None else [_TUNING["config"]]
 
 
 def _tuned(fn):
@@ -340,11 +351,13 @@ def _bwd_kernel(
 
 
 def supports(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, *optional: Tensor | None) -> bool:
-    """Whether the kernels handle these inputs: real fp32/bf16/fp16 tensors on one CUDA device, L > 0."""
+    """Whether the kernels take these inputs: real fp32/bf16/fp16 tensors on one CUDA device (or on the
+    CPU under the interpreter), L > 0."""
     tensors = [t for t in (u, delta, A, B, C, *optional) if t is not None]
     ok_dtypes = (torch.float32, torch.bfloat16, torch.float16)
-    same_gpu = all(t.is_cuda and t.dtype in ok_dtypes for t in tensors) and len({t.device for t in tensors}) == 1
-    return same_gpu and u.numel() > 0
+    runs_there = triton is not None and (u.is_cuda or (INTERPRET and u.device.type == "cpu"))
+    same_device = all(t.dtype in ok_dtypes and t.device == u.device for t in tensors)
+    return runs_there and same_device and u.numel() > 0
 
 
 def _time_major(x: Tensor) -> Tensor:
@@ -385,7 +398,7 @@ class _TritonScan(torch.autograd.Function):
         args = _kernel_inputs(u, delta, A, B, C, D, z, delta_bias)
         out = torch.empty_like(args[0])  # (B, L, D) in u's dtype
         flags = _flags(A, D, z, delta_bias, delta_softplus)
-        chunk = _chunk()
+        chunk = _TUNING["chunk"]
         nchunks = triton.cdiv(length, chunk)
         keep = any(ctx.needs_input_grad)  # the states entering each chunk, for the backward
         states = torch.empty(batch, nchunks, flags["N_PAD"], dim, dtype=torch.float32, device=u.device) if keep else u

@@ -3,7 +3,9 @@
 The order of the rows in the CSV does not matter: proteins are sorted by id
 and then shuffled with ``split_seed``, so the same data and seed give the same
 split. Proteins with the same residue sequence (PTMs aside) under different ids
-go to the same split, so no sequence is in two of them. Each split is written
+go to the same split, so no sequence is in two of them. With ``dataset.split_by: cluster`` whole
+sequence clusters (:mod:`ptm_mamba.cluster`) go to one split each, so no val/test
+protein is a close homolog of a training one. Each split is written
 as a CSV (``unique_id,ptm_seq``), with ``split_mapping.json`` (id -> split) and
 ``summary.json`` beside them.
 
@@ -22,6 +24,7 @@ import hashlib
 import io
 import json
 import os
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +32,7 @@ import numpy as np
 from .dataset import Protein, read_dataset, read_from_config
 from .errors import PipelineError
 from .fileio import write_together
+from .prepare import check_prepared
 from .stages import SPLIT, check_settings, stage_settings
 from .tokenizer import PTMTokenizer
 
@@ -47,15 +51,8 @@ def residue_key(protein: Protein, tokenizer: PTMTokenizer = PTMTokenizer()) -> s
     return tokenizer.residue_sequence(list(protein.tokens))
 
 
-def split_proteins(proteins: list[Protein], *, val_size: float, test_size: float,
-                   seed: int, source: str = "dataset") -> dict[str, list[Protein]]:
-    """Split into train/val/test; sizes are counts or fractions of the whole.
-
-    Proteins are visited in a seeded random order; the first one of each duplicate group
-    seen takes its whole group to the split being filled (val, then test, then train), so
-    val and test can exceed their size by a group's extra members.
-    """
-    n = len(proteins)
+def _targets(n: int, val_size: float, test_size: float, source: str) -> tuple[int, int]:
+    """The val and test sizes in proteins, refused in one line when they leave a split empty."""
     n_val, n_test = _size(val_size, n), _size(test_size, n)
     if n_val < 1 or n_test < 1:
         raise PipelineError(
@@ -65,6 +62,19 @@ def split_proteins(proteins: list[Protein], *, val_size: float, test_size: float
         raise PipelineError(
             f"{source}: dataset.val_size ({n_val}) + dataset.test_size ({n_test}) leave no training "
             f"data: the dataset has {n} sequences")
+    return n_val, n_test
+
+
+def split_proteins(proteins: list[Protein], *, val_size: float, test_size: float,
+                   seed: int, source: str = "dataset") -> dict[str, list[Protein]]:
+    """Split into train/val/test; sizes are counts or fractions of the whole.
+
+    Proteins are visited in a seeded random order; the first one of each duplicate group
+    seen takes its whole group to the split being filled (val, then test, then train), so
+    val and test can exceed their size by a group's extra members.
+    """
+    n = len(proteins)
+    n_val, n_test = _targets(n, val_size, test_size, source)
     ordered = sorted(proteins, key=lambda p: p.id)
     groups: dict[str, list[Protein]] = {}
     for p in ordered:
@@ -84,10 +94,56 @@ def split_proteins(proteins: list[Protein], *, val_size: float, test_size: float
     return splits
 
 
-def split_from_config(config: dict) -> dict[str, list[Protein]]:
+def split_clusters(proteins: list[Protein], clusters: dict[str, str], *, val_size: float, test_size: float,
+                   seed: int, source: str = "dataset") -> dict[str, list[Protein]]:
+    """Split whole clusters (id -> cluster) into train/val/test; sizes as in :func:`split_proteins`.
+
+    Clusters are visited in a seeded random order; each goes to val if it fits in what val still
+    lacks, else to test if it fits there, else to train. So val and test never exceed their size,
+    and fall short of it only when no cluster left is small enough.
+    """
+    n_val, n_test = _targets(len(proteins), val_size, test_size, source)
+    members: dict[str, list[Protein]] = {}
+    for p in sorted(proteins, key=lambda p: p.id):
+        members.setdefault(clusters[p.id], []).append(p)
+    names = sorted(members)
+    splits: dict[str, list[Protein]] = {name: [] for name in SPLITS}
+    room = {"val": n_val, "test": n_test}
+    for i in np.random.default_rng(seed).permutation(len(names)):
+        group = members[names[i]]
+        name = next((s for s in ("val", "test") if len(group) <= room[s] - len(splits[s])), "train")
+        splits[name].extend(group)
+    for name in ("val", "test"):
+        if not splits[name]:
+            raise PipelineError(f"{source}: no whole cluster fits in the {name} split (val {n_val}, test {n_test} "
+                                f"of {len(proteins)} sequences in {len(names)} clusters, the largest "
+                                f"{max(map(len, members.values()))}); change dataset.val_size/test_size or "
+                                "dataset.cluster_identity")
+    return splits
+
+
+def _split(config: dict, clusters_file: str | os.PathLike | None = None,
+           threads: int | None = None) -> tuple[dict[str, list[Protein]], dict[str, str] | None]:
+    """The split as ``dataset.split_by`` says, and the clusters (id -> cluster) it was made from, if any.
+    Without ``clusters_file`` the clusters are made here (as the cluster stage would)."""
     ds = config["dataset"]
-    return split_proteins(read_from_config(config), val_size=ds["val_size"], test_size=ds["test_size"],
-                          seed=ds["split_seed"], source=ds["dataset_location"])
+    check_prepared(config)
+    proteins = read_from_config(config)
+    sizes = dict(val_size=ds["val_size"], test_size=ds["test_size"], seed=ds["split_seed"],
+                 source=ds["dataset_location"])
+    if ds["split_by"] != "cluster":
+        return split_proteins(proteins, **sizes), None
+    from .cluster import cluster_proteins, read_clusters
+
+    if clusters_file is not None:
+        clusters = read_clusters(clusters_file, config, proteins)
+    else:
+        clusters = cluster_proteins(proteins, ds["cluster_identity"], ds["cluster_coverage"], threads)
+    return split_clusters(proteins, clusters, **sizes), clusters
+
+
+def split_from_config(config: dict) -> dict[str, list[Protein]]:
+    return _split(config)[0]
 
 
 def split_fingerprint(proteins: list[Protein]) -> str:
@@ -152,18 +208,40 @@ def _sha256(data: bytes) -> str:
     return f"sha256:{hashlib.sha256(data).hexdigest()}"
 
 
-def run_split(config: dict, output_dir: str | os.PathLike) -> dict:
+def cluster_summary(splits: dict[str, list[Protein]], clusters: dict[str, str], config: dict,
+                    threads: int | None = None) -> dict:
+    """The clusters behind a split by clusters, and how close its test set is to its training set."""
+    from .cluster import identity_to_train
+
+    ds = config["dataset"]
+    sizes = list(Counter(clusters.values()).values())
+    return {
+        "identity": ds["cluster_identity"],
+        "coverage": ds["cluster_coverage"],
+        "clusters": len(sizes),
+        "largest": max(sizes),
+        "singletons": sizes.count(1),
+        "test_vs_train": identity_to_train(splits["test"], splits["train"], coverage=ds["cluster_coverage"],
+                                           threshold=ds["cluster_identity"], seed=ds["split_seed"],
+                                           threads=threads),
+    }
+
+
+def run_split(config: dict, output_dir: str | os.PathLike, clusters_file: str | os.PathLike | None = None,
+              threads: int | None = None) -> dict:
     """The split stage: validate the data, split it, write the five files as one unit."""
-    splits = split_from_config(config)
+    splits, clusters = _split(config, clusters_file, threads)
     paths = split_paths(output_dir)
     texts = {paths[name]: split_csv_text(splits[name]) for name in SPLITS}
     texts[paths["mapping"]] = json.dumps(mapping(splits), indent=2) + "\n"
-    summary = {
-        "splits": summarize(splits),
-        "duplicates": duplicate_counts(splits),
-        "settings": stage_settings(config, SPLIT),
-        "files": {path.name: _sha256(text.encode("utf-8")) for path, text in texts.items()},
-    }
+    summary = {"splits": summarize(splits), "duplicates": duplicate_counts(splits)}
+    if clusters is not None:
+        summary["clusters"] = cluster_summary(splits, clusters, config, threads)
+        for name in SPLITS:
+            summary["splits"][name]["clusters"] = len({clusters[p.id] for p in splits[name]})
+        summary["splits"]["test"]["max_identity_to_train"] = summary["clusters"]["test_vs_train"]["max_identity"]
+    summary["settings"] = stage_settings(config, SPLIT)
+    summary["files"] = {path.name: _sha256(text.encode("utf-8")) for path, text in texts.items()}
     texts[paths["summary"]] = json.dumps(summary, indent=2) + "\n"  # last: the unit's commit record
     write_together(texts)
     return summary

@@ -9,7 +9,8 @@ weights). Both users of "is this output still valid?" read it:
   changing any other key (``embedding.max_tokens_per_batch``,
   ``training.num_workers``, paths, thread counts) reruns nothing;
 - the stale checks: a stage records :func:`stage_settings` in what it writes
-  (``summary.json`` of the split, the HDF5 attribute ``settings`` of the
+  (``summary.json`` of the split, the first line of the cluster stage's ``clusters.tsv``,
+  the prepare stage's ``*.summary.json``, the HDF5 attribute ``settings`` of the
   embeddings, the checkpoints of training), and a stage that reads those files
   compares them with its config through :func:`check_settings`.
 """
@@ -26,6 +27,7 @@ from typing import Any, Callable
 from .errors import PipelineError
 
 SPLIT, EMBED, TRAIN = "split", "embed", "train"
+PREPARE, CLUSTER = "prepare", "cluster"
 
 
 def _uses_esm(config: dict) -> bool:
@@ -79,9 +81,43 @@ def file_sha256(path: str | os.PathLike) -> str | None:
     return value
 
 
+def source_identity(source: dict | None) -> dict | None:
+    """What a raw dataset source (``dataset.source``) means: its format and its file's content hash."""
+    return None if source is None else {"format": source["format"], "sha256": file_sha256(source["path"])}
+
+
+def _has_source(config: dict) -> bool:
+    return config["dataset"]["source"] is not None
+
+
+def _by_cluster(config: dict) -> bool:
+    return config["dataset"]["split_by"] == "cluster"
+
+
+def hub_model_files(folder: str | os.PathLike) -> list[Path]:
+    """The files of a model folder in the Hugging Face layout that make the model (those the ESM-2
+    loader reads): ``config.json``, ``vocab.txt`` when there, and the weights: ``model.safetensors``,
+    or ``model.safetensors.index.json`` and the shards it names."""
+    folder = Path(folder).expanduser()
+    files = [folder / "config.json"] + ([folder / "vocab.txt"] if (folder / "vocab.txt").is_file() else [])
+    index = folder / "model.safetensors.index.json"
+    if not index.is_file():
+        return files + [folder / "model.safetensors"]
+    try:
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # the loader names the problem
+        shards = []
+    return files + [index] + [folder / s for s in shards if isinstance(s, str) and Path(s).name == s]
+
+
 def esm_identity(model: str) -> str:
-    """Which ESM-2 weights ``esm.model`` means: the content hash of a local checkpoint file, or
-    the pretrained name (fair-esm's published weights are fixed per name)."""
+    """Which ESM-2 weights ``esm.model`` means: the content hash of a local checkpoint file or of
+    a local Hugging Face model folder (its :func:`hub_model_files`), else the name (fair-esm's
+    pretrained weights are fixed per name; a Hub id is taken to be too)."""
+    folder = Path(str(model)).expanduser()
+    if folder.is_dir():
+        listing = "\n".join(f"{p.name} {file_sha256(p)}" for p in hub_model_files(folder))
+        return f"sha256:{hashlib.sha256(listing.encode()).hexdigest()}"
     return file_sha256(model) or str(model)
 
 
@@ -95,14 +131,27 @@ class Dep:
     when: Callable[[dict], bool] | None = None
 
 
+# The dataset's proteins, by content. A CSV made by the prepare stage counts by its source's content:
+# it is a function of the source, and it does not exist yet when Snakemake computes the fingerprints.
+_DATASET = (
+    Dep("dataset.dataset_location", identity=file_sha256, when=lambda config: not _has_source(config)),
+    Dep("dataset.source", identity=source_identity, when=_has_source),
+    Dep("dataset.sequence_column_name"),
+    Dep("dataset.id_column_name"),
+)
+
 DEPENDS_ON: dict[str, tuple[Dep, ...]] = {
+    PREPARE: (Dep("dataset.source", identity=source_identity),),
+    CLUSTER: (*_DATASET, Dep("dataset.cluster_identity"), Dep("dataset.cluster_coverage")),
     SPLIT: (
-        Dep("dataset.dataset_location", identity=file_sha256),
-        Dep("dataset.sequence_column_name"),
-        Dep("dataset.id_column_name"),
+        *_DATASET,
         Dep("dataset.val_size"),
         Dep("dataset.test_size"),
         Dep("dataset.split_seed"),
+        # only with split_by: cluster, so that the settings of random splits stay what they were
+        Dep("dataset.split_by", when=_by_cluster),
+        Dep("dataset.cluster_identity", when=_by_cluster),
+        Dep("dataset.cluster_coverage", when=_by_cluster),
     ),
     EMBED: (
         Dep("esm.model", identity=esm_identity),
@@ -117,7 +166,7 @@ DEPENDS_ON: dict[str, tuple[Dep, ...]] = {
         Dep("seed"),
         Dep("dataset.max_sequence_length"),
         Dep("dataset.unknown_ptm"),
-        Dep("model"),
+        Dep("model", identity=lambda m: {k: v for k, v in m.items() if k != "scan"}),  # scan: speed, not results
         Dep("esm.model", identity=esm_identity, when=_uses_esm),
         Dep("esm.repr_layer", when=_uses_esm),
         Dep("embedding.mask_replicates", when=_precomputed),
@@ -126,12 +175,18 @@ DEPENDS_ON: dict[str, tuple[Dep, ...]] = {
             "per_device_train_batch_size", "max_tokens_per_batch", "lr", "weight_decay", "adam_betas",
             "warmup_steps", "lr_schedule", "min_lr_ratio", "grad_clip", "mask_prob", "random_mask_only_prob",
             "mixed_precision", "num_processes")),
+        # listed only away from their defaults: results made before these keys existed stay valid
+        Dep("training.gradient_accumulation_steps",
+            when=lambda c: c["training"].get("gradient_accumulation_steps", 1) != 1),
+        Dep("training.init_from", identity=file_sha256, when=lambda c: c["training"].get("init_from") is not None),
+        Dep("training.num_machines", when=lambda c: c["training"]["num_machines"] > 1),
     ),
 }
 # Not listed, on purpose: run_name and the folders (where results go, not what they are),
 # embedding.shards / max_tokens_per_batch / batch_size (how the embedding work is cut up),
 # training.num_workers (DataLoader processes), training.resume_from_checkpoint (where a run
-# continues from; the resumed run checks the saved state's own settings).
+# continues from; the resumed run checks the saved state's own settings), training.log_with
+# (where metrics are also sent).
 
 
 def _lookup(config: dict, key: str) -> Any:

@@ -6,7 +6,16 @@ released checkpoints: special tokens, the 25 residue letters, the ``PTM``
 marker, then one token per modification, written ``<Name>`` in sequences,
 e.g. ``M<N-acetylalanine>K<Phosphoserine>``.
 
-Tokenization is greedy longest match, in pure Python.
+A ``<...>`` run is one PTM token and any other character one residue, in pure
+Python. On sequences of residue letters and PTM tokens this is what the original
+reads: its trie (``rust_trie``) walks from each position and takes the *first*
+vocabulary entry on its path, the shortest match, not the longest: ``P`` is an
+entry, so ``PTM`` in a sequence is Pro-Thr-Met there as here, and the ``PTM``
+marker never comes from text. On other text they differ: the original also reads
+special tokens (``<mask>``, ``.``, ``-`` ...) from text, and for the ``<`` of an
+unknown ``<...>`` it emits ``<unk>`` and reads the rest of the name character by
+character (residue letters as residues, others as ``<unk>``); here that is an
+error, or one ``<unk>`` with ``unknown_ptm="unk"``.
 """
 
 from __future__ import annotations
@@ -90,7 +99,7 @@ class TokenizeError(ValueError):
 
 
 class PTMTokenizer:
-    """Greedy longest-match tokenizer over :data:`VOCAB`."""
+    """Tokenizer over :data:`VOCAB`: one token per ``<...>`` run, else per residue letter."""
 
     def __init__(self, vocab: list[str] | None = None):
         self.vocab = list(vocab or VOCAB)
@@ -116,8 +125,8 @@ class PTMTokenizer:
         """Split a PTM sequence into tokens (strings).
 
         A ``<...>`` run is one token (no PTM name holds ``<`` or ``>``, so the
-        longest match is the whole bracket); any other character must be one of
-        the 25 residue letters. The ``PTM`` marker and the gap/special tokens
+        first vocabulary entry that the original's trie finds from ``<`` is the
+        whole bracket); any other character must be one of the 25 residue letters. The ``PTM`` marker and the gap/special tokens
         are never produced from text: ``PTM`` in a sequence is Pro-Thr-Met.
         ``unknown_ptm`` decides what happens to a bracketed token not in the
         vocabulary: ``"error"`` raises :class:`TokenizeError`, ``"unk"`` maps

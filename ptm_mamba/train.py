@@ -7,14 +7,19 @@ several processes (``accelerate launch``/``torchrun``); only the main process
 writes files.
 
 Outputs in ``{output_dir}/ptm-mamba-{run_name}/``: ``config.yaml``,
-``split_mapping.json``, ``metrics.json``, ``best.ckpt``, ``last.ckpt``; while
-running, ``resume/state.ckpt`` holds everything needed to continue exactly
-where a killed run stopped (it is not a Snakemake output, so it survives
-Snakemake's clean-up of an interrupted job).
+``split_mapping.json``, ``metrics.json``, ``best.ckpt``, ``last.ckpt`` (and
+``logs/`` when ``training.log_with`` names a tracker: every metrics.json step
+record's scalars, at its step); while running, ``resume/state.ckpt`` holds
+everything needed to continue exactly where a killed run stopped (it is not a
+Snakemake output, so it survives Snakemake's clean-up of an interrupted job).
+
+A "step" is an optimiser step: ``training.gradient_accumulation_steps`` batches
+on each process.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
 import math
@@ -36,6 +41,8 @@ from .embedding_store import EmbeddingReader
 from .errors import PipelineError, StopRequested
 from .fileio import atomic_write_json, atomic_write_text
 from .model import ModelConfig, PTMMamba
+from .provenance import write_provenance
+from .scan import what_ran
 from .split import load_split_dir, mapping, split_fingerprint, split_from_config
 from .stages import TRAIN, fingerprint_of, stage_settings
 from .tokenizer import FIRST_RESIDUE_ID, PAD_ID, PTM_MARKER_ID, VOCAB
@@ -46,26 +53,43 @@ SUM_FIELDS = ("loss_sum", "predicted", "correct", "ptm_predicted", "ptm_correct"
 
 # ----------------------------------------------------------------------------- set-up
 
-def make_accelerator(config: dict):
+def processes():
+    """The processes of this run (accelerate's state, which the Accelerator made later shares).
+
+    Without a GPU, accelerate forms a process group (gloo) only when told cpu=True; else every
+    process launched by torchrun/accelerate would train alone.
+    """
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+def make_accelerator(config: dict, out: Path):
+    """The Accelerator; experiment trackers (training.log_with) write under ``{out}/logs/``."""
     from accelerate import Accelerator
+    from accelerate.tracking import get_available_trackers
     from accelerate.utils import DistributedDataParallelKwargs
 
-    precision = config["training"]["mixed_precision"]
+    tr = config["training"]
+    precision = tr["mixed_precision"]
     if precision == "auto":
         precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    tracker = None if tr["log_with"] == "none" else tr["log_with"]
+    if tracker is not None and tracker not in {str(t) for t in get_available_trackers()}:
+        raise PipelineError(f"training.log_with: {tracker} is not installed (pip install {tracker}), "
+                            f"or set training.log_with: none")
     # Without ESM the esm_head takes no part in the loss; DDP must be told.
-    ddp = DistributedDataParallelKwargs(find_unused_parameters=not config["training"]["use_esm"])
-    # Without a GPU, accelerate forms a process group (gloo) only when told cpu=True; else every
-    # process launched by torchrun/accelerate would train alone.
-    return Accelerator(mixed_precision=precision, kwargs_handlers=[ddp], cpu=not torch.cuda.is_available())
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=not tr["use_esm"])
+    return Accelerator(mixed_precision=precision, kwargs_handlers=[ddp], cpu=processes().device.type == "cpu",
+                       log_with=tracker, project_dir=str(out / "logs"))
 
 
-def run_dir(config: dict, run_name: str | None, accelerator) -> Path:
+def run_dir(config: dict, run_name: str | None) -> Path:
     """The run's output folder, decided once by the main process (a timestamp when unnamed)."""
     from accelerate.utils import broadcast_object_list
 
     name = [run_name or config["run_name"] or dt.datetime.now().strftime("%Y-%m-%d-%H-%M-%S")]
-    if accelerator.num_processes > 1:
+    if processes().num_processes > 1:
         broadcast_object_list(name, from_process=0)
     out = Path(config["training"]["output_dir"]) / f"ptm-mamba-{name[0]}"
     for folder in (out, *out.parents):
@@ -130,7 +154,8 @@ def esm_dim(config: dict, builders: dict, esm_model) -> int:
 def model_config(config: dict, dim: int) -> ModelConfig:
     m = config["model"]
     return ModelConfig(model_type=m["model_type"], d_model=m["d_model"], n_layer=m["n_layer"],
-                       esm_dim=dim, use_esm=config["training"]["use_esm"], ssm_cfg=dict(m["ssm_cfg"]))
+                       esm_dim=dim, use_esm=config["training"]["use_esm"], ssm_cfg=dict(m["ssm_cfg"]),
+                       scan=m["scan"])
 
 
 def lr_factor(step: int, *, warmup: int, total: int, schedule: str, min_ratio: float) -> float:
@@ -204,6 +229,18 @@ def batch_sums(logits: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.
     return loss, sums
 
 
+def backward_batch(model, batch: Batch, accelerator, esm_model, *, scale: float, sync: bool) -> torch.Tensor:
+    """Forward and backward of one training batch, its mean loss times ``scale`` (1 / the batches
+    per optimiser step); gradients are all-reduced across processes only when ``sync`` (the step's
+    last batch). Returns the batch's :data:`SUM_FIELDS`."""
+    with contextlib.nullcontext() if sync else accelerator.no_sync(model):
+        with accelerator.autocast():
+            logits = forward_batch(model, batch, esm_model).logits
+        loss, sums = batch_sums(logits, batch)
+        accelerator.backward(loss * scale)
+    return sums
+
+
 def rates(sums: torch.Tensor, prefix: str) -> dict[str, float]:
     s = dict(zip(SUM_FIELDS, sums.tolist()))
     loss = s["loss_sum"] / max(1.0, s["predicted"])
@@ -259,6 +296,14 @@ def cpu_copy(state_dict: dict) -> dict:
     return {k: v.detach().to("cpu", copy=True) for k, v in state_dict.items()}
 
 
+def load_initial_weights(model: PTMMamba, path: str) -> None:
+    """training.init_from: start from a checkpoint's weights (only), refused in one line."""
+    try:
+        checkpoint.load_weights(model, checkpoint.load(path)["model"], path)
+    except PipelineError as exc:
+        raise PipelineError(f"training.init_from: {exc}") from None
+
+
 def check_finite_weights(weights: dict, what: str) -> None:
     """Never write a checkpoint with NaN/Inf weights (it would pass for a trained model)."""
     bad = next((k for k, v in weights.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
@@ -271,13 +316,21 @@ def train(config: dict, *, split_dir: str | None = None, run_name: str | None = 
     """Train PTM-Mamba as ``config`` says; returns the run's output folder.
 
     Stops with :class:`StopRequested` (state saved at the current step) on SIGTERM/SIGUSR1/SIGINT;
-    calling it again continues exactly where it stopped.
+    calling it again continues exactly where it stopped. The signals are caught from the start: one
+    that arrives while the run sets up stops it after its first step, one during the final test is
+    let finish the run.
     """
+    with StopSignals() as signals:
+        return _train(config, signals, split_dir=split_dir, run_name=run_name, progress=progress)
+
+
+def _train(config: dict, signals: StopSignals, *, split_dir: str | None, run_name: str | None,
+           progress: bool) -> Path:
     tr = config["training"]
-    accelerator = make_accelerator(config)
+    out = run_dir(config, run_name)
+    accelerator = make_accelerator(config, out)
     rank, world = accelerator.process_index, accelerator.num_processes
     main = accelerator.is_main_process
-    out = run_dir(config, run_name, accelerator)
     state_path = out / "resume" / "state.ckpt"
 
     # --- data
@@ -292,10 +345,16 @@ def train(config: dict, *, split_dir: str | None = None, run_name: str | None = 
     eval_loaders = {name: torch.utils.data.DataLoader(
         EvalBatches(builders[name], eval_batches[name], rank, world),
         **loader_args) for name in ("val", "test")}
-    batches_per_epoch = len(epoch_batches(builders["train"].lengths, tr["max_tokens_per_batch"],
-                                          tr["per_device_train_batch_size"], seed=config["seed"], epoch=0,
-                                          world_size=world)) // world
-    total_steps = batches_per_epoch * tr["num_train_epochs"]
+    # An optimiser step takes `accum` batches on each process: world * accum batches of the epoch's
+    # plan (batches n, n + world, ... on process n): 1 process x 2 batches is 2 processes x 1 batch.
+    accum = tr["gradient_accumulation_steps"]
+
+    def plan(epoch: int) -> list[list[int]]:
+        return epoch_batches(builders["train"].lengths, tr["max_tokens_per_batch"], tr["per_device_train_batch_size"],
+                             seed=config["seed"], epoch=epoch, world_size=world * accum)
+
+    batches_per_epoch = len(plan(0)) // world
+    total_steps = batches_per_epoch // accum * tr["num_train_epochs"]
     if tr["max_steps"] is not None:
         total_steps = min(total_steps, tr["max_steps"])
 
@@ -309,7 +368,7 @@ def train(config: dict, *, split_dir: str | None = None, run_name: str | None = 
         s, warmup=tr["warmup_steps"], total=total_steps, schedule=tr["lr_schedule"],
         min_ratio=tr["min_lr_ratio"]))
 
-    # --- resume: an explicit checkpoint, or this run's own interrupted state
+    # --- resume: an explicit checkpoint, or this run's own interrupted state; else training.init_from's weights
     position = {"epoch": 0, "batch_in_epoch": 0, "step": 0, "best_val_loss": math.inf}
     best_weights: dict | None = None  # the best validation's model, kept so that best.ckpt can always be written
     max_residues = config["dataset"]["max_sequence_length"] - 2
@@ -339,17 +398,24 @@ def train(config: dict, *, split_dir: str | None = None, run_name: str | None = 
             metrics = saved["metrics"]
             best_weights = saved.get("best_model")
         accelerator.print(f"resumed from {source} at step {position['step']}")
+    elif tr["init_from"] is not None:
+        load_initial_weights(model, tr["init_from"])
+        accelerator.print(f"initialised from {tr['init_from']} (weights only)")
 
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    # The scheduler stays outside accelerate, which would step it once per process per step.
+    model, optimizer = accelerator.prepare(model, optimizer)
     if main:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "config.yaml", dump_config(config))
         atomic_write_json(out / "split_mapping.json", mapping(splits))
+        write_provenance(config, out)
+    accelerator.init_trackers("ptm-mamba", init_kwargs={"wandb": {"name": out.name}, "mlflow": {"run_name": out.name}})
     sizes = metrics[0]["split_sizes"]
     accelerator.print(f"{mcfg.model_type}: {accelerator.unwrap_model(model).num_parameters():,} parameters on "
                       f"{world} process{'es' if world > 1 else ''}; "
                       f"train {sizes['train']} / val {sizes['val']} / test {sizes['test']} proteins; "
-                      f"{batches_per_epoch} batches per epoch per process, {total_steps} steps")
+                      f"{batches_per_epoch} batches per epoch per process, {world * accum} per optimiser step, "
+                      f"{total_steps} steps; model.scan {mcfg.scan}")
 
     def model_state(weights: dict) -> dict:
         check_finite_weights(weights, f"step {position['step']}")
@@ -361,13 +427,19 @@ def train(config: dict, *, split_dir: str | None = None, run_name: str | None = 
                 "scheduler": scheduler.state_dict(), "position": dict(position), "metrics": metrics,
                 "best_model": best_weights, "fingerprint": fp}
 
+    def add_record(entry: dict) -> None:
+        """Add a step's record to metrics.json (the source of truth) and its scalars to the trackers."""
+        metrics.append(entry)
+        accelerator.log({k: v for k, v in entry.items() if k != "Step" and isinstance(v, (int, float))},
+                        step=entry["Step"])
+
     def validate(epoch: int, step: int) -> None:
         nonlocal best_weights
         avg, records = evaluate(model, eval_loaders["val"], accelerator, esm_model, "val", epoch, step)
         metrics.extend(records)
-        metrics.append(avg)
+        add_record(avg)
         accelerator.print(f"epoch {epoch} step {step}: val loss {avg['avg_val_loss']:.4f} "
-                          f"acc {avg['avg_val_acc']:.4f} PTM acc {avg['avg_val_ptm_acc']:.4f}")
+                          f"acc {avg['avg_val_acc']:.4f} PTM acc {avg['avg_val_ptm_acc']:.4f}; kernels: {what_ran()}")
         if avg["avg_val_loss"] < position["best_val_loss"]:
             position["best_val_loss"] = avg["avg_val_loss"]
             best_weights = cpu_copy(accelerator.unwrap_model(model).state_dict())
@@ -385,61 +457,65 @@ def train(config: dict, *, split_dir: str | None = None, run_name: str | None = 
                dynamic_ncols=True)
     tokens_seen, started = 0.0, time.perf_counter()
     model.train()
-    with StopSignals() as signals:
-        while position["step"] < total_steps:
-            epoch = position["epoch"]
-            batches = epoch_batches(builders["train"].lengths, tr["max_tokens_per_batch"],
-                                    tr["per_device_train_batch_size"], seed=config["seed"], epoch=epoch,
-                                    world_size=world)
-            replicate = epoch % config["embedding"]["mask_replicates"]
-            loader = torch.utils.data.DataLoader(
-                EpochBatches(builders["train"], batches, seed=config["seed"], epoch=epoch, replicate=replicate,
-                             rank=rank, world_size=world, start=position["batch_in_epoch"]),
-                **loader_args)
-            for batch in loader:
-                batch = batch.to(accelerator.device)
-                with accelerator.autocast():
-                    logits = forward_batch(model, batch, esm_model).logits
-                loss, sums = batch_sums(logits, batch)
-                optimizer.zero_grad(set_to_none=True)
-                accelerator.backward(loss)
-                # one reduction carries the step's sums and any process's stop request
-                flag = torch.tensor([float(signals.received or 0)], dtype=torch.float64, device=sums.device)
-                shared = accelerator.reduce(torch.cat([sums, flag]), reduction="sum")
-                sums, stop = shared[:-1], int(shared[-1]) != 0
-                if not math.isfinite(float(sums[0])):
-                    raise PipelineError(
-                        f"step {position['step'] + 1}: the training loss is {float(sums[0]):.4g} (NaN/Inf); "
-                        f"stopped before the optimiser step, no checkpoint of it written (lower training.lr, "
-                        f"check the embeddings, or set training.mixed_precision: \"no\")")
-                if tr["grad_clip"] is not None:
-                    accelerator.clip_grad_norm_(model.parameters(), tr["grad_clip"])
-                lr = scheduler.get_last_lr()[0]
+    while position["step"] < total_steps:
+        epoch = position["epoch"]
+        batches = plan(epoch)
+        replicate = epoch % config["embedding"]["mask_replicates"]
+        loader = torch.utils.data.DataLoader(
+            EpochBatches(builders["train"], batches, seed=config["seed"], epoch=epoch, replicate=replicate,
+                         rank=rank, world_size=world, start=position["batch_in_epoch"]),
+            **loader_args)
+        pending = torch.zeros(len(SUM_FIELDS), dtype=torch.float64, device=accelerator.device)
+        for number, batch in enumerate(loader, start=1):
+            pending += backward_batch(model, batch.to(accelerator.device), accelerator, esm_model,
+                                      scale=1 / accum, sync=number % accum == 0)
+            if number % accum:  # the optimiser steps after the step's last batch
+                continue
+            # one reduction carries the step's sums and any process's stop request
+            flag = torch.tensor([float(signals.received or 0)], dtype=torch.float64, device=pending.device)
+            shared = accelerator.reduce(torch.cat([pending, flag]), reduction="sum")
+            sums, stop = shared[:-1], int(shared[-1]) != 0
+            pending.zero_()
+            if not math.isfinite(float(sums[0])):
+                raise PipelineError(
+                    f"step {position['step'] + 1}: the training loss is {float(sums[0]):.4g} (NaN/Inf); "
+                    f"stopped before the optimiser step, no checkpoint of it written (lower training.lr, "
+                    f"check the embeddings, or set training.mixed_precision: \"no\")")
+            if tr["grad_clip"] is not None:
+                accelerator.clip_grad_norm_(model.parameters(), tr["grad_clip"])
+            lr = scheduler.get_last_lr()[0]
+            try:
                 optimizer.step()
-                scheduler.step()
-                position["step"] += 1
-                position["batch_in_epoch"] += 1
-                step = position["step"]
-                record = {"Epoch": epoch, "Step": step, **rates(sums, "train"), "lr": lr,
-                          "tokens": int(sums[SUM_FIELDS.index("tokens")])}
-                metrics.append(record)
-                tokens_seen += record["tokens"]
-                bar.update(1)
-                bar.set_postfix(loss=f"{record['train_loss']:.3f}",
-                                tok_s=f"{tokens_seen / (time.perf_counter() - started):.0f}")
-                if step % tr["log_steps"] == 0 or step == total_steps:
-                    validate(epoch, step)
-                    if step == total_steps:
-                        break
-                    save_progress()
-                if stop:
-                    save_progress()
-                    raise StopRequested(int(signals.received or signal.SIGTERM), step, state_path)
-                if step >= total_steps:
+            except RuntimeError as exc:  # Adam's step size no longer fits the parameters' dtype
+                if "overflow" not in str(exc):
+                    raise
+                raise PipelineError(f"training.lr: {tr['lr']!r} overflows the optimiser's step size "
+                                    f"at step {position['step'] + 1}; use a smaller learning rate") from None
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            position["step"] += 1
+            position["batch_in_epoch"] += accum
+            step = position["step"]
+            record = {"Epoch": epoch, "Step": step, **rates(sums, "train"), "lr": lr,
+                      "tokens": int(sums[SUM_FIELDS.index("tokens")])}
+            add_record(record)
+            tokens_seen += record["tokens"]
+            bar.update(1)
+            bar.set_postfix(loss=f"{record['train_loss']:.3f}",
+                            tok_s=f"{tokens_seen / (time.perf_counter() - started):.0f}")
+            if step % tr["log_steps"] == 0 or step == total_steps:
+                validate(epoch, step)
+                if step == total_steps:
                     break
-            else:  # the epoch ran to its end
-                position["epoch"] += 1
-                position["batch_in_epoch"] = 0
+                save_progress()
+            if stop:
+                save_progress()
+                raise StopRequested(int(signals.received or signal.SIGTERM), step, state_path)
+            if step >= total_steps:
+                break
+        else:  # the epoch ran to its end
+            position["epoch"] += 1
+            position["batch_in_epoch"] = 0
     bar.close()
 
     # --- last.ckpt, best.ckpt from the best validation's weights, then the test set scored with them
@@ -454,7 +530,7 @@ def train(config: dict, *, split_dir: str | None = None, run_name: str | None = 
     avg, records = evaluate(best_model, eval_loaders["test"], accelerator, esm_model, "test",
                             position["epoch"], position["step"], per_type=True)
     metrics.extend(records)
-    metrics.append(avg)
+    add_record(avg)
     accelerator.print(f"test (best.ckpt): loss {avg['avg_test_loss']:.4f} acc {avg['avg_test_acc']:.4f} "
                       f"PTM acc {avg['avg_test_ptm_acc']:.4f}")
     if main:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +22,32 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 # first imported by any test module, so the switch is set here, before all of them.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+SLURM_SCRIPTS = REPO / "scripts" / "slurm"
+
+
+def slurm_installed() -> bool:
+    return shutil.which("slurmctld") is not None or Path("/usr/sbin/slurmctld").exists()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def local_slurm():
+    """The local single-node SLURM, up for the whole session where it is installed (and we are root).
+
+    Every `snakemake` command loads the SLURM executor plugin, which asks `scontrol show config` for
+    its defaults; with SLURM installed but not running, each command then waits ~10 s for the
+    controller. With it running the question takes milliseconds. Yields whether it runs."""
+    if not slurm_installed() or os.geteuid() != 0:
+        yield False
+        return
+    was_running = subprocess.run(["pgrep", "-x", "slurmctld"], capture_output=True).returncode == 0
+    started = subprocess.run(["bash", str(SLURM_SCRIPTS / "start.sh")], capture_output=True, text=True,
+                             timeout=180)
+    assert started.returncode == 0, started.stderr
+    yield True
+    if not was_running:
+        subprocess.run(["bash", str(SLURM_SCRIPTS / "stop.sh")], capture_output=True, timeout=120)
 
 
 def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:

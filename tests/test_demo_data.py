@@ -22,6 +22,9 @@ DATASETS = Path(__file__).resolve().parents[1] / "datasets"
 SCRIPT = DATASETS / "make_demo.py"
 DEMO = DATASETS / "demo.csv"
 STANDARD = set("ACDEFGHIKLMNPQRSTVWY")
+FAMILY_IDENTITIES = (0.9, 0.7, 0.5, 0.4)  # as datasets/make_demo.py: founder, then copies at these identities
+N_UNRELATED, N_FAMILIES = 2000, 24
+N_PROTEINS = N_UNRELATED + N_FAMILIES * (1 + len(FAMILY_IDENTITIES))
 
 
 def run_script(*args: str, hashseed: str = "0") -> subprocess.CompletedProcess:
@@ -58,10 +61,13 @@ def test_seed_and_n_change_output(tmp_path):
     outs = {}
     for seed in ("1", "2"):
         outs[seed] = tmp_path / f"s{seed}.csv"
-        assert run_script("--n", "20", "--seed", seed, "--out", str(outs[seed])).returncode == 0
+        assert run_script("--n", "20", "--families", "2", "--seed", seed, "--out", str(outs[seed])).returncode == 0
     lines = outs["1"].read_text().splitlines()
-    assert len(lines) == 21
+    assert len(lines) == 1 + 20 + 2 * (1 + len(FAMILY_IDENTITIES))
     assert lines != outs["2"].read_text().splitlines()
+    # the families come after the n proteins and leave them as they are
+    assert run_script("--n", "20", "--families", "0", "--seed", "1", "--out", str(tmp_path / "f0.csv")).returncode == 0
+    assert (tmp_path / "f0.csv").read_text().splitlines() == lines[:21]
 
 
 def test_bad_n_is_one_line_error(tmp_path):
@@ -73,7 +79,8 @@ def test_bad_n_is_one_line_error(tmp_path):
 
 def test_rows_tokenize_ids_unique_standard_residues(rows):
     ids = [uid for uid, _, _ in rows]
-    assert len(ids) == len(set(ids)) == 2000
+    assert len(ids) == len(set(ids)) == N_PROTEINS
+    assert ids == [f"DEMO_{i:05d}" for i in range(1, N_PROTEINS + 1)]
     for uid, tokens, residues in rows:
         assert set(residues) <= STANDARD, uid
         assert residues[0] == "M", uid  # every demo protein starts with its initiator Met
@@ -143,3 +150,21 @@ def test_sequon_glycosylation_rate_matches_rule(rows):
                 glycosylated += tokens[i] == "<N-linked (GlcNAc...) asparagine>"
     assert sequons > 1000
     assert 0.6 <= glycosylated / sequons <= 0.8
+
+
+def test_homolog_families_are_copies_at_their_identities(rows):
+    """After the 2000 unrelated proteins: 24 families of a founder and 4 copies (substitutions only,
+    Met 1 kept) at exactly 90/70/50/40% identity to it, to within one residue."""
+    family_rows = rows[N_UNRELATED:]
+    size = 1 + len(FAMILY_IDENTITIES)
+    assert len(family_rows) == N_FAMILIES * size
+    founders = set()
+    for start in range(0, len(family_rows), size):
+        (_, _, founder), *copies = family_rows[start:start + size]
+        founders.add(founder)
+        for (uid, _, residues), identity in zip(copies, FAMILY_IDENTITIES):
+            assert len(residues) == len(founder) and residues[0] == "M", uid
+            same = sum(a == b for a, b in zip(residues, founder)) / len(founder)
+            assert abs(same - identity) <= 1 / len(founder), (uid, same, identity)
+    assert len(founders) == N_FAMILIES
+    assert not founders & {r for _, _, r in rows[:N_UNRELATED]}

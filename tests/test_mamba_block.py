@@ -10,8 +10,10 @@ import torch.nn.functional as F
 
 from ptm_mamba import mamba_block
 from ptm_mamba.errors import PipelineError
-from ptm_mamba.mamba_block import FUSED_AVAILABLE, Mamba, make_mixer
-from ptm_mamba.scan import selective_scan_ref
+from ptm_mamba.mamba_block import Mamba, make_mixer
+from ptm_mamba.scan import has_failed, selective_scan_ref
+
+FUSED = mamba_block.unavailable("fused") is None  # mamba-ssm and a GPU
 
 # mamba-ssm's mamba_simple.Mamba for d_model=24, d_state=8, d_conv=4, expand=2: d_inner = 48,
 # dt_rank = ceil(24 / 16) = 2; A_log and D are registered on the block itself, so they come first.
@@ -113,28 +115,29 @@ def test_inference_params_rejected() -> None:
 
 
 def test_make_mixer() -> None:
-    m = make_mixer(32, layer_idx=3, backend="torch", d_state=4, expand=3)
-    assert type(m) is Mamba and (m.layer_idx, m.d_state, m.d_inner) == (3, 4, 96)
+    m = make_mixer(32, layer_idx=3, scan="torch", d_state=4, expand=3)
+    assert type(m) is Mamba and (m.layer_idx, m.d_state, m.d_inner, m.scan) == (3, 4, 96, "torch")
     with pytest.raises(PipelineError, match="'gpu'"):
-        make_mixer(32, backend="gpu")
-    auto = make_mixer(32)
-    assert type(auto) is (mamba_block.FusedMamba if FUSED_AVAILABLE else Mamba)
-    assert type(make_mixer(32, device="cpu")) is Mamba
-    if not FUSED_AVAILABLE:
+        make_mixer(32, scan="gpu")
+    assert make_mixer(32).scan == "auto"
+    if not FUSED:
         with pytest.raises(PipelineError, match="fused"):
-            make_mixer(32, backend="fused")
+            make_mixer(32, scan="fused")
 
 
-@pytest.mark.skipif(not FUSED_AVAILABLE, reason="needs mamba_ssm and CUDA")
-def test_matches_mamba_ssm_fused_block() -> None:
+@pytest.mark.skipif(not FUSED, reason="needs mamba_ssm and CUDA")
+@pytest.mark.parametrize("scan", ["torch", "fused"])
+def test_matches_mamba_ssm_fused_block(scan) -> None:
+    """Ours in PyTorch, and ours on mamba-ssm's `mamba_inner_fn`, against mamba-ssm's own block."""
     simple = pytest.importorskip("mamba_ssm.modules.mamba_simple")
     torch.manual_seed(0)
     theirs = simple.Mamba(64, d_state=16, layer_idx=0).cuda()
-    ours = Mamba(64, d_state=16).cuda()
+    ours = Mamba(64, d_state=16, scan=scan).cuda()
     ours.load_state_dict(theirs.state_dict(), strict=True)
     theirs.load_state_dict(ours.state_dict(), strict=True)
     x = torch.randn(2, 200, 64, device="cuda")
     out, their_out = ours(x), theirs(x)
+    assert not has_failed("fused")  # it did run mamba-ssm's kernels
     torch.testing.assert_close(out, their_out, rtol=1e-3, atol=1e-4)
     out.square().sum().backward()
     their_out.square().sum().backward()

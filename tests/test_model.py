@@ -20,7 +20,7 @@ FIRST_RESIDUE = PTMTokenizer().first_residue_id
 def make_model(model_type: str = "bidirectional_mamba", n_layer: int = 2, seed: int = 0, **kw) -> PTMMamba:
     torch.manual_seed(seed)
     config = ModelConfig(model_type=model_type, d_model=D_MODEL, n_layer=n_layer, esm_dim=ESM_DIM,
-                         use_esm=kw.pop("use_esm", True), backend="torch", **kw)
+                         use_esm=kw.pop("use_esm", True), scan="torch", **kw)
     return PTMMamba(config).eval()
 
 
@@ -249,10 +249,14 @@ def test_init_follows_the_original():
 
 def test_config_round_trip_and_errors():
     config = ModelConfig(model_type="mamba", d_model=32, n_layer=2, esm_dim=8, use_esm=False,
-                         ssm_cfg={"d_state": 8}, backend="torch")
+                         ssm_cfg={"d_state": 8}, scan="torch")
     plain = config.to_dict()
     assert plain["vocab_size"] == len(VOCAB) == 59
     assert ModelConfig.from_dict(plain) == config
+    # Older checkpoints: no scan (the default), or under its old name, backend.
+    assert ModelConfig.from_dict({k: v for k, v in plain.items() if k != "scan"}).scan == "auto"
+    legacy = {**{k: v for k, v in plain.items() if k != "scan"}, "backend": "torch"}
+    assert ModelConfig.from_dict(legacy) == config
     with pytest.raises(PipelineError, match="d_modle"):
         ModelConfig.from_dict({**plain, "d_modle": 3})
     with pytest.raises(PipelineError, match="transformer"):

@@ -1,10 +1,10 @@
 """The Triton selective scan (`ptm_mamba.scan_triton`) against the sequential reference, and the
-PTM_MAMBA_SCAN switch in `ptm_mamba.scan.selective_scan`.
+`scan` switch of `ptm_mamba.scan.selective_scan` (its fallbacks: tests/test_scan_fallback.py).
 
 Where the kernels run: on CUDA when there is a GPU; otherwise under Triton's interpreter on CPU
 tensors (triton is in the dev extra; tests/conftest.py sets TRITON_INTERPRET=1 before anything imports
 triton, and this module does too when run alone). Without triton the kernel tests are skipped and
-only the switch is tested. Interpreter shapes are tiny and chunks short (PTM_MAMBA_SCAN_CHUNK=4), so
+only the switch is tested. Interpreter shapes are tiny and chunks short (`configure(chunk=4)`), so
 that every length below spans several chunks, the last one partial: the interpreter is slow.
 """
 
@@ -16,8 +16,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from ptm_mamba.errors import PipelineError
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 CUDA = torch.cuda.is_available()
@@ -34,6 +32,21 @@ needs_triton = pytest.mark.skipif(
     "(triton was imported before this module could set it)",
 )
 DEVICE = "cuda" if CUDA else "cpu"
+
+
+@pytest.fixture
+def tune():
+    """`scan_triton.configure` for one test; the defaults again after it."""
+    yield scan_triton.configure
+    scan_triton.configure()
+
+
+@pytest.fixture
+def fresh(monkeypatch):
+    """This process's record of kernels run, failed and checked, empty for one test."""
+    monkeypatch.setattr(scan, "_RAN", {})
+    monkeypatch.setattr(scan, "_FAILED", {})
+    monkeypatch.setattr(scan, "_TRITON_CHECKED", set())
 
 
 def make_inputs(batch, dim, nstate, length, *, D=True, z=True, bias=True, seed=0, dtype=torch.float32):
@@ -91,24 +104,23 @@ def assert_matches(inputs, softplus, rtol, atol):
         ((1, 16, 16, 11), {"z": False}, False),
     ],
 )
-def test_matches_reference_fp32(shape, options, softplus, monkeypatch):
-    monkeypatch.setenv("PTM_MAMBA_SCAN_BLOCK", "16x2")  # one compile per case on a GPU; tuning is tested below
-    monkeypatch.setenv("PTM_MAMBA_SCAN_CHUNK", "4")
+def test_matches_reference_fp32(shape, options, softplus, tune):
+    tune(chunk=4, block="16x2")  # one compile per case on a GPU; tuning is tested below
     assert_matches(make_inputs(*shape, **options), softplus, rtol=1e-4, atol=1e-4)
 
 
 @needs_triton
 @pytest.mark.parametrize("chunk, length", [(2, 9), (8, 8), (8, 21), (64, 5)])
-def test_chunk_sizes(chunk, length, monkeypatch):
+def test_chunk_sizes(chunk, length, tune):
     """Chunks of 2 (many), one exact chunk, a partial last chunk, and the default size (one chunk)."""
-    monkeypatch.setenv("PTM_MAMBA_SCAN_CHUNK", str(chunk))
+    tune(chunk=chunk)
     assert_matches(make_inputs(1, 16, 3, length, seed=chunk + length), True, rtol=1e-4, atol=1e-4)
 
 
 @needs_triton
-def test_forward_without_grad_keeps_no_states(monkeypatch):
+def test_forward_without_grad_keeps_no_states(monkeypatch, tune):
     """Under no_grad the forward kernel skips the chunk states (another compiled variant): same out."""
-    monkeypatch.setenv("PTM_MAMBA_SCAN_CHUNK", "4")
+    tune(chunk=4)
     launched = []
     real_launch = scan_triton._launch
     monkeypatch.setattr(
@@ -121,24 +133,23 @@ def test_forward_without_grad_keeps_no_states(monkeypatch):
     torch.testing.assert_close(out, selective_scan_ref(**x, delta_softplus=True), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("value", ["3", "1", "big"])
-def test_chunk_setting_is_checked(value, monkeypatch):
-    monkeypatch.setenv("PTM_MAMBA_SCAN_CHUNK", value)
-    with pytest.raises(PipelineError, match=f"PTM_MAMBA_SCAN_CHUNK='{value}'"):
-        scan_triton._chunk()
+@pytest.mark.parametrize("args", [{"chunk": 3}, {"chunk": 1}, {"block": "big"}, {"block": "8x4"}, {"block": "32x3"}])
+def test_configure_checks_its_arguments(args, tune):
+    with pytest.raises(ValueError, match=" ".join(f"{k} {v!r}" for k, v in args.items())):
+        tune(**args)
 
 
 @needs_triton
-def test_bf16_inputs_match_reference_on_upcast_inputs(monkeypatch):
+def test_bf16_inputs_match_reference_on_upcast_inputs(tune):
     """bf16 in, fp32 arithmetic: out within bf16 rounding of the reference on the same (upcast) values."""
-    monkeypatch.setenv("PTM_MAMBA_SCAN_CHUNK", "4")
+    tune(chunk=4)
     assert_matches(make_inputs(2, 16, 16, 10, dtype=torch.bfloat16, seed=3), True, rtol=2e-2, atol=2e-2)
 
 
 @needs_triton
-def test_transposed_view_inputs_and_time_major_out(monkeypatch):
+def test_transposed_view_inputs_and_time_major_out(tune):
     """The Mamba block passes (B, L, X) tensors transposed to (B, X, L): the results must not change."""
-    monkeypatch.setenv("PTM_MAMBA_SCAN_CHUNK", "4")
+    tune(chunk=4)
     x = make_inputs(1, 24, 16, 6, seed=5)
     views = {k: v.transpose(1, 2).contiguous().transpose(1, 2) if v is not None and v.dim() == 3 else v
              for k, v in x.items()}  # fmt: skip
@@ -147,57 +158,57 @@ def test_transposed_view_inputs_and_time_major_out(monkeypatch):
     torch.testing.assert_close(out, selective_scan_ref(**x, delta_softplus=True), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.skipif(not (CUDA and scan_triton.AVAILABLE), reason="needs CUDA and triton")
-def test_autotuned_configs_on_gpu(monkeypatch):
+ON_GPU = pytest.mark.skipif(not (CUDA and scan_triton.triton is not None), reason="needs CUDA and triton")
+
+
+@ON_GPU
+def test_autotuned_configs_on_gpu():
     """All configs tuned, at a size where the channel blocks and the partial sums differ between them."""
-    monkeypatch.delenv("PTM_MAMBA_SCAN_BLOCK", raising=False)
     assert_matches(make_inputs(3, 200, 16, 300, seed=7), True, rtol=1e-3, atol=1e-4)
 
 
-@pytest.mark.skipif(not (CUDA and scan_triton.AVAILABLE), reason="needs CUDA and triton")
-def test_selective_scan_dispatches_to_triton_on_cuda(monkeypatch):
+@ON_GPU
+def test_selective_scan_dispatches_to_triton_on_cuda(monkeypatch, fresh):
     calls = []
     real = scan_triton.selective_scan_triton
     monkeypatch.setattr(scan_triton, "selective_scan_triton", lambda *a, **k: calls.append(1) or real(*a, **k))
     x = make_inputs(1, 32, 16, 8)
-    monkeypatch.setattr(scan, "_TRITON_CHECKS", {str(x["u"].device): True})  # the check is tested on its own
+    scan._TRITON_CHECKED.add(str(x["u"].device))  # the check is tested on its own
     for choice, expected_calls in (("auto", 1), ("triton", 2), ("torch", 2)):
-        monkeypatch.setenv("PTM_MAMBA_SCAN", choice)
-        out = selective_scan(**x, delta_softplus=True)
+        out = selective_scan(**x, delta_softplus=True, scan=choice)
         assert len(calls) == expected_calls, choice
         torch.testing.assert_close(out, selective_scan_ref(**x, delta_softplus=True), rtol=1e-4, atol=1e-4)
-    monkeypatch.setenv("PTM_MAMBA_SCAN", "auto")
     selective_scan(**x, delta_softplus=True, return_last_state=True)  # not a Triton case: PyTorch
     assert len(calls) == 2
+    assert scan.what_ran() == "triton, torch"
 
 
-def test_switch_keeps_cpu_inputs_on_pytorch(monkeypatch):
-    """PTM_MAMBA_SCAN=triton only concerns CUDA tensors: CPU inputs still get the PyTorch scan."""
+def test_auto_keeps_cpu_inputs_on_pytorch(monkeypatch, fresh):
+    """Only "triton" runs the kernels on CPU tensors (under the interpreter); "auto" leaves them to PyTorch."""
     x = {k: v.cpu() if v is not None else None for k, v in make_inputs(1, 8, 4, 5).items()}
     monkeypatch.setattr(scan_triton, "selective_scan_triton", lambda *a, **k: pytest.fail("Triton path taken on CPU"))
-    for choice in ("auto", "triton", "torch"):
-        monkeypatch.setenv("PTM_MAMBA_SCAN", choice)
-        torch.testing.assert_close(selective_scan(**x), selective_scan_ref(**x), rtol=1e-5, atol=1e-5)
+    for choice in ("auto", "torch"):
+        torch.testing.assert_close(selective_scan(**x, scan=choice), selective_scan_ref(**x), rtol=1e-5, atol=1e-5)
+    assert scan.what_ran() == "torch"
 
 
-def test_switch_rejects_unknown_value(monkeypatch):
-    monkeypatch.setenv("PTM_MAMBA_SCAN", "cuda")
+def test_switch_rejects_unknown_value():
     x = make_inputs(1, 4, 2, 3)
-    with pytest.raises(PipelineError, match="PTM_MAMBA_SCAN='cuda'"):
-        selective_scan(**x)
+    with pytest.raises(ValueError, match="'cuda'"):
+        selective_scan(**x, scan="cuda")
 
 
 def test_scan_dispatches_through_this_module():
-    """`ptm_mamba.scan` holds the same module object the tests patch, and AVAILABLE implies triton."""
+    """`ptm_mamba.scan` holds the same module object the tests patch; the kernels run where triton
+    imports and there is a GPU or the interpreter."""
     assert scan.scan_triton is scan_triton
-    assert not scan_triton.AVAILABLE or (scan_triton.triton is not None and CUDA)
+    assert (scan_triton.unavailable() is None) == (scan_triton.triton is not None and (CUDA or scan_triton.INTERPRET))
 
 
 @needs_triton
-def test_check_before_first_use_passes_and_catches_a_wrong_kernel(monkeypatch):
+def test_check_before_first_use_passes_and_catches_a_wrong_kernel(monkeypatch, fresh):
     """`triton_agrees` compares the kernels with the PyTorch scan once per device; a kernel that is
     off by 1% fails it, with one warning, and the verdict is kept."""
-    monkeypatch.setattr(scan, "_TRITON_CHECKS", {})
     state = torch.random.get_rng_state()
     with torch.inference_mode():  # as it may be first called: inside a model's forward under eval
         assert scan.triton_agrees(DEVICE)
@@ -206,22 +217,11 @@ def test_check_before_first_use_passes_and_catches_a_wrong_kernel(monkeypatch):
     wrong = lambda **inputs: selective_scan_ref(**inputs) * 1.01  # noqa: E731
     monkeypatch.setattr(scan_triton, "selective_scan_triton", wrong)
     assert scan.triton_agrees(DEVICE)  # kept from the first check
-    monkeypatch.setattr(scan, "_TRITON_CHECKS", {})
-    with pytest.warns(RuntimeWarning, match="disagrees with the PyTorch scan"):
+    monkeypatch.setattr(scan, "_TRITON_CHECKED", set())
+    with pytest.warns(RuntimeWarning, match="disagrees with the PyTorch scan") as caught:
         assert not scan.triton_agrees(DEVICE)
     assert not scan.triton_agrees(DEVICE)
-
-
-@pytest.mark.skipif(not (CUDA and scan_triton.AVAILABLE), reason="needs CUDA and triton")
-def test_failed_check_keeps_auto_on_pytorch_and_stops_forced_triton(monkeypatch):
-    x = make_inputs(1, 32, 16, 8)
-    monkeypatch.setattr(scan, "_TRITON_CHECKS", {str(x["u"].device): False})
-    monkeypatch.setattr(scan_triton, "selective_scan_triton", lambda *a, **k: pytest.fail("Triton path taken"))
-    monkeypatch.setenv("PTM_MAMBA_SCAN", "auto")
-    torch.testing.assert_close(selective_scan(**x), selective_scan_ref(**x), rtol=1e-4, atol=1e-4)
-    monkeypatch.setenv("PTM_MAMBA_SCAN", "triton")
-    with pytest.raises(PipelineError, match="failed its check"):
-        selective_scan(**x)
+    assert len(caught) == 1 and scan.has_failed("triton")
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton")

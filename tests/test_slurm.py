@@ -1,4 +1,5 @@
-"""The tiny DAG on a real single-node SLURM cluster through profiles like profiles/slurm.
+"""The tiny DAG on a real single-node SLURM cluster through profiles like profiles/slurm, and a
+train job longer than its SLURM time limit: stopped by SLURM, resubmitted by Snakemake, resumed.
 
 The cluster comes from Debian's packages (scripts/slurm/install.sh, run by
 .ci/run) and is started here by scripts/slurm/start.sh; the test stops only the
@@ -7,34 +8,28 @@ daemons it started. Skipped where SLURM is not installed or we are not root.
 
 from __future__ import annotations
 
-import os
+import copy
+import json
 import re
-import shutil
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
+import torch
+import yaml
 
-from conftest import REPO, tiny_config, write_config
+from conftest import REPO, slurm_installed, tiny_config, write_config
 
 pytestmark = pytest.mark.slow
-SCRIPTS = REPO / "scripts" / "slurm"
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    if shutil.which("slurmctld") is None and not Path("/usr/sbin/slurmctld").exists():
+def cluster(local_slurm):
+    if not slurm_installed():
         pytest.skip("SLURM is not installed (bash scripts/slurm/install.sh)")
-    if os.geteuid() != 0:
+    if not local_slurm:
         pytest.skip("starting a local SLURM cluster needs root")
-    was_running = subprocess.run(["pgrep", "-x", "slurmctld"], capture_output=True).returncode == 0
-    started = subprocess.run(["bash", str(SCRIPTS / "start.sh")], capture_output=True, text=True, timeout=180)
-    assert started.returncode == 0, started.stderr
-    yield started.stdout.strip()
-    if not was_running:
-        subprocess.run(["bash", str(SCRIPTS / "stop.sh")], capture_output=True, timeout=120)
 
 
 def test_tiny_dag_runs_on_slurm(cluster, tmp_path):
@@ -49,10 +44,84 @@ def test_tiny_dag_runs_on_slurm(cluster, tmp_path):
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-6000:]
     job_ids = set(re.findall(r"SLURM jobid (\d+)", output))
-    # split, 6 embedding shards, 3 gathers, train, plots, run_config: every job went through SLURM
-    assert len(job_ids) == 13, output[-3000:]
+    # split, 6 embedding shards and train went through SLURM; the light rules are localrules
+    assert len(job_ids) == 8, output[-3000:]
     run = tmp_path / "outputs" / "ptm-mamba-slurm"
     for name in ("config.yaml", "split_mapping.json", "metrics.json", "best.ckpt", "last.ckpt"):
         assert (run / name).is_file()
     assert (tmp_path / "results" / "report" / "slurm" / "loss.png").is_file()
     print(f"SLURM DAG: {len(job_ids)} jobs in {time.time() - started:.0f} s")
+
+
+# ----------------------------------------------------------------------------- time limit and resubmission
+
+LIMIT_STEPS = 2400  # 90 s of training on one CPU thread here: well over the 1-minute limit
+
+
+def slurm_job_state(job_id: str) -> str:
+    """JobState of a job SLURM still remembers (MinJobAge=300 s in start.sh's config)."""
+    shown = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True).stdout
+    found = re.search(r"JobState=(\S+)", shown)
+    return found.group(1) if found else "?"
+
+
+def test_train_past_its_time_limit_is_resubmitted_and_resumes_exactly(cluster, tmp_path):
+    """runtime: 1 (minute, SLURM's unit) for a training of more than a minute: SLURM stops the job
+    (the profile's --signal=TERM@5, or the time limit's own SIGTERM), the training saves its state,
+    Snakemake resubmits the job (preemptible-retries) and the resubmitted job continues; the end
+    result is the uninterrupted run's, to the bit."""
+    from ptm_mamba.split import run_split
+    from ptm_mamba.train import train
+
+    config = tiny_config(tmp_path, n=60, run_name="limit", training={
+        "use_esm": False, "max_steps": LIMIT_STEPS, "num_train_epochs": 1000, "log_steps": 100,
+        "embeddings_dir": "embeddings", "output_dir": "outputs"})
+    write_config(tmp_path / "config.yaml", **config)
+    profile = yaml.safe_load((REPO / "tests" / "slurm_profile" / "config.yaml").read_text())
+    assert "--signal=TERM@" in profile["set-resources"]["train"]["slurm_extra"]  # as profiles/slurm
+    profile["set-resources"]["train"]["runtime"] = 1
+    profile["set-threads"] = {"train": 1}  # OMP_NUM_THREADS=1: the numbers depend on the thread count
+    (tmp_path / "profile").mkdir()
+    (tmp_path / "profile" / "config.yaml").write_text(yaml.safe_dump(profile))
+    run = tmp_path / "outputs" / "ptm-mamba-limit"
+    started = time.time()
+    snakemake = subprocess.Popen(
+        [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--profile",
+         str(tmp_path / "profile"), "--workflow-profile", "none", "--directory", str(tmp_path),
+         str(run.relative_to(tmp_path) / "metrics.json"), "--configfile", str(tmp_path / "config.yaml")],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    # Meanwhile the uninterrupted run, in this process, on one thread, with the split the split
+    # stage makes (the same for the same config).
+    reference = copy.deepcopy(config)
+    reference["training"]["output_dir"] = str(tmp_path / "reference")
+    run_split(reference, tmp_path / "reference-split")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        ref = train(reference, split_dir=str(tmp_path / "reference-split"), run_name="limit", progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    reference_seconds = time.time() - started
+
+    output = snakemake.communicate(timeout=600)[0]
+    assert snakemake.returncode == 0, output[-6000:]
+    jobs = re.findall(r"SLURM jobid (\d+) \(log: \S+/rule_train/", output)
+    states = [slurm_job_state(job) for job in jobs]
+    # every job but the last was stopped by SLURM (FAILED after the warning signal, TIMEOUT at the limit)
+    assert len(jobs) >= 2 and states[-1] == "COMPLETED", (states, output[-4000:])
+    assert set(states[:-1]) <= {"FAILED", "TIMEOUT"}, (states, output[-4000:])
+    for job in jobs[:-1]:  # Snakemake's job process in the job step outlived the signal: it exited, after
+        # the training (SLURM would have killed the rest of the step with it), not by the signal
+        slurm_log = (tmp_path / ".snakemake" / "slurm_logs" / "rule_train" / f"{job}.log").read_text()
+        assert re.search(r"task 0: Exited with exit code 1\b", slurm_log), slurm_log[-3000:]
+    log = (tmp_path / "logs" / "train" / "limit.log").read_text()  # the last job's
+    resumed = re.search(r"resumed from \S+ at step (\d+)", log)
+    assert resumed and 0 < int(resumed.group(1)) < LIMIT_STEPS, log[-3000:]
+    assert json.loads((run / "metrics.json").read_text()) == json.loads((ref / "metrics.json").read_text())
+    for name in ("best.ckpt", "last.ckpt"):
+        mine, theirs = (torch.load(r / name, weights_only=True)["model"] for r in (run, ref))
+        assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine), name
+    assert not (run / "resume").exists()
+    print(f"time limit: {len(jobs)} train jobs ({', '.join(states)}), resumed at step {resumed.group(1)}; "
+          f"{time.time() - started:.0f} s in all, the uninterrupted run {reference_seconds:.0f} s")

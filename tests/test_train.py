@@ -95,7 +95,7 @@ def test_train_outputs_metrics_and_weights_only_checkpoints(embedded_project):
     assert result.returncode == 0, result.stdout + result.stderr
     out = root / "outputs" / "ptm-mamba-plain"
     assert sorted(p.name for p in out.iterdir()) == \
-        ["best.ckpt", "config.yaml", "last.ckpt", "metrics.json", "split_mapping.json"]
+        ["best.ckpt", "config.yaml", "last.ckpt", "metrics.json", "provenance.json", "split_mapping.json"]
     metrics = records(out / "metrics.json")
     assert metrics[0]["split_sizes"] == {"train": 44, "val": 8, "test": 8}
     steps = [m for m in metrics if "train_loss" in m]

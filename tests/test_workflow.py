@@ -105,9 +105,11 @@ def same_config_in(workdir: Path, root: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
-    """The reference: one uninterrupted run of the whole DAG."""
+    """The reference: one uninterrupted run of the whole DAG, split by MMseqs2 clusters (the default random
+    split runs through the DAG in tests/test_slurm.py and tests/test_report.py)."""
     root = tmp_path_factory.mktemp("workflow")
-    config = tiny_config(root, n=48, run_name="wf", training={"embeddings_dir": EMB, "output_dir": "out dir"})
+    config = tiny_config(root, n=48, run_name="wf", training={"embeddings_dir": EMB, "output_dir": "out dir"},
+                         dataset={"split_by": "cluster"})
     write_config(root / "config.yaml", **config)
     snakemake(root)
     return root
@@ -235,39 +237,29 @@ def test_other_invocations_during_a_run_change_nothing(workdir, reference, tmp_p
 
 def test_killed_at_random_moments_ends_as_an_uninterrupted_run(workdir, reference, tmp_path):
     """Chaos: SIGKILL to Snakemake and its jobs at seeded random moments, each time restarted
-    (with --unlock, as Snakemake asks); the outputs equal the uninterrupted run's."""
+    (with --unlock, as Snakemake asks); the outputs equal the uninterrupted run's. The last kill
+    lands inside training (after a random part of it), where the resume state matters."""
     root = same_config_in(workdir, tmp_path / "chaos")
     rng = random.Random(20261201)
-    kills = 0
-    for _ in range(4):
+    train_log = root / "logs" / "train" / "wf.log"
+    kills = []
+
+    def run_and_kill(when) -> None:
         proc = subprocess.Popen(command(root), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 start_new_session=True)
         try:
-            proc.wait(timeout=rng.uniform(1.0, 20.0))
+            when(proc)
+            proc.wait(timeout=rng.uniform(0.5, 4.0))
         except subprocess.TimeoutExpired:
+            kills.append(sorted(p.name for p in (root / "logs").rglob("*.log")))
             os.killpg(proc.pid, signal.SIGKILL)  # Snakemake and every job, as a node failure would
             proc.wait()
-            kills += 1
         snakemake(root, "--unlock")
-    assert kills >= 2, "the seeded moments should interrupt the run"
+
+    for _ in range(3):
+        run_and_kill(lambda proc: time.sleep(rng.uniform(0.5, 6.0)))
+    run_and_kill(lambda proc: wait_for(train_log.exists, proc))
+    assert len(kills) >= 3 and "wf.log" in kills[-1], kills
     snakemake(root)
     assert_same_outputs(outputs(root), reference)
     assert "Nothing to be done" in (lambda r: r.stdout + r.stderr)(snakemake(root, "-n"))
-
-
-def test_interrupted_training_resumes_under_snakemake(tmp_path):
-    config = tiny_config(tmp_path, n=48, run_name="kill", training={
-        "embeddings_dir": "embeddings", "output_dir": "outputs", "max_steps": 12, "log_steps": 3})
-    write_config(tmp_path / "config.yaml", **config)
-    snakemake(tmp_path, "embeddings")
-    state = tmp_path / "outputs" / "ptm-mamba-kill" / "resume" / "state.ckpt"
-    proc = subprocess.Popen(command(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    wait_for(state.exists, proc)
-    os.killpg(proc.pid, signal.SIGKILL)  # snakemake and the training job, as a crash or a scancel would
-    proc.wait()
-    snakemake(tmp_path, "--unlock")  # a killed Snakemake leaves its lock, as the message tells the user
-    snakemake(tmp_path)  # rerun-incomplete comes from profiles/default
-    log = (tmp_path / "logs" / "train" / "kill.log").read_text()
-    assert "resumed from" in log
-    assert (tmp_path / "outputs" / "ptm-mamba-kill" / "last.ckpt").is_file()

@@ -5,24 +5,5 @@
 # the Snakemake profiles query job status with squeue instead).
 set -euo pipefail
 
-need=(slurmctld slurmd sinfo squeue sbatch srun scontrol munged)
-missing=0
-for bin in "${need[@]}"; do
-    if ! command -v "$bin" >/dev/null 2>&1 && [ ! -x "/usr/sbin/$bin" ]; then
-        missing=1
-    fi
-done
-if [ "$missing" -eq 0 ]; then
-    echo "slurm already installed: $(dpkg-query -W -f='${Version}' slurmctld 2>/dev/null || echo unknown)"
-    exit 0
-fi
-
-if [ "$(id -u)" -ne 0 ]; then
-    echo "install.sh: needs root to apt-get install slurm (run with sudo)" >&2
-    exit 1
-fi
-
-export DEBIAN_FRONTEND=noninteractive
-apt-get update -qq
-apt-get install -y -qq --no-install-recommends slurmctld slurmd slurm-client munge >/dev/null
-echo "slurm installed: $(dpkg-query -W -f='${Version}' slurmctld)"
+exec bash "$(dirname "$0")/../apt_install.sh" "slurmctld slurmd sinfo squeue sbatch srun scontrol munged" \
+    slurmctld slurmd slurm-client munge

@@ -2,22 +2,32 @@
 # and the target list. All real work lives in ptm_mamba/.
 
 import hashlib
+import shlex
 import sys
 
 from ptm_mamba.config import dump_config, load_yaml_strict, validate as validate_config
 from ptm_mamba.errors import PipelineError
 from ptm_mamba.fileio import atomic_write_text
+from ptm_mamba.launch import launch_command, slurm_resources
 from ptm_mamba.stages import EMBED, SPLIT, TRAIN, stage_fingerprint
+
+
+def refuse(err):
+    """A mistake in the config: one line, as the CLI prints it, and no workflow."""
+    print(f"error: {err}", file=sys.stderr)
+    sys.exit(1)
+
 
 # One schema (workflow/schemas/config.schema.yaml), validated the way the CLI validates it: string
 # values from --config are coerced to the schema's types, and a mistake is one line, not a dump.
 try:
     for path in workflow.configfiles:
-        load_yaml_strict(path)  # refuses duplicate keys, which YAML loaders silently merge
+        load_yaml_strict(
+            path
+        )  # refuses duplicate keys, which YAML loaders silently merge
     validate_config(config, source="config")
 except PipelineError as err:
-    print(f"error: {err}", file=sys.stderr)
-    sys.exit(1)
+    refuse(err)
 
 # The CLI reads the config from a file. Overrides (--config key=value) live only in this
 # invocation's memory, so its jobs read a file named by the content's hash: parsing writes
@@ -25,28 +35,64 @@ except PipelineError as err:
 # invocation (a dry run with other --config, a locked-out run) writes another file, never this
 # one. What reruns a stage is its settings param (ptm_mamba/stages.py), not this file.
 CONFIG_TEXT = dump_config(config)
-CONFIG_FILE = f"results/configs/{hashlib.sha256(CONFIG_TEXT.encode()).hexdigest()[:16]}.yaml"
+CONFIG_FILE = (
+    f"results/configs/{hashlib.sha256(CONFIG_TEXT.encode()).hexdigest()[:16]}.yaml"
+)
 
 
 onstart:
     atomic_write_text(CONFIG_FILE, CONFIG_TEXT)
 
 
+def config_file(wildcards, input):
+    """The invocation's config file, as a rule param. Snakemake leaves a param function that
+    takes `input` out of its rerun triggers; what reruns a stage is its `settings` param.
+    """
+    return CONFIG_FILE
+
+
 SPLIT_DIR = "results/split"
 SPLITS = ["train", "val", "test"]
-SPLIT_FILES = [f"{SPLIT_DIR}/{name}" for name in ("train.csv", "val.csv", "test.csv", "split_mapping.json", "summary.json")]
+SPLIT_FILES = [
+    f"{SPLIT_DIR}/{name}"
+    for name in (
+        "train.csv",
+        "val.csv",
+        "test.csv",
+        "split_mapping.json",
+        "summary.json",
+    )
+]
 EMBEDDINGS_DIR = config["training"]["embeddings_dir"]
 NUM_SHARDS = config["embedding"]["shards"]
-PRECOMPUTED = config["training"]["use_esm"] and config["training"]["use_precomputed_embeddings"]
+PRECOMPUTED = (
+    config["training"]["use_esm"] and config["training"]["use_precomputed_embeddings"]
+)
+# The rules' conda environment (--sdm conda). Snakemake builds it from a copy of environment.yml
+# under .snakemake/conda/, so its pip lines name this repository by ${PTM_MAMBA_ROOT}, set here.
 ENV = "../../environment.yml"
+os.environ.setdefault("PTM_MAMBA_ROOT", workflow.basedir)
 RUN_NAME = config["run_name"] or "default"
 RUN_DIR = f"{config['training']['output_dir']}/ptm-mamba-{RUN_NAME}"
-RUN_FILES = [f"{RUN_DIR}/{name}" for name in ("config.yaml", "split_mapping.json", "metrics.json", "best.ckpt", "last.ckpt")]
-NUM_PROCESSES = config["training"]["num_processes"]
-# One process per GPU; --multi_gpu makes accelerate start a process group (gloo on CPU, NCCL on GPU).
-LAUNCH = f"accelerate launch --num_machines 1 --num_processes {NUM_PROCESSES} --dynamo_backend no" + (
-    " --multi_gpu" if NUM_PROCESSES > 1 else ""
-)
+RUN_FILES = [
+    f"{RUN_DIR}/{name}"
+    for name in (
+        "config.yaml",
+        "split_mapping.json",
+        "metrics.json",
+        "best.ckpt",
+        "last.ckpt",
+        "provenance.json",
+    )
+]
+BY_CLUSTER = config["dataset"]["split_by"] == "cluster"
+CLUSTERS_FILE = "results/clusters/clusters.tsv"
+PREDICT_DIR = f"results/predictions/{RUN_NAME}"
+NUM_PROCESSES = config["training"]["num_processes"]  # per machine: one per GPU
+NUM_MACHINES = config["training"]["num_machines"]
+# accelerate launch on one machine, or srun + accelerate's multi-node launch (ptm_mamba/launch.py).
+LAUNCH = launch_command(NUM_MACHINES, NUM_PROCESSES)
+TRAIN_RESOURCES = slurm_resources(NUM_MACHINES, NUM_PROCESSES)
 
 
 wildcard_constraints:
@@ -56,18 +102,61 @@ wildcard_constraints:
 
 def embedding_files():
     """The gathered embeddings training reads (none when ESM runs on the fly or not at all)."""
-    return [f"{EMBEDDINGS_DIR}/{split}_embeddings.h5" for split in SPLITS] if PRECOMPUTED else []
+    return (
+        [f"{EMBEDDINGS_DIR}/{split}_embeddings.h5" for split in SPLITS]
+        if PRECOMPUTED
+        else []
+    )
 
 
 def shard_files():
     """Every shard, requested explicitly: a gathered file only points at its shards, so a
-    deleted shard must be rebuilt (Snakemake does not rerun jobs for a missing input alone)."""
+    deleted shard must be rebuilt (Snakemake does not rerun jobs for a missing input alone).
+    """
     if not PRECOMPUTED:
         return []
-    return [f"{EMBEDDINGS_DIR}/shards/{split}/{i}-of-{NUM_SHARDS}.h5" for split in SPLITS for i in range(NUM_SHARDS)]
+    return [
+        f"{EMBEDDINGS_DIR}/shards/{split}/{i}-of-{NUM_SHARDS}.h5"
+        for split in SPLITS
+        for i in range(NUM_SHARDS)
+    ]
 
 
 def all_targets():
     """Every file a stage promises, so that a deleted one is rebuilt (with what depends on it)."""
-    return [*SPLIT_FILES, *shard_files(), *embedding_files(), *RUN_FILES,
-            *rules.plots.output, *rules.run_config.output]
+    return [
+        *SPLIT_FILES,
+        *shard_files(),
+        *embedding_files(),
+        *RUN_FILES,
+        *rules.plots.output,
+        *rules.run_config.output,
+    ]
+
+
+def split_input(wildcards):
+    """The dataset, and with split_by: cluster the cluster stage's clusters."""
+    return {
+        "data": config["dataset"]["dataset_location"],
+        **({"clusters": CLUSTERS_FILE} if BY_CLUSTER else {}),
+    }
+
+
+def clusters_option(wildcards, input):
+    return f"--clusters {shlex.quote(input.clusters)}" if BY_CLUSTER else ""
+
+
+def prediction_inputs():
+    """predict.inputs by output name: the file name without its extension."""
+    inputs = {}
+    for path in config["predict"]["inputs"]:
+        name = os.path.splitext(os.path.basename(path))[0]
+        if name in inputs:
+            refuse(
+                f"predict.inputs: {inputs[name]} and {path} would both write {PREDICT_DIR}/{name}.h5; rename one"
+            )
+        inputs[name] = path
+    return inputs
+
+
+PREDICT_INPUTS = prediction_inputs()

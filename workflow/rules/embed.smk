@@ -14,18 +14,21 @@ rule embed_shard:
         split_unit=SPLIT_FILES,  # read together: the split is checked as one unit
     output:
         f"{EMBEDDINGS_DIR}/shards/{{split}}/{{shard}}-of-{NUM_SHARDS}.h5",
-    params:
-        num_shards=NUM_SHARDS,
-        settings=stage_fingerprint(config, EMBED),
+    log:
+        f"logs/embed/{{split}}-{{shard}}-of-{NUM_SHARDS}.log",
+    benchmark:
+        f"benchmarks/embed/{{split}}-{{shard}}-of-{NUM_SHARDS}.tsv"
+    conda:
+        ENV
     threads: 2
     resources:
         gpu=1,
-    log:
-        f"logs/embed/{{split}}-{{shard}}-of-{NUM_SHARDS}.log",
-    conda:
-        ENV
+    params:
+        config=config_file,
+        num_shards=NUM_SHARDS,
+        settings=stage_fingerprint(config, EMBED),
     shell:
-        "OMP_NUM_THREADS={threads} ptm-mamba embed-shard --config {CONFIG_FILE:q} --split {wildcards.split}"
+        "OMP_NUM_THREADS={threads} ptm-mamba embed-shard --config {params.config:q} --split {wildcards.split}"
         " --split_file {input.split:q} --shard {wildcards.shard} --num_shards {params.num_shards}"
         " --output {output:q} > {log:q} 2>&1"
 
@@ -40,12 +43,13 @@ rule gather_embeddings:
         ),
     output:
         f"{EMBEDDINGS_DIR}/{{split}}_embeddings.h5",
-    params:
-        settings=stage_fingerprint(config, EMBED),
     log:
         "logs/embed/{split}-gather.log",
     conda:
         ENV
+    params:
+        config=config_file,
+        settings=stage_fingerprint(config, EMBED),
     shell:
-        "ptm-mamba gather --config {CONFIG_FILE:q} --split {wildcards.split} --split_file {input.split:q}"
+        "ptm-mamba gather --config {params.config:q} --split {wildcards.split} --split_file {input.split:q}"
         " --shards {input.shards:q} --output {output:q} > {log:q} 2>&1"

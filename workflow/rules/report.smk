@@ -2,34 +2,16 @@
 #   snakemake --report report.html
 # (figures and tables from ptm_mamba/report.py; captions in workflow/report/).
 
-import shlex
-
 REPORT_DIR = f"results/report/{RUN_NAME}"
 
 
 rule plots:
     input:
         metrics=f"{RUN_DIR}/metrics.json",
+        provenance=f"{RUN_DIR}/provenance.json",
         summary=f"{SPLIT_DIR}/summary.json",
         embeddings=embedding_files(),
     output:
-        loss=report(f"{REPORT_DIR}/loss.png", caption="../report/loss.rst", category="Training"),
-        accuracy=report(f"{REPORT_DIR}/accuracy.png", caption="../report/accuracy.rst", category="Training"),
-        learning_rate=report(
-            f"{REPORT_DIR}/learning_rate.png",
-            caption="../report/learning_rate.rst",
-            category="Training",
-        ),
-        test_ptm_accuracy=report(
-            f"{REPORT_DIR}/test_ptm_accuracy.png",
-            caption="../report/test_ptm_accuracy.rst",
-            category="Test",
-        ),
-        test_results=report(
-            f"{REPORT_DIR}/test_results.tsv", caption="../report/test_results.rst", category="Test"
-        ),
-        splits=report(f"{REPORT_DIR}/splits.tsv", caption="../report/splits.rst", category="Data"),
-        # Only when the embeddings are precomputed (else training runs ESM-2 on the fly or not at all).
         **(
             {
                 "embeddings": report(
@@ -41,25 +23,63 @@ rule plots:
             if PRECOMPUTED
             else {}
         ),
-    params:
-        outdir=lambda wildcards, output: os.path.dirname(output.loss),
-        embeddings=lambda wildcards, input: (
-            "--embeddings " + " ".join(shlex.quote(path) for path in input.embeddings) if input.embeddings else ""
+        loss=report(
+            f"{REPORT_DIR}/loss.png", caption="../report/loss.rst", category="Training"
         ),
+        accuracy=report(
+            f"{REPORT_DIR}/accuracy.png",
+            caption="../report/accuracy.rst",
+            category="Training",
+        ),
+        learning_rate=report(
+            f"{REPORT_DIR}/learning_rate.png",
+            caption="../report/learning_rate.rst",
+            category="Training",
+        ),
+        test_ptm_accuracy=report(
+            f"{REPORT_DIR}/test_ptm_accuracy.png",
+            caption="../report/test_ptm_accuracy.rst",
+            category="Test",
+        ),
+        test_results=report(
+            f"{REPORT_DIR}/test_results.tsv",
+            caption="../report/test_results.rst",
+            category="Test",
+        ),
+        splits=report(
+            f"{REPORT_DIR}/splits.tsv", caption="../report/splits.rst", category="Data"
+        ),
+        provenance=report(
+            f"{REPORT_DIR}/provenance.tsv",
+            caption="../report/provenance.rst",
+            category="Configuration",
+        ),
+        # Only when the embeddings are precomputed (else training runs ESM-2 on the fly or not at all).
     log:
         f"logs/report/{RUN_NAME}-plots.log",
     conda:
         ENV
+    params:
+        outdir=lambda wildcards, output: os.path.dirname(output.loss),
+        embeddings=lambda wildcards, input: (
+            "--embeddings " + " ".join(shlex.quote(path) for path in input.embeddings)
+            if input.embeddings
+            else ""
+        ),
     shell:
         "ptm-mamba plots --metrics {input.metrics:q} --summary {input.summary:q} {params.embeddings}"
-        " --output_dir {params.outdir:q} > {log:q} 2>&1"
+        " --provenance {input.provenance:q} --output_dir {params.outdir:q} > {log:q} 2>&1"
 
 
 rule run_config:
     input:
         f"{RUN_DIR}/config.yaml",
     output:
-        report(f"{REPORT_DIR}/config.yaml", caption="../report/config.rst", category="Configuration"),
+        report(
+            f"{REPORT_DIR}/config.yaml",
+            caption="../report/config.rst",
+            category="Configuration",
+        ),
     log:
         f"logs/report/{RUN_NAME}-config.log",
     conda:
@@ -67,4 +87,3 @@ rule run_config:
     shell:
         # A copy under a temp name in the same folder, renamed into place: never a partial file.
         "(cp {input:q} {output:q}.tmp && mv {output:q}.tmp {output:q}) > {log:q} 2>&1"
-

@@ -1,4 +1,5 @@
-# Training: accelerate launch of the ptm-mamba train command, one process per GPU.
+# Training: accelerate launch of the ptm-mamba train command, one process per GPU, on one machine or
+# (training.num_machines > 1) on several nodes of one SLURM job (ptm_mamba/launch.py).
 
 
 rule train:
@@ -11,18 +12,23 @@ rule train:
         metrics=f"{RUN_DIR}/metrics.json",
         best=f"{RUN_DIR}/best.ckpt",
         last=f"{RUN_DIR}/last.ckpt",
-    params:
-        split_dir=lambda wildcards, input: os.path.dirname(input.splits[0]),
-        run_name=RUN_NAME,
-        launch=LAUNCH,
-        settings=stage_fingerprint(config, TRAIN),
-    threads: 2
-    resources:
-        gpu=NUM_PROCESSES,
+        provenance=f"{RUN_DIR}/provenance.json",
     log:
         f"logs/train/{RUN_NAME}.log",
+    benchmark:
+        f"benchmarks/train/{RUN_NAME}.tsv"
     conda:
         ENV
+    threads: 2
+    resources:
+        **TRAIN_RESOURCES,
+    params:
+        config=config_file,
+        split_dir=lambda wildcards, input: os.path.dirname(input.splits[0]),
+        run_name=RUN_NAME,
+        # how to start, not what results: a param function of `input` is no rerun trigger
+        launch=lambda wildcards, input: LAUNCH,
+        settings=stage_fingerprint(config, TRAIN),
     shell:
-        "OMP_NUM_THREADS={threads} {params.launch} -m ptm_mamba train --config {CONFIG_FILE:q}"
+        "OMP_NUM_THREADS={threads} {params.launch} -m ptm_mamba train --config {params.config:q}"
         " --split_dir {params.split_dir:q} --run_name {params.run_name:q} --no_progress > {log:q} 2>&1"

@@ -1,0 +1,183 @@
+"""Sequence clusters for a split that keeps homologs apart (the cluster stage), with MMseqs2.
+
+Two proteins are linked when MMseqs2 aligns them (all against all, ``mmseqs easy-search``) at
+``dataset.cluster_identity`` identity or more, over ``dataset.cluster_coverage`` or more of both
+(``-c``, ``--cov-mode 0``); a cluster is a connected group of links (single linkage). So no linked
+pair is in two clusters, which a split by whole clusters needs. MMseqs2's own clustering
+(``easy-cluster``, set cover or connected components of its cascaded search) does not promise
+that: on ``datasets/demo.csv`` at 0.3/0.8 it cut 8 of the 24 homolog families, leaving 20 pairs
+that the search links (up to 52% identity) in different clusters.
+
+Links are the alignments MMseqs2's search reports (defaults: sensitivity 5.7, 300 candidates per
+sequence, E-value 1e-3): a homolog pair it misses is not linked. The split stage therefore measures
+what remains, searching the test set against the training set (:func:`identity_to_train`).
+
+Proteins with the same residue sequence are one sequence for MMseqs2, so they share a cluster.
+
+``clusters.tsv``: a first line ``# ptm-mamba clusters {json}`` records the settings the clusters
+were made with (:func:`stages.stage_settings` of the cluster stage), then ``cluster<TAB>unique_id``
+rows, where a cluster is named by its smallest id. :func:`read_clusters` refuses a file made from
+other data or settings.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .dataset import Protein, read_from_config
+from .errors import PipelineError
+from .fileio import atomic_write_text
+from .prepare import check_prepared
+from .split import residue_key
+from .stages import CLUSTER, check_settings, stage_settings
+
+HEADER = "# ptm-mamba clusters "
+COLUMNS = "cluster\tunique_id"
+MAX_SEARCHED = 1000  # test proteins searched against the training set for the summary
+INSTALL_HINT = "apt-get install mmseqs2, conda install -c bioconda mmseqs2, or scripts/install_mmseqs.sh"
+
+
+@dataclass(frozen=True)
+class Hit:
+    query: int
+    target: int
+    identity: float  # MMseqs2's fident: identical positions / alignment length
+    query_cover: float
+    target_cover: float
+
+
+def mmseqs() -> str:
+    """The mmseqs binary on PATH, or a one-line error saying how to install it."""
+    path = shutil.which("mmseqs")
+    if path is None:
+        raise PipelineError(f"mmseqs (MMseqs2) not found on PATH; dataset.split_by: cluster needs it ({INSTALL_HINT})")
+    return path
+
+
+def mmseqs_version() -> str:
+    return subprocess.run([mmseqs(), "version"], capture_output=True, text=True).stdout.strip()
+
+
+def _write_fasta(path: Path, sequences: list[str]) -> None:
+    path.write_text("".join(f">{i}\n{seq}\n" for i, seq in enumerate(sequences)))
+
+
+def search(queries: list[str], targets: list[str], *, identity: float = 0.0, coverage: float = 0.0,
+           threads: int | None = None) -> list[Hit]:
+    """MMseqs2 alignments of residue sequences ``queries`` against ``targets`` (hits name list indices),
+    at ``identity`` or more over ``coverage`` or more of both sequences."""
+    binary = mmseqs()
+    with tempfile.TemporaryDirectory(prefix="ptm-mamba-mmseqs-") as tmp:
+        tmp = Path(tmp)
+        _write_fasta(tmp / "q.fasta", queries)
+        _write_fasta(tmp / "t.fasta", targets)
+        command = [binary, "easy-search", "q.fasta", "t.fasta", "hits.m8", "work", "-v", "1",
+                   "--min-seq-id", str(identity), "-c", str(coverage), "--cov-mode", "0",
+                   "--format-output", "query,target,fident,qcov,tcov"]
+        if threads:
+            command += ["--threads", str(threads)]
+        done = subprocess.run(command, cwd=tmp, capture_output=True, text=True)
+        if done.returncode != 0:
+            last = (done.stderr.strip() or done.stdout.strip() or "no message").splitlines()[-1]
+            raise PipelineError(f"mmseqs easy-search failed (exit {done.returncode}): {last}")
+        rows = [line.split("\t") for line in (tmp / "hits.m8").read_text().splitlines()]
+    return [Hit(int(q), int(t), float(i), float(qc), float(tc)) for q, t, i, qc, tc in rows]
+
+
+def cluster_proteins(proteins: list[Protein], identity: float, coverage: float,
+                     threads: int | None = None) -> dict[str, str]:
+    """Single-linkage clusters of ``proteins``: id -> cluster name (the cluster's smallest id)."""
+    groups: dict[str, list[str]] = {}  # residue sequence -> ids: duplicates are one sequence
+    for p in proteins:
+        groups.setdefault(residue_key(p), []).append(p.id)
+    sequences = list(groups)
+    parent = list(range(len(sequences)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for hit in search(sequences, sequences, identity=identity, coverage=coverage, threads=threads):
+        parent[root(hit.query)] = root(hit.target)
+    members: dict[int, list[str]] = {}
+    for i, seq in enumerate(sequences):
+        members.setdefault(root(i), []).extend(groups[seq])
+    return {pid: min(ids) for ids in members.values() for pid in ids}
+
+
+def clusters_text(clusters: dict[str, str], settings: dict) -> str:
+    record = {"settings": settings, "method": "mmseqs easy-search all vs all, single linkage",
+              "mmseqs_version": mmseqs_version()}
+    rows = sorted((c, pid) for pid, c in clusters.items())
+    return "\n".join([HEADER + json.dumps(record, sort_keys=True), COLUMNS, *(f"{c}\t{p}" for c, p in rows)]) + "\n"
+
+
+def run_cluster(config: dict, output: str | os.PathLike, threads: int | None = None) -> dict[str, str]:
+    """The cluster stage: cluster the configured dataset, write ``output`` atomically."""
+    ds = config["dataset"]
+    check_prepared(config)
+    clusters = cluster_proteins(read_from_config(config), ds["cluster_identity"], ds["cluster_coverage"], threads)
+    atomic_write_text(output, clusters_text(clusters, stage_settings(config, CLUSTER)))
+    return clusters
+
+
+def read_clusters(path: str | os.PathLike, config: dict, proteins: list[Protein]) -> dict[str, str]:
+    """The cluster stage's file, checked: made with this config's data and settings, naming every
+    protein once, duplicates in one cluster. Returns id -> cluster."""
+    path, fix = Path(path), "rerun the cluster stage (ptm-mamba cluster)"
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise PipelineError(f"{path} not found: {fix}") from None
+    if len(lines) < 2 or not lines[0].startswith(HEADER) or lines[1] != COLUMNS:
+        raise PipelineError(f"{path}: not a clusters file of the cluster stage; {fix}")
+    try:
+        recorded = json.loads(lines[0][len(HEADER):]).get("settings")
+    except (ValueError, AttributeError):
+        recorded = None
+    check_settings(recorded, config, CLUSTER, str(path), fix)
+    rows = [line.split("\t") for line in lines[2:]]
+    clusters = {row[1]: row[0] for row in rows if len(row) == 2}
+    if len(clusters) != len(rows) or set(clusters) != {p.id for p in proteins}:
+        raise PipelineError(f"{path}: does not name each protein of the dataset once (an edited file); {fix}")
+    first: dict[str, Protein] = {}
+    for p in proteins:
+        other = first.setdefault(residue_key(p), p)
+        if clusters[other.id] != clusters[p.id]:
+            raise PipelineError(f"{path}: {other.id!r} and {p.id!r} have the same sequence but are in different "
+                                f"clusters (an edited file); {fix}")
+    return clusters
+
+
+def identity_to_train(test: list[Protein], train: list[Protein], *, coverage: float, threshold: float,
+                      seed: int, threads: int | None = None, limit: int = MAX_SEARCHED) -> dict:
+    """How close the test set is to the training set: every test protein (at most ``limit``, a
+    seeded sample beyond) searched against every training protein with MMseqs2. ``max_identity``
+    is the highest identity of an alignment covering ``coverage`` of both (the clustering's
+    criterion), ``max_local_identity`` that of any alignment (short local ones included); only
+    alignments MMseqs2 reports (E-value 1e-3 or less) count, and None means there were none."""
+    picked = sorted(test, key=lambda p: p.id)
+    if len(picked) > limit:
+        picked = [picked[i] for i in sorted(np.random.default_rng(seed).choice(len(picked), limit, replace=False))]
+    hits = search([residue_key(p) for p in picked], [residue_key(p) for p in train], threads=threads) if picked else []
+    covering = [h for h in hits if min(h.query_cover, h.target_cover) >= coverage]
+    best = max(covering, key=lambda h: h.identity, default=None)
+    return {
+        "searched": len(picked),
+        "of": len(test),
+        "coverage": coverage,
+        "max_identity": best.identity if best else None,
+        "max_identity_pair": [picked[best.query].id, train[best.target].id] if best else None,
+        "pairs_above_threshold": sum(h.identity > threshold for h in covering),
+        "max_local_identity": max((h.identity for h in hits), default=None),
+    }

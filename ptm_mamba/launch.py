@@ -1,0 +1,179 @@
+"""How the train rule starts training: ``accelerate launch`` on one machine or on several.
+
+:func:`launch_command` is the command prefix the train rule puts before
+``-m ptm_mamba train ...`` (``workflow/rules/common.smk``), and ``python -m
+ptm_mamba.launch`` is what that prefix runs on each machine:
+
+- ``training.num_machines: 1`` (the default): ``exec python -m ptm_mamba.launch
+  --num_machines 1 --num_processes P --`` runs ``accelerate launch --num_machines 1
+  --num_processes P --dynamo_backend no [--multi_gpu]``, as the rule always did;
+- ``training.num_machines: N > 1`` (one SLURM job over N nodes): ``srun`` starts one task
+  per node, and each runs ``accelerate launch --num_machines N --num_processes N*P
+  --machine_rank $SLURM_NODEID --main_process_ip <first node of the job>
+  --main_process_port <port>`` (accelerate's multi-node launch, static rendezvous).
+
+Signals. SLURM stops a job by signalling *every* process of its job steps: SIGTERM at the
+time limit, or on preemption, and the signal of ``sbatch --signal`` before it. Training saves
+its exact state on SIGTERM/SIGUSR1 and exits (``ptm_mamba.train.StopSignals``), but only if
+the processes around it stay alive until it is done: when the job step's first process exits,
+SLURM kills what is left of the step (proctrack/cgroup). So this launcher runs accelerate in its
+own process, does not exit on SIGTERM/SIGUSR1 (it waits for the training processes, which got
+the signal from SLURM themselves), and keeps torch's elastic agent (``--multi_gpu``) from
+killing them 30 s after a SIGTERM. The rule ``exec``-s it, so no shell that SIGTERM would end
+sits above it; Snakemake's job process above that (the SLURM plugin's ``srun ... snakemake``)
+finishes its running job on SIGTERM, but dies on SIGUSR1: hence ``--signal=TERM@...`` in the
+SLURM profiles.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import subprocess
+import sys
+
+from .errors import PipelineError
+
+# SIGTERM and SIGUSR1 are left to the training processes: torch's elastic agent (--multi_gpu)
+# handles only these (its default also lists SIGTERM, on which it kills its workers after 30 s).
+AGENT_SIGNALS = "SIGINT,SIGHUP,SIGQUIT"
+WAIT_FOR_TRAINING = (signal.SIGTERM, signal.SIGUSR1)
+
+
+def launch_command(num_machines: int, num_processes: int) -> str:
+    """The shell prefix of the train rule's command (``-m ptm_mamba train ...`` follows it).
+
+    ``num_processes`` is per machine (one per GPU). Several machines need a SLURM job with
+    ``num_machines`` nodes and one task per node (the rule's resources ask for it).
+    """
+    args = f"--num_machines {num_machines} --num_processes {num_processes} --"
+    if num_machines == 1:
+        return f"exec python -m ptm_mamba.launch {args}"
+    # One task per node; each task gets the job's CPUs per task (srun does not pass them on
+    # by itself since SLURM 22.05); a task that fails ends the others instead of leaving them
+    # waiting in a collective.
+    return (f"exec srun --nodes={num_machines} --ntasks={num_machines} --ntasks-per-node=1"
+            " --cpus-per-task=${SLURM_CPUS_PER_TASK:-1} --kill-on-bad-exit=1"
+            f" python -m ptm_mamba.launch {args}")
+
+
+def slurm_resources(num_machines: int, num_processes: int) -> dict:
+    """The train rule's resources: GPUs for one machine as ever; several machines are one SLURM
+    job with a node and a task per machine, GPUs per node (``--gres``), and the launcher's own
+    ``srun`` (the ``mpi`` resource keeps the SLURM plugin from wrapping the job in one)."""
+    if num_machines == 1:
+        return {"gpu": num_processes}
+    return {"gpu": 0, "gres": f"gpu:{num_processes}", "nodes": num_machines, "tasks": num_machines,
+            "mpi": "srun"}
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list (``node[01-04],gpu7`` -> ``node01``)."""
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                             check=True, timeout=60).stdout.split()
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise PipelineError(f"cannot expand the SLURM node list {nodelist!r} with scontrol ({exc})") from None
+    if not out:
+        raise PipelineError(f"the SLURM node list {nodelist!r} names no host")
+    return out[0]
+
+
+def rendezvous(num_machines: int, env: dict) -> list[str]:
+    """This machine's rank and the main process's address for a multi-machine launch.
+
+    Read from SLURM (``SLURM_NODEID``, ``SLURM_JOB_NODELIST``, ``SLURM_JOB_ID``);
+    ``MACHINE_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT`` win when set (another scheduler, or
+    several "machines" on one host).
+    """
+    rank = env.get("MACHINE_RANK", env.get("SLURM_NODEID"))
+    if rank is None:
+        raise PipelineError(f"training.num_machines: {num_machines} runs as one SLURM job over {num_machines} "
+                            "nodes (snakemake --profile profiles/slurm); SLURM_NODEID is not set here "
+                            "(outside SLURM set MACHINE_RANK, MASTER_ADDR and MASTER_PORT)")
+    nodes = env.get("SLURM_JOB_NUM_NODES", env.get("SLURM_NNODES"))
+    if "MACHINE_RANK" not in env and nodes is not None and int(nodes) != num_machines:
+        raise PipelineError(f"training.num_machines is {num_machines}, but the SLURM job has {nodes} node(s)")
+    if not 0 <= int(rank) < num_machines:
+        raise PipelineError(f"machine rank {rank} is not in 0..{num_machines - 1} (training.num_machines)")
+    address = env.get("MASTER_ADDR")
+    if address is None:
+        if "SLURM_JOB_NODELIST" not in env:
+            raise PipelineError("MASTER_ADDR is not set and there is no SLURM_JOB_NODELIST to take it from")
+        address = first_host(env["SLURM_JOB_NODELIST"])
+    # A port of its own per job (29500 + job id mod 10000), so that jobs sharing a node do not clash.
+    port = env.get("MASTER_PORT") or str(29500 + int(env.get("SLURM_JOB_ID", "0")) % 10000)
+    return ["--machine_rank", str(int(rank)), "--main_process_ip", address, "--main_process_port", port]
+
+
+def accelerate_args(num_machines: int, num_processes: int, env: dict) -> list[str]:
+    """``accelerate launch`` options (without the command): ``num_processes`` per machine."""
+    total = num_machines * num_processes
+    args = ["--num_machines", str(num_machines), "--num_processes", str(total), "--dynamo_backend", "no"]
+    if num_machines > 1:
+        args += rendezvous(num_machines, env)
+    elif env.get("MASTER_PORT"):  # else torch's default, 29500
+        args += ["--main_process_port", env["MASTER_PORT"]]
+    if total > 1:  # a process group (gloo on CPU, NCCL on GPU) across all processes
+        args.append("--multi_gpu")
+    return args
+
+
+def _wait_for_training(signum, frame) -> None:
+    """SIGTERM/SIGUSR1 reached the launcher: the training processes got it too (SLURM signals
+    every process of the step); keep waiting for them to save and exit."""
+
+
+def run(argv: list[str]) -> int:
+    from accelerate.commands.launch import launch_command as accelerate_launch
+    from accelerate.commands.launch import launch_command_parser
+
+    if "--" not in argv:
+        raise PipelineError("usage: python -m ptm_mamba.launch --num_machines N --num_processes P -- "
+                            "-m ptm_mamba train ...")
+    split = argv.index("--")
+    own, command = argv[:split], argv[split + 1:]
+    opts = dict(zip(own[::2], own[1::2]))
+    if len(own) % 2 or set(opts) != {"--num_machines", "--num_processes"}:
+        raise PipelineError(f"expected --num_machines N --num_processes P before --, got {shlex.join(own)!r}")
+    try:
+        machines, processes = int(opts["--num_machines"]), int(opts["--num_processes"])
+    except ValueError:
+        raise PipelineError(f"--num_machines and --num_processes take integers, got {shlex.join(own)!r}") from None
+    if machines < 1 or processes < 1:
+        raise PipelineError("--num_machines and --num_processes must be >= 1")
+    args = accelerate_args(machines, processes, os.environ)
+    for sig in WAIT_FOR_TRAINING:  # a handler, not SIG_IGN: the training processes start with the defaults
+        signal.signal(sig, _wait_for_training)
+    print(f"ptm_mamba.launch: accelerate launch {shlex.join(args)} {shlex.join(command)}", file=sys.stderr,
+          flush=True)
+    parsed = launch_command_parser().parse_args(args + command)
+    parsed.signals_to_handle = AGENT_SIGNALS  # torchrun's --signals-to-handle (accelerate passes it on)
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    try:
+        accelerate_launch(parsed)
+    except subprocess.CalledProcessError as exc:  # one process, which failed: pass its status on
+        return exit_status(exc.returncode)
+    except ChildFailedError as exc:  # several processes (torch elastic has printed which failed)
+        return exit_status(exc.get_first_failure()[1].exitcode)
+    return 0
+
+
+def exit_status(returncode: int) -> int:
+    """A child's status as a shell reports it: 128 + N for a child ended by signal N (so that
+    a training run stopped by SIGTERM ends the launcher with 143 too)."""
+    return returncode if returncode > 0 else 128 - returncode if returncode < 0 else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        return run(sys.argv[1:] if argv is None else argv)
+    except PipelineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
