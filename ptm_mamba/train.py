@@ -377,15 +377,17 @@ def _train(config: dict, signals: StopSignals, *, split_dir: str | None, run_nam
                                 name: sum(p.length > max_residues for p in ps) for name, ps in splits.items()},
                             "num_parameters": model.num_parameters()}]
     fp = resume_fingerprint(config, world)
-    source = tr["resume_from_checkpoint"]
+    source, saved = tr["resume_from_checkpoint"], None
     if source is None and state_path.exists():
         saved = checkpoint.load(state_path)
         if saved.get("fingerprint") == fp:
             source = state_path
-        elif main:
-            log.warning("ignoring %s: it was written with other settings", state_path)
+        else:
+            saved = None
+            if main:
+                log.warning("ignoring %s: it was written with other settings", state_path)
     if source is not None:
-        saved = checkpoint.load(source)
+        saved = saved or checkpoint.load(source)
         checkpoint.load_weights(model, saved["model"], source)
         if "optimizer" in saved:
             try:
