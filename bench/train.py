@@ -42,7 +42,7 @@ from ptm_mamba.mamba_block import SCANS  # noqa: E402
 from ptm_mamba.model import ModelConfig, PTMMamba  # noqa: E402
 from ptm_mamba.scan import what_ran  # noqa: E402
 from ptm_mamba.tokenizer import PAD_ID, PTM_TOKENS  # noqa: E402
-from ptm_mamba.train import batch_sums, forward_batch  # noqa: E402
+from ptm_mamba.forward import batch_sums, forward_batch  # noqa: E402
 
 ESM_ARCHS = {"8M": (6, 320, 20), "650M": (33, 1280, 20)}  # layers, dim, heads
 

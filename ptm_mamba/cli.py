@@ -13,17 +13,11 @@ import sys
 from typing import Callable
 
 from .errors import PipelineError, StopRequested
+from .options import option
 
 
 def _add_config(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="pipeline config YAML (see config/config.yaml)")
-
-
-def _opt(p: argparse.ArgumentParser, name: str, **kw) -> None:
-    """An option spelled both ``--output_dir`` (the seed's) and ``--output-dir``."""
-    dashed = name.replace("_", "-")
-    flags = [f"--{name}"] + ([f"--{dashed}"] if dashed != name else [])
-    p.add_argument(*flags, dest=name, **kw)
 
 
 def cmd_split(args: argparse.Namespace) -> None:
@@ -138,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("split", help="validate the dataset and split it into train/val/test")
     _add_config(p)
-    _opt(p, "output_dir", required=True, help="folder for train/val/test.csv, split_mapping.json, summary.json")
+    option(p, "output_dir", required=True, help="folder for train/val/test.csv, split_mapping.json, summary.json")
     p.add_argument("--clusters", default=None, help="with dataset.split_by: cluster, the cluster stage's "
                    "clusters.tsv (without it the clusters are made here)")
     p.add_argument("--threads", type=int, default=None, help="mmseqs threads (default: all cores)")
@@ -160,36 +154,36 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("embed", help="ESM-2 embeddings of all three splits (the seed's one command; "
                        "under accelerate launch the processes share the shards)")
     _add_config(p)
-    _opt(p, "output_dir", required=True, help="embeddings folder ({split}_embeddings.h5 land here)")
-    _opt(p, "batch_size", type=int, default=None, help="cap on sequences per ESM batch")
-    _opt(p, "split_dir", default=None,
+    option(p, "output_dir", required=True, help="embeddings folder ({split}_embeddings.h5 land here)")
+    option(p, "batch_size", type=int, default=None, help="cap on sequences per ESM batch")
+    option(p, "split_dir", default=None,
          help="use the split stage's folder; without it the data is split as the split stage would")
     p.set_defaults(func=cmd_embed)
 
     p = sub.add_parser("embed-shard", help="ESM-2 embeddings of one shard of one split (one Snakemake job)")
     _add_config(p)
     p.add_argument("--split", required=True, choices=["train", "val", "test"])
-    _opt(p, "split_file", required=True, help="the split stage's {split}.csv")
+    option(p, "split_file", required=True, help="the split stage's {split}.csv")
     p.add_argument("--shard", type=int, required=True, help="shard index, 0-based")
-    _opt(p, "num_shards", type=int, required=True)
+    option(p, "num_shards", type=int, required=True)
     p.add_argument("--output", required=True, help="the shard's .h5 file")
     p.set_defaults(func=cmd_embed_shard)
 
     p = sub.add_parser("gather", help="validate a split's shards and join them into {split}_embeddings.h5")
     _add_config(p)
     p.add_argument("--split", required=True, choices=["train", "val", "test"])
-    _opt(p, "split_file", required=True)
+    option(p, "split_file", required=True)
     p.add_argument("--shards", nargs="+", required=True, help="the split's shard files, in order")
     p.add_argument("--output", required=True)
     p.set_defaults(func=cmd_gather)
 
     p = sub.add_parser("train", help="train PTM-Mamba (run it under accelerate launch for several GPUs)")
     _add_config(p)
-    _opt(p, "split_dir", default=None,
+    option(p, "split_dir", default=None,
          help="the split stage's folder; without it the data is split as the split stage would")
-    _opt(p, "run_name", default=None, help="outputs go to {training.output_dir}/ptm-mamba-{run_name} "
+    option(p, "run_name", default=None, help="outputs go to {training.output_dir}/ptm-mamba-{run_name} "
          "(default: the config's run_name, else a timestamp)")
-    _opt(p, "no_progress", action="store_true", help="no progress bar")
+    option(p, "no_progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("predict", help="per-residue hidden states of a trained model for a CSV/FASTA, to HDF5")
@@ -197,20 +191,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", required=True, help="CSV (unique_id, ptm_seq) or FASTA with PTM tokens")
     p.add_argument("--output", required=True, help="HDF5 file (embedding-store layout)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    _opt(p, "max_tokens_per_batch", type=int, default=8192)
+    option(p, "max_tokens_per_batch", type=int, default=8192)
     p.add_argument("--pooled", action=argparse.BooleanOptionalAction, default=True,
                    help="also store each protein's mean hidden state over its residues (dataset 'pooled', "
                    "row i for id i; read with ptm_mamba.predict.read_pooled); default: on")
-    _opt(p, "no_progress", action="store_true", help="no progress bar")
+    option(p, "no_progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("import-original", help="convert a checkpoint of the original PTM-Mamba code "
                        "({'model', 'config'}) into this format")
     p.add_argument("--checkpoint", required=True, help="the original's best.ckpt/last.ckpt (or the published one)")
     p.add_argument("--output", required=True, help="the checkpoint to write (for predict, or to fine-tune from)")
-    _opt(p, "esm_model", default="esm2_t33_650M_UR50D",
+    option(p, "esm_model", default="esm2_t33_650M_UR50D",
          help="the ESM-2 the model is run with, as esm.model takes it (default: the original's)")
-    _opt(p, "esm_repr_layer", type=int, default=None, help="its layer (default: the last, as the original)")
+    option(p, "esm_repr_layer", type=int, default=None, help="its layer (default: the last, as the original)")
     p.set_defaults(func=cmd_import_original)
 
     from .report import add_parser as add_plots_parser

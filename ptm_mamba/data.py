@@ -52,7 +52,7 @@ class BatchBuilder:
 
     def __init__(self, proteins: list[Protein], *, max_sequence_length: int, mask_prob: float,
                  random_mask_only_prob: float, store: EmbeddingReader | None = None,
-                 esm_alphabet=None, unknown_ptm: str = "error"):
+                 esm_alphabet=None):
         tok = PTMTokenizer()
         self.tokenizer = tok
         self.proteins = proteins

@@ -155,9 +155,7 @@ class Mamba(nn.Module):
         # S4D-real: A = -(1, 2, ..., d_state) in every channel, stored as log(-A) in fp32.
         A = torch.arange(1, d_state + 1, dtype=torch.float32, device=device).repeat(self.d_inner, 1)
         self.A_log = nn.Parameter(torch.log(A))
-        self.A_log._no_weight_decay = True
         self.D = nn.Parameter(torch.ones(self.d_inner, device=device))  # skip connection, fp32
-        self.D._no_weight_decay = True
 
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias, **factory)
 

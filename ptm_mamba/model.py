@@ -229,9 +229,8 @@ class PTMMamba(nn.Module):
         return ModelOutput(logits=self.lm_head(hidden), hidden_states=hidden)
 
     def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
-        """AdamW groups: [decayed, not decayed], split by :func:`no_weight_decay` on the names.
-        (mamba-ssm tags ``A_log``/``D`` with ``_no_weight_decay``, but nothing reads that tag,
-        and the original trained with decay on every parameter.) The tied embedding/LM head
+        """AdamW groups: [decayed, not decayed], split by :func:`no_weight_decay` on the names
+        (the original trained with decay on every parameter). The tied embedding/LM head
         appears once, as ``backbone.embedding.weight``, and is decayed."""
         decay, no_decay = [], []
         for name, p in self.named_parameters():

@@ -58,7 +58,7 @@ def _esm_for(model, esm_model):
 def predict_batches(model, proteins: list[Protein], esm_model=None, max_tokens_per_batch: int = 8192,
                     progress: bool = False):
     """Yield ``(protein indices, logits (B, T, V), hidden (B, T, d), lengths (B,))`` batch by batch."""
-    from .train import forward_batch
+    from .forward import forward_batch
 
     esm_model = _esm_for(model, esm_model)
     device = next(model.parameters()).device

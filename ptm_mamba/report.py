@@ -29,6 +29,7 @@ import numpy as np
 
 from .errors import PipelineError
 from .fileio import atomic_path, atomic_write_text
+from .options import option
 
 FIGURES = ("loss", "accuracy", "learning_rate", "test_ptm_accuracy")
 DPI = 120
@@ -437,8 +438,6 @@ def cmd_plots(args: argparse.Namespace) -> None:
 
 def add_parser(sub) -> argparse.ArgumentParser:
     """Add the ``plots`` subcommand to the CLI's subparsers."""
-    from .cli import _opt
-
     p = sub.add_parser("plots", help="training curves, test accuracy per PTM type and data tables of a run")
     p.add_argument("--metrics", required=True, help="the run's metrics.json")
     p.add_argument("--summary", default=None, help="the split stage's summary.json (-> splits.tsv)")
@@ -446,6 +445,6 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="gathered {split}_embeddings.h5 files (-> embeddings.tsv)")
     p.add_argument("--provenance", default=None,
                    help="the run's provenance.json (-> provenance.tsv; a missing file is noted there)")
-    _opt(p, "output_dir", required=True, help="folder for the PNGs and TSVs")
+    option(p, "output_dir", required=True, help="folder for the PNGs and TSVs")
     p.set_defaults(func=cmd_plots)
     return p

@@ -167,9 +167,6 @@ class PTMTokenizer:
     def is_ptm(self, token_id: int) -> bool:
         return token_id > self.ptm_marker_id
 
-    def is_special(self, token_id: int) -> bool:
-        return token_id < self.first_residue_id
-
     def residue_sequence(self, tokens: list[str]) -> str:
         """The unmodified residue sequence (a PTM token becomes its residue)."""
         return "".join(PTM_RESIDUE.get(t, t if len(t) == 1 else "X") for t in tokens)

@@ -29,7 +29,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import checkpoint
@@ -40,15 +39,15 @@ from .embed import check_store_settings, split_store_path
 from .embedding_store import EmbeddingReader
 from .errors import PipelineError, StopRequested
 from .fileio import atomic_write_json, atomic_write_text
+from .forward import SUM_FIELDS, batch_sums, forward_batch, rates
 from .model import ModelConfig, PTMMamba
 from .provenance import write_provenance
 from .scan import what_ran
 from .split import load_split_dir, mapping, split_fingerprint, split_from_config
 from .stages import TRAIN, fingerprint_of, stage_settings
-from .tokenizer import FIRST_RESIDUE_ID, PAD_ID, PTM_MARKER_ID, VOCAB
+from .tokenizer import PTM_MARKER_ID, VOCAB
 
 log = logging.getLogger(__name__)
-SUM_FIELDS = ("loss_sum", "predicted", "correct", "ptm_predicted", "ptm_correct", "tokens")
 
 
 # ----------------------------------------------------------------------------- set-up
@@ -205,30 +204,6 @@ class StopSignals:
 
 # ----------------------------------------------------------------------------- one step, one evaluation
 
-def forward_batch(model, batch: Batch, esm_model):
-    """The model's output (logits, hidden states) for a batch already on the device."""
-    features = batch.esm_features
-    if esm_model is not None:  # on the fly: ESM-2 reads the masked input, as the original trains
-        features = esm_forward(esm_model, batch.esm_tokens).clone()
-        features = features * (batch.labels >= FIRST_RESIDUE_ID).unsqueeze(-1)  # zeros at <cls>/<eos>/pad
-    return model(batch.input_ids, features, batch.lengths)
-
-
-def batch_sums(logits: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """The mean loss over predicted positions, and the sums of :data:`SUM_FIELDS` (a float64 vector)."""
-    pred = batch.pred_mask
-    target = batch.labels[pred]
-    picked = logits[pred].float()
-    loss = F.cross_entropy(picked, target) if target.numel() else logits.sum() * 0.0
-    with torch.no_grad():
-        hit = picked.argmax(-1) == target
-        ptm = target > PTM_MARKER_ID
-        sums = torch.tensor([float(loss) * target.numel(), target.numel(), hit.sum(), ptm.sum(),
-                             (hit & ptm).sum(), (batch.labels != PAD_ID).sum()],
-                            dtype=torch.float64, device=logits.device)
-    return loss, sums
-
-
 def backward_batch(model, batch: Batch, accelerator, esm_model, *, scale: float, sync: bool) -> torch.Tensor:
     """Forward and backward of one training batch, its mean loss times ``scale`` (1 / the batches
     per optimiser step); gradients are all-reduced across processes only when ``sync`` (the step's
@@ -239,14 +214,6 @@ def backward_batch(model, batch: Batch, accelerator, esm_model, *, scale: float,
         loss, sums = batch_sums(logits, batch)
         accelerator.backward(loss * scale)
     return sums
-
-
-def rates(sums: torch.Tensor, prefix: str) -> dict[str, float]:
-    s = dict(zip(SUM_FIELDS, sums.tolist()))
-    loss = s["loss_sum"] / max(1.0, s["predicted"])
-    return {f"{prefix}_loss": loss, f"{prefix}_acc": s["correct"] / max(1.0, s["predicted"]),
-            f"{prefix}_ptm_acc": s["ptm_correct"] / max(1.0, s["ptm_predicted"]),
-            f"{prefix}_perplexity": math.exp(min(loss, 50.0))}
 
 
 @torch.no_grad()
@@ -282,12 +249,6 @@ def evaluate(model, loader, accelerator, esm_model, prefix: str, epoch: int, ste
             VOCAB[t]: {"sites": int(by_type[0][t]), "acc": by_type[1][t] / by_type[0][t]}
             for t in range(PTM_MARKER_ID + 1, len(VOCAB)) if by_type[0][t] > 0}
     return avg, records
-
-
-def esm_forward(esm_model, tokens):
-    from .esm import esm_forward as forward
-
-    return forward(esm_model, tokens)
 
 
 # ----------------------------------------------------------------------------- the run

@@ -58,7 +58,7 @@ def test_initialisation() -> None:
     step = F.softplus(m.dt_proj.bias)
     assert step.min() >= 0.01 * (1 - 1e-5) and step.max() <= 0.05 * (1 + 1e-5)
     assert m.dt_proj.weight.abs().max() <= m.dt_rank**-0.5
-    assert m.dt_proj.bias._no_reinit and m.A_log._no_weight_decay and m.D._no_weight_decay
+    assert m.dt_proj.bias._no_reinit
     constant = Mamba(64, dt_init="constant", dt_scale=2.0)
     assert torch.allclose(constant.dt_proj.weight, torch.full_like(constant.dt_proj.weight, 2 * 4**-0.5))
 

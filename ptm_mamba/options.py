@@ -1,0 +1,12 @@
+"""Command-line options spelled both ways, for the CLI and the subcommands other modules add."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def option(p: argparse.ArgumentParser, name: str, **kw) -> None:
+    """An option spelled both ``--output_dir`` (the seed's) and ``--output-dir``."""
+    dashed = name.replace("_", "-")
+    flags = [f"--{name}"] + ([f"--{dashed}"] if dashed != name else [])
+    p.add_argument(*flags, dest=name, **kw)
