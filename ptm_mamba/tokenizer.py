@@ -101,8 +101,8 @@ class TokenizeError(ValueError):
 class PTMTokenizer:
     """Tokenizer over :data:`VOCAB`: one token per ``<...>`` run, else per residue letter."""
 
-    def __init__(self, vocab: list[str] | None = None):
-        self.vocab = list(vocab or VOCAB)
+    def __init__(self):
+        self.vocab = list(VOCAB)
         self.token_to_id = {t: i for i, t in enumerate(self.vocab)}
         self.pad_id = self.token_to_id["<pad>"]
         self.mask_id = self.token_to_id["<mask>"]
