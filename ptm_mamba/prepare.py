@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import csv
 import gzip
-import hashlib
 import io
 import json
 import os
@@ -42,7 +41,7 @@ from typing import Iterator
 from .dataset import derived_id
 from .errors import PipelineError
 from .fileio import write_together
-from .stages import PREPARE, check_settings, file_sha256, source_identity
+from .stages import PREPARE, check_settings, file_sha256, sha256_of, source_identity
 from .tokenizer import PTM_RESIDUE, RESIDUES
 
 FORMATS = ("uniprot_tsv", "ptm_mamba_sites")
@@ -216,7 +215,7 @@ def prepare(fmt: str, source: str | os.PathLike, output: str | os.PathLike) -> d
         "entries_skipped": dict(tally.skipped_entries.most_common()),
         "not_in_vocabulary": dict(tally.not_in_vocabulary.most_common(50)),
         "sites_per_token": dict(tally.kept.most_common()),
-        "files": {output.name: f"sha256:{hashlib.sha256(buf.getvalue().encode()).hexdigest()}"},
+        "files": {output.name: sha256_of(buf.getvalue().encode())},
     }
     write_together({output: buf.getvalue(), summary_path(output): json.dumps(summary, indent=2) + "\n"})
     return summary

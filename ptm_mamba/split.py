@@ -33,7 +33,7 @@ from .dataset import Protein, read_dataset, read_from_config
 from .errors import PipelineError
 from .fileio import write_together
 from .prepare import check_prepared
-from .stages import SPLIT, check_settings, stage_settings
+from .stages import SPLIT, check_settings, sha256_of, stage_settings
 from .tokenizer import PTMTokenizer
 
 SPLITS = ("train", "val", "test")
@@ -204,10 +204,6 @@ def mapping(splits: dict[str, list[Protein]]) -> dict[str, str]:
     return {p.id: name for name in SPLITS for p in splits[name]}
 
 
-def _sha256(data: bytes) -> str:
-    return f"sha256:{hashlib.sha256(data).hexdigest()}"
-
-
 def cluster_summary(splits: dict[str, list[Protein]], clusters: dict[str, str], config: dict,
                     threads: int | None = None) -> dict:
     """The clusters behind a split by clusters, and how close its test set is to its training set."""
@@ -241,7 +237,7 @@ def run_split(config: dict, output_dir: str | os.PathLike, clusters_file: str | 
             summary["splits"][name]["clusters"] = len({clusters[p.id] for p in splits[name]})
         summary["splits"]["test"]["max_identity_to_train"] = summary["clusters"]["test_vs_train"]["max_identity"]
     summary["settings"] = stage_settings(config, SPLIT)
-    summary["files"] = {path.name: _sha256(text.encode("utf-8")) for path, text in texts.items()}
+    summary["files"] = {path.name: sha256_of(text.encode("utf-8")) for path, text in texts.items()}
     texts[paths["summary"]] = json.dumps(summary, indent=2) + "\n"  # last: the unit's commit record
     write_together(texts)
     return summary
@@ -280,7 +276,7 @@ def load_split_dir(split_dir: str | os.PathLike, config: dict) -> dict[str, list
     for key in (*SPLITS, "mapping"):
         path = paths[key]
         try:
-            found = _sha256(path.read_bytes())
+            found = sha256_of(path.read_bytes())
         except FileNotFoundError:
             raise PipelineError(f"{path} not found: the split is incomplete; {fix}") from None
         if found != summary["files"].get(path.name):

@@ -46,6 +46,11 @@ def _hash_cache_path() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ptm-mamba" / "sha256.json"
 
 
+def sha256_of(data: bytes) -> str:
+    """``sha256:<hex>`` of some bytes: how every content identity in the pipeline is written."""
+    return f"sha256:{hashlib.sha256(data).hexdigest()}"
+
+
 def file_sha256(path: str | os.PathLike) -> str | None:
     """``sha256:<hex>`` of a file's bytes (None when it does not exist).
 
@@ -117,7 +122,7 @@ def esm_identity(model: str) -> str:
     folder = Path(str(model)).expanduser()
     if folder.is_dir():
         listing = "\n".join(f"{p.name} {file_sha256(p)}" for p in hub_model_files(folder))
-        return f"sha256:{hashlib.sha256(listing.encode()).hexdigest()}"
+        return sha256_of(listing.encode())
     return file_sha256(model) or str(model)
 
 
