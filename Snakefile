@@ -31,7 +31,6 @@ localrules:
     embeddings,
     gather_embeddings,
     plots,
-    run_config,
     predictions,
 
 

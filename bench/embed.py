@@ -3,7 +3,8 @@
 The reference does what fair-esm's ``scripts/extract.py`` does per batch: FastaBatchedDataset
 + ``get_batch_indices(toks_per_batch, extra_toks_per_seq=1)``, the alphabet's batch converter
 with ``truncation_seq_length=1022``, fp32 ``model(toks, repr_layers=[last])``, logits and
-representations moved to the CPU, per-sequence rows ``[1 : L + 1]`` cloned (saving skipped).
+representations moved to the CPU, per-sequence rows cloned (saving skipped): ``[0 : L + 2]``,
+with <cls>/<eos> as ours yields them (extract.py clones ``[1 : L + 1]``; the same work).
 Both run the same model on the same random sequences (log-normal lengths around 350,
 clipped to 30..1022 so neither side truncates or windows).
 
@@ -80,7 +81,7 @@ def run_reference(esm_model: EsmModel, seqs, max_tokens: int, dtype: str) -> dic
             _logits = out["logits"].to(device="cpu")  # noqa: F841  (extract.py moves them too)
             reps = out["representations"][layer].to(device="cpu")
             for i, label in enumerate(labels):
-                results[label] = reps[i, 1: min(1022, len(strs[i])) + 1].clone()
+                results[label] = reps[i, : min(1022, len(strs[i])) + 2].clone()  # <cls>, residues, <eos>
     return results
 
 

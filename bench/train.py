@@ -74,9 +74,9 @@ def write_store(proteins, dim: int, path: Path) -> EmbeddingReader:
     attrs = {"esm_model": "random", "repr_layer": 0, "split": "train", "split_fingerprint": "bench",
              "mask_prob": 0.15, "mask_seed": 0}
     with ShardWriter(path, dim=dim, replicates=1, attrs=attrs) as w:
-        for p in proteins:
-            w.add(p.id, [rng.standard_normal((p.length, dim), dtype=np.float32)],
-                  [rng.random(p.length) < 0.15])
+        for p in proteins:  # rows <cls>, residues, <eos>, as the embed stage stores them
+            w.add(p.id, [rng.standard_normal((p.length + 2, dim), dtype=np.float32)],
+                  [np.concatenate([[False], rng.random(p.length) < 0.15, [False]])])
     return EmbeddingReader(path)
 
 

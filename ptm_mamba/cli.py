@@ -12,7 +12,9 @@ import logging
 import sys
 from typing import Callable
 
+from .config import schema_default
 from .errors import PipelineError, StopRequested
+from .layout import SPLITS
 from .options import option
 
 
@@ -162,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("embed-shard", help="ESM-2 embeddings of one shard of one split (one Snakemake job)")
     _add_config(p)
-    p.add_argument("--split", required=True, choices=["train", "val", "test"])
+    p.add_argument("--split", required=True, choices=SPLITS)
     option(p, "split_file", required=True, help="the split stage's {split}.csv")
     p.add_argument("--shard", type=int, required=True, help="shard index, 0-based")
     option(p, "num_shards", type=int, required=True)
@@ -171,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("gather", help="validate a split's shards and join them into {split}_embeddings.h5")
     _add_config(p)
-    p.add_argument("--split", required=True, choices=["train", "val", "test"])
+    p.add_argument("--split", required=True, choices=SPLITS)
     option(p, "split_file", required=True)
     p.add_argument("--shards", nargs="+", required=True, help="the split's shard files, in order")
     p.add_argument("--output", required=True)
@@ -191,10 +193,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", required=True, help="CSV (unique_id, ptm_seq) or FASTA with PTM tokens")
     p.add_argument("--output", required=True, help="HDF5 file (embedding-store layout)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    option(p, "max_tokens_per_batch", type=int, default=8192)
-    p.add_argument("--pooled", action=argparse.BooleanOptionalAction, default=True,
+    option(p, "max_tokens_per_batch", type=int, default=schema_default("predict.max_tokens_per_batch"),
+           help="token budget of one batch (default: %(default)s, the config's predict.max_tokens_per_batch)")
+    p.add_argument("--pooled", action=argparse.BooleanOptionalAction, default=schema_default("predict.pooled"),
                    help="also store each protein's mean hidden state over its residues (dataset 'pooled', "
-                   "row i for id i; read with ptm_mamba.predict.read_pooled); default: on")
+                   "row i for id i; read with ptm_mamba.predict.read_pooled); default: %(default)s")
     option(p, "no_progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_predict)
 

@@ -1,8 +1,9 @@
 """The pipeline's one config: load YAML, fill defaults and validate against the schema.
 
 The schema lives in ``workflow/schemas/config.schema.yaml``; the Snakefile
-validates with the same file (``snakemake.utils.validate``), so a config that
-passes one passes the other. Errors name the file, the key and the value.
+(``workflow/rules/common.smk``) validates with this module and that file, so a
+config that passes one passes the other. Errors name the file, the key and the
+value. The schema is also the one place of defaults (:func:`schema_default`).
 
 Config files are read strictly (a key given twice is an error), and values that
 arrive as strings where the schema wants numbers, booleans, null, lists or
@@ -35,6 +36,15 @@ def schema_path() -> Path:
 def load_schema() -> dict:
     with open(schema_path(), encoding="utf-8") as fh:
         return yaml.safe_load(fh)
+
+
+def schema_default(key: str) -> Any:
+    """The schema's default of a dotted key (``"predict.max_tokens_per_batch"``): the one place
+    where defaults live, for code that runs without a config (the predict CLI, the model's API)."""
+    node = load_schema()
+    for part in key.split("."):
+        node = node["properties"][part]
+    return copy.deepcopy(node["default"])
 
 
 class _DuplicateKey(yaml.YAMLError):

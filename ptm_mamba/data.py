@@ -1,9 +1,16 @@
 """Training batches: tokens, the masks to predict, and the ESM-2 features that go with them.
 
-A protein enters the model as ``<cls> tokens <eos>``, right-padded. ESM-2
-features are per residue; the ``<cls>``/``<eos>``/padding positions get zeros.
-A protein longer than ``max_sequence_length - 2`` residues is cropped to a
-random window (as the original does), its features and mask with it.
+A protein enters the model as ``<cls> tokens <eos>``, right-padded. As in the
+original, its ESM-2 features are ESM-2's outputs at every position of
+``<cls> residues <eos>``; only padding gets zeros. A protein longer than
+``max_sequence_length - 2`` residues is cropped to a random window (as the
+original does), its mask with it. On the fly, ESM-2 reads the window between
+its own ``<cls>``/``<eos>``, as the original, which crops the text; precomputed
+features are those of the whole protein, so a cropped protein gets its window's
+residue rows between the whole protein's ``<cls>`` and ``<eos>`` rows.
+
+Which positions are predicted, hidden from ESM-2 or count as PTMs is decided by
+the position classes of :mod:`ptm_mamba.tokenizer`, through :mod:`ptm_mamba.masking`.
 
 Where the random part of the mask comes from:
 - precomputed features: the embed stage's stored replicate (epoch mod K), so
@@ -23,8 +30,8 @@ import torch
 from .dataset import Protein
 from .embedding_store import EmbeddingReader
 from .errors import PipelineError
-from .masking import prediction_mask, random_only, replicate_mask, stable_seed
-from .tokenizer import PTMTokenizer
+from .masking import esm_mask, prediction_mask, random_only, replicate_mask, stable_seed
+from .tokenizer import PTMTokenizer, token_ids
 
 
 @dataclass
@@ -33,7 +40,7 @@ class Batch:
     labels: torch.Tensor           # (B, T) long, the true tokens
     pred_mask: torch.Tensor        # (B, T) bool, positions scored by the loss
     lengths: torch.Tensor          # (B,) long, tokens incl. <cls>/<eos>
-    esm_features: torch.Tensor | None  # (B, T, dim) float16 as stored, precomputed mode
+    esm_features: torch.Tensor | None  # (B, T, dim) float16 as stored (zeros at padding), precomputed mode
     esm_tokens: torch.Tensor | None    # (B, T) long ESM-2 input, on-the-fly mode
 
     def _map(self, fn) -> "Batch":
@@ -57,7 +64,7 @@ class BatchBuilder:
         self.tokenizer = tok
         self.proteins = proteins
         self.ids = [p.id for p in proteins]
-        self.tokens = [np.array([tok.token_to_id[t] for t in p.tokens], dtype=np.int64) for p in proteins]
+        self.tokens = [token_ids(p.tokens) for p in proteins]
         self.lengths = [min(len(t) + 2, max_sequence_length) for t in self.tokens]
         self.max_residues = max_sequence_length - 2
         self.mask_prob, self.random_mask_only_prob = mask_prob, random_mask_only_prob
@@ -73,13 +80,13 @@ class BatchBuilder:
             if missing:
                 raise PipelineError(f"{store.path}: no embeddings for {len(missing)} proteins of this split "
                                     f"(e.g. {sorted(missing)[0]!r}); rerun the embed stage")
-            rows, residues = store.lengths(self.ids), np.array([len(t) for t in self.tokens], dtype=np.int64)
-            bad = np.flatnonzero(rows != residues)
+            rows, residues = store.row_counts(self.ids), np.array([len(t) for t in self.tokens], dtype=np.int64)
+            bad = np.flatnonzero(rows != residues + 2)  # <cls>, the residues, <eos>
             if bad.size:
                 i = bad[0]
-                raise PipelineError(f"{store.path}: protein {self.ids[i]!r} has {rows[i]} rows of embeddings but "
-                                    f"{residues[i]} residues in the split (stale or foreign embeddings; "
-                                    "rerun the embed stage)")
+                raise PipelineError(f"{store.path}: protein {self.ids[i]!r} has {rows[i]} rows of embeddings, "
+                                    f"expected {residues[i] + 2} (<cls>, {residues[i]} residues, <eos>) "
+                                    "(stale or foreign embeddings; rerun the embed stage)")
 
     def __len__(self) -> int:
         return len(self.proteins)
@@ -93,10 +100,12 @@ class BatchBuilder:
         for n, i in enumerate(indices):
             tokens, pid = self.tokens[i], self.ids[i]
             feats, rmask = stored[n] if stored else (None, None)
-            if feats is not None and not np.isfinite(feats).all():  # damage the checksums cannot see
-                raise PipelineError(f"{self.store.path}: protein {pid!r} replicate {replicate} has NaN/Inf "
-                                    "embeddings (rerun the embed stage)")
-            if rmask is None:
+            if feats is not None:
+                if not np.isfinite(feats).all():  # damage the checksums cannot see
+                    raise PipelineError(f"{self.store.path}: protein {pid!r} replicate {replicate} has NaN/Inf "
+                                        "embeddings (rerun the embed stage)")
+                rmask = rmask[1:-1]  # the residues' rows (<cls>/<eos> are never hidden)
+            else:
                 rmask = (torch.rand(len(tokens), generator=generator).numpy() < self.mask_prob) if train \
                     else replicate_mask(pid, 0, len(tokens), self.mask_prob)
             start = 0
@@ -106,7 +115,8 @@ class BatchBuilder:
                     else stable_seed("crop", pid) % span
             window = slice(start, start + self.max_residues)
             esm_ids = self.esm_ids[i][window] if self.esm_alphabet is not None else None
-            rows.append((tokens[window], rmask[window], None if feats is None else feats[window], esm_ids, pid))
+            rows.append((tokens[window], rmask[window], None if feats is None else crop_rows(feats, window),
+                         esm_ids, pid))
 
         B, T = len(rows), max(len(r[0]) for r in rows) + 2
         labels = torch.full((B, T), tok.pad_id, dtype=torch.long)
@@ -120,23 +130,30 @@ class BatchBuilder:
             labels[b, 0], labels[b, L + 1] = tok.cls_id, tok.eos_id
             labels[b, 1:L + 1] = torch.from_numpy(tokens)
             rand[b, 1:L + 1] = torch.from_numpy(np.asarray(rmask, dtype=bool))
-            if f is not None:
-                feats[b, 1:L + 1] = torch.from_numpy(np.asarray(f, dtype=np.float16))
+            if f is not None:  # <cls>, residues, <eos>
+                feats[b, :L + 2] = torch.from_numpy(np.asarray(f, dtype=np.float16))
             if esm_ids is not None:
                 esm_tokens[b, 0], esm_tokens[b, L + 1] = self.esm_alphabet.cls_idx, self.esm_alphabet.eos_idx
                 esm_tokens[b, 1:L + 1] = torch.from_numpy(esm_ids.astype(np.int64))
-        is_ptm = labels > tok.ptm_marker_id
-        residue = labels >= tok.first_residue_id
         if train:
-            pred = prediction_mask(rand, is_ptm, residue, random_only(generator, self.random_mask_only_prob))
+            pred = prediction_mask(rand, labels, random_only(generator, self.random_mask_only_prob))
         else:  # per protein, a stable draw of the same two modes
             only = torch.tensor([stable_seed("mode", r[4]) / 2**63 < self.random_mask_only_prob for r in rows])
-            pred = torch.where(only[:, None], rand & residue, (rand | is_ptm) & residue)
-        if esm_tokens is not None:  # ESM sees <mask> at every PTM and every hidden residue
-            esm_tokens[(is_ptm | rand) & residue] = self.esm_alphabet.mask_idx
+            pred = prediction_mask(rand, labels, only)
+        if esm_tokens is not None:  # ESM sees <mask> at every PTM, <unk> and randomly hidden residue
+            esm_tokens[esm_mask(rand, labels)] = self.esm_alphabet.mask_idx
         input_ids = labels.masked_fill(pred, tok.mask_id)
         lengths = torch.tensor([len(r[0]) + 2 for r in rows], dtype=torch.long)
         return Batch(input_ids, labels, pred, lengths, feats, esm_tokens)
+
+
+def crop_rows(rows: np.ndarray, window: slice) -> np.ndarray:
+    """Stored rows (<cls>, L residues, <eos>) of a protein cropped to the residues in ``window``:
+    the window's residue rows between the whole protein's <cls> and <eos> rows."""
+    start, stop, _ = window.indices(len(rows) - 2)
+    if (start, stop) == (0, len(rows) - 2):
+        return rows  # not cropped: no copy
+    return np.concatenate([rows[:1], rows[1 + start:1 + stop], rows[-1:]])
 
 
 class EpochBatches(torch.utils.data.Dataset):

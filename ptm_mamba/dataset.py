@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import PipelineError
-from .tokenizer import PTMTokenizer, TokenizeError, unknown_ptm_counts
+from .tokenizer import PTMTokenizer, TokenizeError, is_ptm, is_unknown_ptm, token_ids, unknown_ptm_counts
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,13 @@ class Protein:
 
     @property
     def num_ptms(self) -> int:
-        return sum(1 for t in self.tokens if t.startswith("<"))
+        """Known modifications; an unknown PTM read as ``<unk>`` is not one (:attr:`num_unknown_ptms`)."""
+        return int(is_ptm(token_ids(self.tokens)).sum())
+
+    @property
+    def num_unknown_ptms(self) -> int:
+        """Unknown PTMs, read as ``<unk>`` under ``dataset.unknown_ptm: unk``."""
+        return int(is_unknown_ptm(token_ids(self.tokens)).sum())
 
 
 def derived_id(sequence: str) -> str:

@@ -1,10 +1,11 @@
 """The embed stage: ESM-2 features of every split, sharded, with mask replicates.
 
-Per protein and replicate k, ESM-2 reads the residue sequence with ``<mask>``
-at every PTM position and at the positions of :func:`replicate_mask` (the
-random part of the training mask); the features and that mask are stored.
-Training in epoch e uses replicate e mod K, so no residue the model must
-predict is visible through its ESM features.
+Per protein and replicate k, ESM-2 reads ``<cls> residues <eos>`` with ``<mask>``
+at every PTM (and ``<unk>``) position and at the positions of :func:`replicate_mask`
+(the random part of the training mask); its output at every one of those L+2
+positions and that mask (False at ``<cls>``/``<eos>``) are stored. Training in
+epoch e uses replicate e mod K, so no residue the model must predict is visible
+through its ESM features.
 
 A split is cut into shards balanced by residues; each shard is an independent
 job (``embed_shard``), and ``gather_split`` joins a split's shards into
@@ -24,21 +25,14 @@ import numpy as np
 from .dataset import Protein
 from .embedding_store import EmbeddingReader, ShardWriter, gather
 from .errors import PipelineError
+from .layout import SPLITS, shard_path, split_store_path
 from .masking import esm_mask, replicate_mask
-from .split import SPLITS, load_split_dir, split_fingerprint
+from .split import load_split_dir, split_fingerprint
 from .stages import EMBED, check_settings, stage_settings
-from .tokenizer import PTMTokenizer
+from .tokenizer import PTMTokenizer, token_ids
 
 log = logging.getLogger(__name__)
 MASK_SEED = 0  # replicate masks are seeded by (protein id, replicate) alone
-
-
-def shard_path(embeddings_dir: str | os.PathLike, split: str, index: int, num_shards: int) -> Path:
-    return Path(embeddings_dir) / "shards" / split / f"{index}-of-{num_shards}.h5"
-
-
-def split_store_path(embeddings_dir: str | os.PathLike, split: str) -> Path:
-    return Path(embeddings_dir) / f"{split}_embeddings.h5"
 
 
 def plan_shards(proteins: list[Protein], num_shards: int) -> list[list[Protein]]:
@@ -93,13 +87,19 @@ def split_proteins_of(config: dict, split: str, split_file: str | os.PathLike) -
 
 def esm_inputs(proteins: list[Protein], replicates: int, mask_prob: float, tokenizer: PTMTokenizer
                ) -> Iterator[tuple[tuple[str, int], str, np.ndarray, np.ndarray]]:
-    """``((id, k), residues, esm_mask, random_mask)`` for every protein and replicate k."""
+    """``((id, k), residues, esm_mask, random_mask)`` for every protein and replicate k
+    (masks over the residues, (L,) bool)."""
     for p in proteins:
         residues = tokenizer.residue_sequence(list(p.tokens))
-        is_ptm = np.array([t.startswith("<") for t in p.tokens])
+        ids = token_ids(p.tokens)
         for k in range(replicates):
             random_mask = replicate_mask(p.id, k, p.length, mask_prob)
-            yield (p.id, k), residues, esm_mask(random_mask, is_ptm), random_mask
+            yield (p.id, k), residues, esm_mask(random_mask, ids), random_mask
+
+
+def stored_mask(random_mask: np.ndarray) -> np.ndarray:
+    """A residue mask (L,) as stored beside the features' rows (L+2,): False at <cls> and <eos>."""
+    return np.concatenate(([False], random_mask, [False]))
 
 
 def embed_proteins(config: dict, esm_model, proteins: list[Protein], output: str | os.PathLike,
@@ -110,7 +110,7 @@ def embed_proteins(config: dict, esm_model, proteins: list[Protein], output: str
     emb = config["embedding"]
     replicates, mask_prob = emb["mask_replicates"], config["training"]["mask_prob"]
     inputs = list(esm_inputs(proteins, replicates, mask_prob, PTMTokenizer()))
-    random_masks = {key: random_mask for key, _, _, random_mask in inputs}
+    random_masks = {key: stored_mask(random_mask) for key, _, _, random_mask in inputs}
     pending: dict[str, dict[int, np.ndarray]] = {}
     with ShardWriter(output, dim=esm_model.embed_dim, replicates=replicates, attrs=attrs) as writer:
         for (pid, k), features in embed(esm_model, [item[:3] for item in inputs],

@@ -1,9 +1,14 @@
 """HDF5 storage of precomputed ESM-2 embeddings: shard writer, validation, gather, reader.
 
-The embed stage computes, per protein and per mask replicate k in 0..K-1, ESM-2
-features (L, dim) of a masked input plus the bool mask (L,) that was used.
-One job writes one shard file; ``gather`` joins a split's shards into one file
-whose arrays are HDF5 virtual datasets pointing at the shards (no copy).
+The embed stage computes, per protein of L residues and per mask replicate k in
+0..K-1, ESM-2 features (L+2, dim) of a masked input ``<cls> residues <eos>``
+(row 0: ``<cls>``, rows 1..L: the residues, row L+1: ``<eos>``) plus the bool
+random mask (L+2,) that was used (False at ``<cls>``/``<eos>``). One job writes
+one shard file; ``gather`` joins a split's shards into one file whose arrays are
+HDF5 virtual datasets pointing at the shards (no copy). The store itself keeps
+any number of rows per protein (``ptm-mamba predict`` writes L rows, one per
+residue); the L+2 layout is the embed stage's, checked where it is read
+(``BatchBuilder``).
 
 Layout (a shard and a gathered file look the same to a reader)::
 
@@ -15,16 +20,18 @@ Layout (a shard and a gathered file look the same to a reader)::
                      mask_replicates, mask_prob, mask_seed, format_version,
                      [shard_index, num_shards | num_shards, shard_files], complete
 
-R is the total residue count (a PTM token counts as one residue). ``complete``
-is set last, just before the atomic rename, so a file without it is the
-remains of a crashed writer.
+R is the total row count: for the embed stage, the residues plus 2 per protein
+(a PTM token counts as one residue). ``complete`` is set last, just before the
+atomic rename, so a file without it is the remains of a crashed writer.
+format_version 2 has the ``<cls>``/``<eos>`` rows; format 1 (residue rows only)
+is refused with a one-line error: rerun the embed stage.
 
 Every array a writer stores, except ``ids`` (HDF5 cannot filter variable-length
 strings), has HDF5's Fletcher32 checksum per chunk, so flipped bits on disk fail
 the read instead of returning wrong numbers; reads through a gathered file are
 checked by its shards' filters. Such a failure, or a truncated file, is reported
 as a one-line PipelineError naming the file (and the protein, when reading).
-Files written before the checksums (same format_version) still read, unchecked.
+A file without the checksums (this version writes none such) still reads, unchecked.
 """
 
 from __future__ import annotations
@@ -37,8 +44,10 @@ import h5py
 import numpy as np
 
 from ptm_mamba.errors import PipelineError
+from ptm_mamba.fileio import AtomicFile
+from ptm_mamba.stages import EMBED, FORMATS
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = FORMATS[EMBED]  # 2: rows <cls>, residues, <eos> per protein (1: residues only)
 # Attributes every writer must be given (the others are set by the writer/gather).
 REQUIRED_ATTRS = ("esm_model", "repr_layer", "split", "split_fingerprint", "mask_prob", "mask_seed")
 # Attributes that are bookkeeping, not content: gather does not compare them across shards.
@@ -80,42 +89,27 @@ def _damaged(where: str, e: OSError) -> PipelineError:
                          f"rerun the embed stage): {detail}")
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class _AtomicH5:
-    """An HDF5 file written under a temp name in the target folder, renamed into place on commit.
-
-    A crash leaves only ``.{name}.tmp-{pid}``, which has no ``complete`` attribute and
-    is never at the final path, so nothing downstream accepts it.
+    """An HDF5 file written under a temp name beside its target (:class:`AtomicFile`), renamed
+    into place on commit. A crash leaves only the hidden temp file, which has no ``complete``
+    attribute and is never at the final path, so nothing downstream accepts it.
     """
 
     def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        self._out = AtomicFile(path)
+        self.path, self.tmp = self._out.path, self._out.tmp
         self.file = h5py.File(self.tmp, "w", locking=False)  # see _open
 
     def commit(self) -> None:
         self.file.attrs["complete"] = True
         self.file.close()
-        _fsync(self.tmp)
-        os.replace(self.tmp, self.path)
-        try:
-            _fsync(self.path.parent)  # make the rename durable; some filesystems refuse a dir fsync
-        except OSError:
-            pass
+        self._out.commit()
 
     def abort(self) -> None:
         try:
             self.file.close()
         finally:
-            self.tmp.unlink(missing_ok=True)
+            self._out.abort()
 
 
 class ShardWriter:
@@ -124,7 +118,7 @@ class ShardWriter:
     Usage::
 
         with ShardWriter(path, dim=320, replicates=2, attrs={...}) as w:
-            w.add("P12345", [feat0, feat1], [mask0, mask1])   # feat_k (L, dim), mask_k (L,) bool
+            w.add("P12345", [feat0, feat1], [mask0, mask1])   # feat_k (rows, dim), mask_k (rows,) bool
 
     Rows are buffered and written in blocks of at least ``buffer_rows`` rows (default:
     a 64 MiB budget). On clean exit the file gets ``complete`` and is renamed to
@@ -210,7 +204,8 @@ class ShardWriter:
         return int(self._emb[0].shape[0])
 
     def add(self, id: str, features: Sequence[np.ndarray], masks: Sequence[np.ndarray]) -> None:
-        """Append one protein: ``features[k]`` (L, dim) and ``masks[k]`` (L,) bool for k in 0..K-1."""
+        """Append one protein: ``features[k]`` (rows, dim) and ``masks[k]`` (rows,) bool for k in 0..K-1
+        (the embed stage's rows: <cls>, the residues, <eos>)."""
         if self._out is None:
             raise RuntimeError("ShardWriter.add outside of its `with` block")
         where = f"{self.path}: protein {id!r}"
@@ -264,8 +259,13 @@ def _check_layout(f: h5py.File, where: str) -> tuple[list[str], np.ndarray, dict
     attrs = _read_attrs(f)
     if not attrs.get("complete", False):
         raise PipelineError(f"{where}: not marked complete (an interrupted or foreign write)")
-    if attrs.get("format_version") != FORMAT_VERSION:
-        raise PipelineError(f"{where}: format_version {attrs.get('format_version')!r}, expected {FORMAT_VERSION}")
+    version = attrs.get("format_version")
+    if version == 1:
+        raise PipelineError(f"{where}: format_version 1 (residue rows only, from an older version); this version "
+                            f"needs format {FORMAT_VERSION} with <cls>/<eos> rows: rerun the embed stage "
+                            "(or ptm-mamba predict, for a predictions file)")
+    if version != FORMAT_VERSION:
+        raise PipelineError(f"{where}: format_version {version!r}, expected {FORMAT_VERSION}")
     for key in ("dim", "mask_replicates"):
         if not isinstance(attrs.get(key), int):
             raise PipelineError(f"{where}: attribute {key} missing or not an integer")
@@ -574,14 +574,16 @@ class EmbeddingReader:
         except KeyError:
             raise PipelineError(f"{self.path}: unknown protein id {id!r}") from None
 
-    def lengths(self, ids: Sequence[str]) -> np.ndarray:
-        """Stored row counts of ``ids`` (int64 array), from the offsets loaded once."""
+    def row_counts(self, ids: Sequence[str]) -> np.ndarray:
+        """Stored rows per protein of ``ids`` (int64 array), from the offsets loaded once. Rows, not
+        residues: the embed stage stores residues + 2 (``<cls>``, the residues, ``<eos>``)."""
         offsets = self._metadata()[2]
         i = np.array([self.index(x) for x in ids], dtype=np.int64)
         return offsets[i + 1] - offsets[i]
 
-    def length(self, id: str) -> int:
-        return int(self.lengths([id])[0])
+    def row_count(self, id: str) -> int:
+        """Stored rows of protein ``id`` (see :meth:`row_counts`)."""
+        return int(self.row_counts([id])[0])
 
     def _datasets(self, replicate: int) -> tuple[h5py.Dataset, h5py.Dataset]:
         self._h5()
@@ -600,7 +602,8 @@ class EmbeddingReader:
                            e) from None
 
     def get(self, id: str, replicate: int) -> tuple[np.ndarray, np.ndarray]:
-        """Features (L, dim) float16 and mask (L,) bool of protein ``id``, replicate ``replicate``."""
+        """Features (rows, dim) float16 and mask (rows,) bool of protein ``id``, replicate ``replicate``
+        (rows = L + 2 for the embed stage: <cls>, the L residues, <eos>)."""
         offsets = self._metadata()[2]
         i = self.index(id)
         return self._read(replicate, int(offsets[i]), int(offsets[i + 1]), f"protein {id!r}")

@@ -32,7 +32,8 @@ zeroed and every embedding is scaled by ``(1 - 0.15 * 0.8) / (1 - mask_ratio)``,
 
 ``embed`` runs length-sorted batches under a padded-token budget, splits sequences
 longer than ``window`` residues into overlapping windows (averaged where they
-overlap), and yields one float32 ``(L, embed_dim)`` array per key.
+overlap), and yields one float32 ``(L + 2, embed_dim)`` array per key: ESM-2's
+output at ``<cls>``, at each residue, and at ``<eos>``.
 """
 
 from __future__ import annotations
@@ -44,7 +45,6 @@ import math
 import os
 import pickle
 import re
-import tempfile
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
@@ -62,6 +62,7 @@ from tqdm import tqdm
 
 from ptm_mamba.batching import plan_batches
 from ptm_mamba.errors import PipelineError
+from ptm_mamba.fileio import atomic_path
 
 ESM2_NAMES: tuple[str, ...] = tuple(
     sorted((n for n in dir(esm.pretrained) if n.startswith("esm2_t")),
@@ -118,20 +119,13 @@ def _checkpoint_files(name: str) -> tuple[str, str]:
 
 def _download(url: str, dest: Path) -> None:
     """Fetch ``url`` into ``dest`` atomically (temp file in the same folder, then rename)."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-    try:
-        with urllib.request.urlopen(url, timeout=_DOWNLOAD_TIMEOUT_S) as response, \
-                os.fdopen(fd, "wb") as out:
-            size = int(getattr(response, "headers", {}).get("Content-Length", 0) or 0) or None
-            with tqdm(total=size, unit="B", unit_scale=True, desc=dest.name) as bar:
-                while chunk := response.read(1 << 20):
-                    out.write(chunk)
-                    bar.update(len(chunk))
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(dest) as tmp, urllib.request.urlopen(url, timeout=_DOWNLOAD_TIMEOUT_S) as response, \
+            open(tmp, "wb") as out:
+        size = int(getattr(response, "headers", {}).get("Content-Length", 0) or 0) or None
+        with tqdm(total=size, unit="B", unit_scale=True, desc=dest.name) as bar:
+            while chunk := response.read(1 << 20):
+                out.write(chunk)
+                bar.update(len(chunk))
 
 
 def _cached_pretrained(name: str) -> Path:
@@ -545,6 +539,19 @@ class _Piece(NamedTuple):
     length: int  # residues in this window
 
 
+def _add_window(total: np.ndarray, count: np.ndarray, rows: np.ndarray, p: _Piece) -> None:
+    """Add one window's rows (<cls>, its residues, <eos>) into a sequence's sums (L + 2 rows):
+    residues where they are, <cls> only from the first window, <eos> only from the last."""
+    residues = len(total) - 2
+    span = slice(1 + p.start, 1 + p.start + p.length)
+    total[span] += rows[1:-1]
+    count[span] += 1
+    if p.start == 0:
+        total[0], count[0] = rows[0], 1
+    if p.start + p.length == residues:
+        total[-1], count[-1] = rows[-1], 1
+
+
 def _check_positive(name: str, value, allow_none: bool = False) -> None:
     if value is None and allow_none:
         return
@@ -563,11 +570,15 @@ def embed(
     device: str | torch.device | None = None,
     progress: bool = True,
 ) -> Iterator[tuple[Hashable, np.ndarray]]:
-    """Yield ``(key, float32 (L, embed_dim))`` per item ``(key, residues, mask)``, row i for residue i.
+    """Yield ``(key, float32 (L + 2, embed_dim))`` per item ``(key, residues, mask)``: ESM-2's
+    output at <cls> (row 0), at residue i (row i + 1) and at <eos> (row L + 1) of the input
+    ``<cls> residues <eos>`` with <mask> where ``mask`` is True. An empty sequence gives the
+    2 rows of ``<cls><eos>``.
 
     Batches are length-sorted (longest first) with ``batch * max_len <= max_tokens_per_batch``
     padded tokens, <cls>/<eos> included. Sequences longer than ``window`` are embedded as
-    overlapping windows (each its own ESM input) and averaged where windows overlap.
+    overlapping windows (each its own ESM input with its own <cls>/<eos>) and their residue
+    rows averaged where windows overlap; <cls> is the first window's, <eos> the last's.
     Keys come out in the order their batches finish, each exactly once. On CUDA the next
     batch is computed while the current one is being yielded.
     """
@@ -590,11 +601,11 @@ def embed(
         ids.append(esm_token_ids(alphabet, residues, mask, key))
     del seen
 
-    pieces = [_Piece(i, s, min(window, len(t))) for i, t in enumerate(ids) if len(t)
+    pieces = [_Piece(i, s, min(window, len(t))) for i, t in enumerate(ids)
               for s in window_starts(len(t), window, overlap)]
     batches = plan_batches([p.length + 2 for p in pieces], max_tokens_per_batch, batch_size)
     n_windows = np.bincount(np.array([p.item for p in pieces], dtype=np.int64), minlength=len(ids))
-    partial: dict[int, tuple[np.ndarray, np.ndarray, int]] = {}  # item -> (sum, count, windows left)
+    partial: dict[int, tuple[np.ndarray, np.ndarray, int]] = {}  # item -> (row sums, counts, windows left)
 
     def launch(batch: list[int]):
         """Start the forward of one batch; returns what ``collect`` needs."""
@@ -605,7 +616,7 @@ def embed(
             toks[r, 0] = alphabet.cls_idx
             toks[r, 1:p.length + 1] = ids[p.item][p.start:p.start + p.length]
             toks[r, p.length + 1] = alphabet.eos_idx
-        out = esm_forward(esm_model, torch.from_numpy(toks), device=device)[:, 1:width + 1]
+        out = esm_forward(esm_model, torch.from_numpy(toks), device=device)  # (B, width + 2, D)
         if device.type == "cuda":
             host = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
             host.copy_(out, non_blocking=True)
@@ -619,15 +630,14 @@ def embed(
             done.synchronize()
         out = host.numpy()
         for r, p in enumerate(bp):
-            rows = out[r, :p.length]
+            rows = out[r, :p.length + 2]  # <cls>, the window's residues, <eos>
             if n_windows[p.item] == 1:
                 yield keys[p.item], rows.copy()
                 continue
             total, count, left = partial.get(p.item) or (
-                np.zeros((len(ids[p.item]), out.shape[-1]), np.float32),
-                np.zeros(len(ids[p.item]), np.float32), n_windows[p.item])
-            total[p.start:p.start + p.length] += rows
-            count[p.start:p.start + p.length] += 1
+                np.zeros((len(ids[p.item]) + 2, out.shape[-1]), np.float32),
+                np.zeros(len(ids[p.item]) + 2, np.float32), n_windows[p.item])
+            _add_window(total, count, rows, p)
             if left == 1:
                 partial.pop(p.item, None)
                 yield keys[p.item], total / count[:, None]
@@ -637,9 +647,6 @@ def embed(
     bar = tqdm(total=sum(p.length for p in pieces), unit="res", unit_scale=True,
                desc=f"ESM {esm_model.name}", disable=not progress)
     try:
-        for i, t in enumerate(ids):
-            if len(t) == 0:  # nothing to embed
-                yield keys[i], np.zeros((0, esm_model.embed_dim), np.float32)
         pending = None  # one batch in flight while the previous one is yielded
         for batch in [*batches, None]:
             started = launch(batch) if batch is not None else None

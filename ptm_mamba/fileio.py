@@ -16,26 +16,54 @@ def _umask() -> int:
     return mask
 
 
+def fsync_path(path: str | os.PathLike) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class AtomicFile:
+    """A file written under a hidden temp name beside ``path`` (``.name.tmp-*``, which no stage
+    reads) and renamed onto ``path`` by :meth:`commit`. Every writer of the pipeline goes through
+    it: a kill at any moment leaves ``path`` as it was, or complete.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.tmp-", dir=self.path.parent)
+        os.close(fd)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files
+        self.tmp = Path(tmp)
+
+    def commit(self) -> None:
+        """Sync the temp file, rename it onto the target, and sync the folder (the rename)."""
+        fsync_path(self.tmp)
+        os.replace(self.tmp, self.path)
+        try:
+            fsync_path(self.path.parent)
+        except OSError:  # some filesystems refuse to fsync a folder
+            pass
+
+    def abort(self) -> None:
+        self.tmp.unlink(missing_ok=True)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` on success.
 
-    On any exception (or a kill) the temporary file is left behind under a
-    hidden ``.name.tmp-*`` name that no stage reads, and ``path`` is untouched.
+    On any exception the temporary file is removed (a kill leaves it behind under its
+    hidden name) and ``path`` is untouched.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    out = AtomicFile(path)
     try:
-        yield tmp_path
-        with open(tmp_path, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600 files
-        os.replace(tmp_path, path)
+        yield out.tmp
+        out.commit()
     except BaseException:
-        tmp_path.unlink(missing_ok=True)
+        out.abort()
         raise
 
 
@@ -48,6 +76,16 @@ def atomic_write_json(path: str | os.PathLike, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
+def _link_aside(path: Path) -> Path | None:
+    """A hard link to the current ``path`` (None if there is none), to put it back from."""
+    if not path.exists():
+        return None
+    backup = path.with_name(f".{path.name}.old-{os.getpid()}")
+    backup.unlink(missing_ok=True)
+    os.link(path, backup)
+    return backup
+
+
 def write_together(files: dict[str | os.PathLike, str]) -> None:
     """Write several text files as one unit: all of them, or (on any error) none.
 
@@ -57,27 +95,16 @@ def write_together(files: dict[str | os.PathLike, str]) -> None:
     aside before the first rename). A kill during the renames can still leave a mix; readers
     detect it through the record written last (see ``split.load_split_dir``).
     """
-    staged: list[tuple[Path, Path, Path | None]] = []  # (target, temp, backup of the old target)
+    staged: list[tuple[AtomicFile, Path | None]] = []  # (the new file, a backup of the old target)
     done: list[tuple[Path, Path | None]] = []
     try:
         for target, text in files.items():
-            target = Path(target)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
-            with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-                fh.write(text)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.chmod(tmp, 0o666 & ~_umask())
-            backup = None
-            if target.exists():
-                backup = target.with_name(f".{target.name}.old-{os.getpid()}")
-                backup.unlink(missing_ok=True)
-                os.link(target, backup)
-            staged.append((target, Path(tmp), backup))
-        for target, tmp, backup in staged:
-            os.replace(tmp, target)
-            done.append((target, backup))
+            out = AtomicFile(target)
+            staged.append((out, _link_aside(out.path)))
+            out.tmp.write_text(text, encoding="utf-8", newline="")
+        for out, backup in staged:
+            out.commit()
+            done.append((out.path, backup))
     except BaseException:
         for target, backup in reversed(done):
             if backup is not None:
@@ -86,7 +113,7 @@ def write_together(files: dict[str | os.PathLike, str]) -> None:
                 target.unlink(missing_ok=True)
         raise
     finally:
-        for _, tmp, backup in staged:
-            tmp.unlink(missing_ok=True)
+        for out, backup in staged:
+            out.abort()
             if backup is not None:
                 backup.unlink(missing_ok=True)

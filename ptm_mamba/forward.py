@@ -9,20 +9,26 @@ import torch
 import torch.nn.functional as F
 
 from .data import Batch
-from .tokenizer import FIRST_RESIDUE_ID, PAD_ID, PTM_MARKER_ID
+from .tokenizer import PAD_ID, is_ptm
 
 SUM_FIELDS = ("loss_sum", "predicted", "correct", "ptm_predicted", "ptm_correct", "tokens")
 
 
+def esm_features(batch: Batch, esm_model) -> torch.Tensor | None:
+    """The ESM-2 features that reach the model, (B, T, dim): ESM-2's output at every position of
+    ``<cls> residues <eos>``, zeros at padding. Precomputed: the batch's (float16, as stored);
+    on the fly (``esm_model`` given): ESM-2 run on the batch's masked input, as the original trains."""
+    if esm_model is None:
+        return batch.esm_features
+    from .esm import esm_forward
+
+    features = esm_forward(esm_model, batch.esm_tokens).clone()  # a normal tensor, not an inference one
+    return features.masked_fill_((batch.labels == PAD_ID).unsqueeze(-1), 0.0)
+
+
 def forward_batch(model, batch: Batch, esm_model):
     """The model's output (logits, hidden states) for a batch already on the device."""
-    features = batch.esm_features
-    if esm_model is not None:  # on the fly: ESM-2 reads the masked input, as the original trains
-        from .esm import esm_forward
-
-        features = esm_forward(esm_model, batch.esm_tokens).clone()
-        features = features * (batch.labels >= FIRST_RESIDUE_ID).unsqueeze(-1)  # zeros at <cls>/<eos>/pad
-    return model(batch.input_ids, features, batch.lengths)
+    return model(batch.input_ids, esm_features(batch, esm_model), batch.lengths)
 
 
 def batch_sums(logits: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -33,7 +39,7 @@ def batch_sums(logits: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.
     loss = F.cross_entropy(picked, target) if target.numel() else logits.sum() * 0.0
     with torch.no_grad():
         hit = picked.argmax(-1) == target
-        ptm = target > PTM_MARKER_ID
+        ptm = is_ptm(target)
         sums = torch.tensor([float(loss) * target.numel(), target.numel(), hit.sum(), ptm.sum(),
                              (hit & ptm).sum(), (batch.labels != PAD_ID).sum()],
                             dtype=torch.float64, device=logits.device)

@@ -3,8 +3,10 @@
 The original masker hides, per batch, a random ``mask_prob`` (15%) of the
 residues; with probability ``random_mask_only_prob`` (0.2) that is all,
 otherwise every PTM token is hidden as well. Special tokens and padding are
-never hidden. ESM-2, which knows no PTMs, always sees ``<mask>`` at PTM
-positions and at every hidden position.
+never hidden, nor is ``<unk>`` (an unknown PTM: nothing to predict). ESM-2,
+which knows no PTMs, always sees ``<mask>`` at PTM and ``<unk>`` positions and
+at every randomly hidden position. Which position is which is defined once, in
+:mod:`ptm_mamba.tokenizer` (``is_target``, ``is_ptm``, ``esm_hidden``, ``in_sequence``).
 
 Randomness here is a pure function of its seeds (no global RNG state), so a
 training run resumed at step ``s`` draws exactly what the uninterrupted run
@@ -19,6 +21,8 @@ import hashlib
 
 import numpy as np
 import torch
+
+from .tokenizer import esm_hidden, in_sequence, is_ptm, is_target
 
 
 def stable_seed(*parts: object) -> int:
@@ -42,19 +46,19 @@ def random_only(generator: torch.Generator, random_mask_only_prob: float) -> boo
     return bool(torch.rand((), generator=generator) < random_mask_only_prob)
 
 
-def prediction_mask(random_mask: torch.Tensor, is_ptm: torch.Tensor, residue: torch.Tensor,
-                    random_only_batch: bool) -> torch.Tensor:
+def prediction_mask(random_mask: torch.Tensor, ids: torch.Tensor, random_only: bool | torch.Tensor
+                    ) -> torch.Tensor:
     """Positions the model must predict: (B, L) bool.
 
-    ``random_mask``: the random part (B, L); ``is_ptm``: PTM tokens (B, L);
-    ``residue``: real residues, i.e. not special and not padding (B, L).
+    ``random_mask``: the random part (B, L); ``ids``: the true tokens (B, L); ``random_only``:
+    one draw for the batch, or (B,) bool, one per protein. Only targets (residue letters and
+    known PTMs) are predicted: the random ones, and every known PTM where not ``random_only``.
     """
-    mask = random_mask & residue
-    if not random_only_batch:
-        mask = mask | (is_ptm & residue)
-    return mask
+    only = torch.as_tensor(random_only, dtype=torch.bool, device=ids.device).reshape(-1, 1)
+    return (random_mask & is_target(ids)) | (is_ptm(ids) & ~only)
 
 
-def esm_mask(random_mask: torch.Tensor | np.ndarray, is_ptm: torch.Tensor | np.ndarray):
-    """Positions ESM-2 sees as ``<mask>``: every PTM and every randomly hidden residue."""
-    return random_mask | is_ptm
+def esm_mask(random_mask: torch.Tensor | np.ndarray, ids: torch.Tensor | np.ndarray):
+    """Positions ESM-2 sees as ``<mask>``: every PTM and ``<unk>``, and every randomly hidden
+    position of the protein (never ``<cls>``/``<eos>``/padding)."""
+    return esm_hidden(ids) | (random_mask & in_sequence(ids))

@@ -40,6 +40,13 @@ from ptm_mamba.tokenizer import PAD_ID, VOCAB
 MODEL_TYPES = ("bidirectional_mamba", "mamba")
 
 
+def _schema_default(key: str) -> Any:
+    """The config schema's default of ``model.<key>``: defaults are written in one place."""
+    from ptm_mamba.config import schema_default
+
+    return schema_default(f"model.{key}")
+
+
 @dataclass
 class ModelConfig:
     """Network shape. Plain values only, so it round-trips through YAML and checkpoints.
@@ -51,15 +58,15 @@ class ModelConfig:
     Checkpoints before it was named ``scan`` call it ``backend``.
     """
 
-    model_type: str = "bidirectional_mamba"
-    d_model: int = 768
-    n_layer: int = 24
+    model_type: str = field(default_factory=lambda: _schema_default("model_type"))
+    d_model: int = field(default_factory=lambda: _schema_default("d_model"))
+    n_layer: int = field(default_factory=lambda: _schema_default("n_layer"))
     vocab_size: int = len(VOCAB)
-    esm_dim: int = 1280
+    esm_dim: int = 1280  # ESM-2 650M, the published model's
     use_esm: bool = True
-    ssm_cfg: dict = field(default_factory=dict)
+    ssm_cfg: dict = field(default_factory=lambda: _schema_default("ssm_cfg"))
     norm_eps: float = 1e-5
-    scan: str = "auto"
+    scan: str = field(default_factory=lambda: _schema_default("scan"))
 
     def __post_init__(self) -> None:
         if self.model_type not in MODEL_TYPES:
@@ -273,7 +280,7 @@ class PTMMamba(nn.Module):
         return model.eval()
 
     @torch.no_grad()
-    def predict(self, sequences: list[str], esm_model=None, max_tokens_per_batch: int = 8192) -> list[ModelOutput]:
+    def predict(self, sequences: list[str], esm_model=None, max_tokens_per_batch: int | None = None) -> list[ModelOutput]:
         """Logits (L+2, vocab) and hidden states (L+2, d_model) per PTM sequence (with <cls>/<eos>).
 
         When the model uses ESM-2, features are computed here (the run's ESM

@@ -2,8 +2,9 @@
 
 ``ptm-mamba predict`` reads a CSV (``unique_id``/``ptm_seq`` or the config's
 column names) or a FASTA file whose sequences carry PTM tokens, and writes the
-final hidden states, one row per residue (``<cls>``/``<eos>`` dropped), to an
-HDF5 file in the embedding-store layout (read it with ``EmbeddingReader``). With
+final hidden states to an HDF5 file in the embedding-store layout (read it with
+``EmbeddingReader``): per protein ``L + 2`` rows, ``<cls>``, the L residues, ``<eos>``,
+as the stored ESM-2 features and :meth:`PTMMamba.predict` have them. With
 ``pooled`` (the default) the file also holds each protein's mean hidden state over
 its residues, in float32: dataset ``pooled`` (n, d_model), row i for ``ids[i]``;
 :func:`read_pooled` reads the rows of the ids asked for, not the whole file.
@@ -55,7 +56,7 @@ def _esm_for(model, esm_model):
 
 
 @torch.no_grad()
-def predict_batches(model, proteins: list[Protein], esm_model=None, max_tokens_per_batch: int = 8192,
+def predict_batches(model, proteins: list[Protein], esm_model=None, max_tokens_per_batch: int | None = None,
                     progress: bool = False):
     """Yield ``(protein indices, logits (B, T, V), hidden (B, T, d), lengths (B,))`` batch by batch."""
     from .forward import forward_batch
@@ -65,6 +66,10 @@ def predict_batches(model, proteins: list[Protein], esm_model=None, max_tokens_p
     builder = BatchBuilder(proteins, max_sequence_length=max(p.length for p in proteins) + 2, mask_prob=0.0,
                            random_mask_only_prob=1.0,
                            esm_alphabet=esm_model.alphabet if esm_model is not None else None)
+    if max_tokens_per_batch is None:
+        from .config import schema_default
+
+        max_tokens_per_batch = schema_default("predict.max_tokens_per_batch")
     batches = plan_batches(builder.lengths, max_tokens_per_batch)
     for indices in tqdm(batches, disable=not progress, unit="batch"):
         batch = builder.build(indices, replicate=0, generator=None).to(device)
@@ -72,7 +77,7 @@ def predict_batches(model, proteins: list[Protein], esm_model=None, max_tokens_p
         yield indices, out.logits, out.hidden_states, batch.lengths
 
 
-def predict(model, sequences: list[str], esm_model=None, max_tokens_per_batch: int = 8192) -> list:
+def predict(model, sequences: list[str], esm_model=None, max_tokens_per_batch: int | None = None) -> list:
     """Per sequence, a ``ModelOutput`` of logits (L+2, V) and hidden states (L+2, d)."""
     from .model import ModelOutput
 
@@ -133,7 +138,7 @@ POOLED = "pooled"
 
 
 def write_predictions(checkpoint_path: str | os.PathLike, input_path: str | os.PathLike,
-                      output: str | os.PathLike, device: str | None = None, max_tokens_per_batch: int = 8192,
+                      output: str | os.PathLike, device: str | None = None, max_tokens_per_batch: int | None = None,
                       pooled: bool = True, progress: bool = True) -> int:
     """Hidden states of every protein of ``input_path`` into ``output`` (HDF5, atomic), and with
     ``pooled`` their means over residues (dataset ``pooled``)."""
@@ -154,11 +159,11 @@ def write_predictions(checkpoint_path: str | os.PathLike, input_path: str | os.P
             batches = predict_batches(model, proteins, None, max_tokens_per_batch, progress)
             written = 0
             for indices, _, hidden, lengths in batches:
-                for row, i in enumerate(indices):  # drop <cls>/<eos>: row j is residue j
-                    states = hidden[row, 1:int(lengths[row]) - 1].float().cpu().numpy()
-                    writer.add(proteins[i].id, [states], [np.zeros(proteins[i].length, dtype=bool)])
-                    if len(states):
-                        means[written] = states.mean(axis=0)
+                for row, i in enumerate(indices):  # rows <cls>, residues 1..L, <eos>
+                    states = hidden[row, :int(lengths[row])].float().cpu().numpy()
+                    writer.add(proteins[i].id, [states], [np.zeros(len(states), dtype=bool)])
+                    if len(states) > 2:
+                        means[written] = states[1:-1].mean(axis=0)
                     written += 1
         if pooled:
             with h5py.File(tmp, "r+", locking=False) as f:

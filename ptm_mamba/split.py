@@ -25,20 +25,18 @@ import io
 import json
 import os
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 
 from .dataset import Protein, read_dataset, read_from_config
 from .errors import PipelineError
 from .fileio import write_together
+from .layout import SPLIT_SUMMARY, SPLITS, split_paths
 from .prepare import check_prepared
 from .stages import SPLIT, check_settings, sha256_of, stage_settings
 from .tokenizer import PTMTokenizer
 
-SPLITS = ("train", "val", "test")
 ID_COLUMN, SEQUENCE_COLUMN = "unique_id", "ptm_seq"
-MAPPING, SUMMARY = "split_mapping.json", "summary.json"
 DUPLICATE_CRITERION = "the same residue sequence (PTM tokens read as their residues)"
 
 
@@ -155,12 +153,14 @@ def split_fingerprint(proteins: list[Protein]) -> str:
 
 
 def summarize(splits: dict[str, list[Protein]]) -> dict:
-    """Counts per split: proteins, residues, PTM sites, the longest protein."""
+    """Counts per split: proteins, residues, PTM sites (known ones; unknown ones, read as ``<unk>``,
+    apart), the longest protein."""
     return {
         name: {
             "sequences": len(proteins),
             "residues": sum(p.length for p in proteins),
             "ptm_sites": sum(p.num_ptms for p in proteins),
+            "unknown_ptm_sites": sum(p.num_unknown_ptms for p in proteins),
             "max_length": max((p.length for p in proteins), default=0),
             "fingerprint": split_fingerprint(proteins),
         }
@@ -190,14 +190,6 @@ def split_csv_text(proteins: list[Protein]) -> str:
 def read_split(path: str | os.PathLike, unknown_ptm: str = "error") -> list[Protein]:
     """Read one split file written by the split stage (unchecked; see :func:`load_split_dir`)."""
     return read_dataset(path, sequence_column=SEQUENCE_COLUMN, id_column=ID_COLUMN, unknown_ptm=unknown_ptm)
-
-
-def split_paths(output_dir: str | os.PathLike) -> dict[str, Path]:
-    out = Path(output_dir)
-    paths = {name: out / f"{name}.csv" for name in SPLITS}
-    paths["mapping"] = out / MAPPING
-    paths["summary"] = out / SUMMARY
-    return paths
 
 
 def mapping(splits: dict[str, list[Protein]]) -> dict[str, str]:
@@ -280,7 +272,7 @@ def load_split_dir(split_dir: str | os.PathLike, config: dict) -> dict[str, list
         except FileNotFoundError:
             raise PipelineError(f"{path} not found: the split is incomplete; {fix}") from None
         if found != summary["files"].get(path.name):
-            raise PipelineError(f"{path} is not the file {SUMMARY} records (an interrupted or edited split); {fix}")
+            raise PipelineError(f"{path} is not the file {SPLIT_SUMMARY} records (an interrupted or edited split); {fix}")
     splits = {name: read_split(paths[name], config["dataset"]["unknown_ptm"]) for name in SPLITS}
     check_disjoint(splits, str(split_dir))
     return splits

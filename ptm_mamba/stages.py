@@ -187,6 +187,11 @@ DEPENDS_ON: dict[str, tuple[Dep, ...]] = {
         Dep("training.num_machines", when=lambda c: c["training"]["num_machines"] > 1),
     ),
 }
+# Versions of what a stage writes, for changes no config key shows: files of another version are
+# stale (rerun and refused like a changed setting). embed 2: the stored rows are <cls>, the
+# residues, <eos> (version 1 had the residues only); embedding_store.FORMAT_VERSION is this.
+FORMATS: dict[str, int] = {EMBED: 2}
+FORMAT_KEY = "format"
 # Not listed, on purpose: run_name and the folders (where results go, not what they are),
 # embedding.shards / max_tokens_per_batch / batch_size (how the embedding work is cut up),
 # training.num_workers (DataLoader processes), training.resume_from_checkpoint (where a run
@@ -209,6 +214,8 @@ def stage_settings(config: dict, stage: str) -> dict[str, Any]:
             continue
         value = _lookup(config, dep.key)
         settings[dep.key] = dep.identity(value) if dep.identity is not None else value
+    if stage in FORMATS:
+        settings[FORMAT_KEY] = FORMATS[stage]
     return json.loads(json.dumps(settings, sort_keys=True))  # tuples -> lists, as read back from a file
 
 
@@ -228,6 +235,9 @@ def check_settings(recorded: Any, config: dict, stage: str, where: str, fix: str
     if not isinstance(recorded, dict):
         raise PipelineError(f"{where}: does not record the settings it was made with; {fix}")
     for key in sorted(set(expected) | set(recorded)):
+        if key == FORMAT_KEY and recorded.get(key) != expected.get(key):
+            raise PipelineError(f"{where}: written by another version of the {stage} stage (format "
+                                f"{recorded.get(key, 1)}, this version's is {expected.get(key)}); {fix}")
         if recorded.get(key) != expected.get(key):
             raise PipelineError(f"{where}: made with {key} = {recorded.get(key)!r}, but the config gives "
                                 f"{expected.get(key)!r}; {fix}")

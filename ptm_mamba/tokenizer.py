@@ -16,12 +16,33 @@ special tokens (``<mask>``, ``.``, ``-`` ...) from text, and for the ``<`` of an
 unknown ``<...>`` it emits ``<unk>`` and reads the rest of the name character by
 character (residue letters as residues, others as ``<unk>``); here that is an
 error, or one ``<unk>`` with ``unknown_ptm="unk"``.
+
+What a position is, by token id (:func:`is_residue`, :func:`is_ptm`, :func:`is_unknown_ptm`,
+:func:`in_sequence`, :func:`is_target`, :func:`esm_hidden`; each works on an int,
+a numpy array or a torch tensor alike, and :func:`token_ids` turns token strings
+into ids for them):
+
+==================  =======  ===========  ==========  ==========
+token               residue  in_sequence  is_target   esm_hidden
+==================  =======  ===========  ==========  ==========
+residue letter      yes      yes          yes         no
+known PTM           no       yes          yes         yes
+``<unk>``           no       yes          no          yes
+any other token     no       no           no          no
+==================  =======  ===========  ==========  ==========
+
+``<unk>`` comes only from an unknown PTM (``unknown_ptm="unk"``): it is a
+modified residue of unknown kind, so it is a position of the protein whose ESM-2
+input is ``<mask>`` (ESM-2 knows no modifications), but the loss never scores it
+and it is not counted as a PTM site. The ``PTM`` marker never occurs in a sequence.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from typing import Iterable
+from typing import Iterable, Sequence, TypeVar
+
+import numpy as np
 
 SPECIAL_TOKENS = ["<cls>", "<pad>", "<eos>", "<unk>", ".", "-", "<null_1>", "<mask>"]
 RESIDUES = list("LAGVSERTIDPKQNFYMHWCXBUZO")
@@ -54,9 +75,11 @@ PTM_TOKENS = [
     "<4-carboxyglutamate>",
 ]
 VOCAB = SPECIAL_TOKENS + RESIDUES + [PTM_MARKER] + PTM_TOKENS
-PAD_ID = VOCAB.index("<pad>")
-FIRST_RESIDUE_ID = VOCAB.index("L")      # ids below are special tokens
-PTM_MARKER_ID = VOCAB.index(PTM_MARKER)  # ids above are PTM tokens
+TOKEN_ID = {t: i for i, t in enumerate(VOCAB)}
+PAD_ID = TOKEN_ID["<pad>"]
+UNK_ID = TOKEN_ID["<unk>"]
+FIRST_RESIDUE_ID = TOKEN_ID["L"]      # ids below are special tokens (incl. <unk>)
+PTM_MARKER_ID = TOKEN_ID[PTM_MARKER]  # ids from FIRST_RESIDUE_ID up to it are residue letters, above are PTMs
 
 # The residue each modification sits on, so a PTM token counts as one residue
 # and ESM-2 (which knows no PTMs) can be given a residue-level sequence.
@@ -87,6 +110,49 @@ PTM_RESIDUE = {
     "<S-geranylgeranyl cysteine>": "C",
     "<4-carboxyglutamate>": "E",
 }
+
+
+# ----------------------------------------------------------------------------- position classes
+# Each takes token ids as an int, a numpy array or a torch tensor and returns the same kind of
+# bool (comparisons and & / | work alike on all three).
+Ids = TypeVar("Ids")
+
+
+def token_ids(tokens: Sequence[str]) -> np.ndarray:
+    """Ids (int64 array) of token strings such as ``Protein.tokens``, for the functions below."""
+    return np.array([TOKEN_ID[t] for t in tokens], dtype=np.int64)
+
+
+def is_residue(ids: Ids) -> Ids:
+    """A plain residue letter."""
+    return (ids >= FIRST_RESIDUE_ID) & (ids < PTM_MARKER_ID)
+
+
+def is_ptm(ids: Ids) -> Ids:
+    """A known modification (a PTM token of the vocabulary); never ``<unk>``."""
+    return ids > PTM_MARKER_ID
+
+
+def is_unknown_ptm(ids: Ids) -> Ids:
+    """``<unk>``: a modification not in the vocabulary, read with ``unknown_ptm="unk"``."""
+    return ids == UNK_ID
+
+
+def in_sequence(ids: Ids) -> Ids:
+    """A position of the protein: a residue letter, a known PTM, or ``<unk>`` (an unknown PTM);
+    not ``<cls>``/``<eos>``/``<pad>``/``<mask>``."""
+    return is_residue(ids) | is_ptm(ids) | is_unknown_ptm(ids)
+
+
+def is_target(ids: Ids) -> Ids:
+    """A position the loss may score: a residue letter or a known PTM (``<unk>`` never is)."""
+    return is_residue(ids) | is_ptm(ids)
+
+
+def esm_hidden(ids: Ids) -> Ids:
+    """A position ESM-2 always sees as ``<mask>``: a known PTM or ``<unk>`` (ESM-2 knows no
+    modifications); randomly hidden residues come on top (:func:`ptm_mamba.masking.esm_mask`)."""
+    return is_ptm(ids) | is_unknown_ptm(ids)
 
 
 class TokenizeError(ValueError):
@@ -165,7 +231,8 @@ class PTMTokenizer:
         return "".join(self.vocab[int(i)] for i in ids)
 
     def is_ptm(self, token_id: int) -> bool:
-        return token_id > self.ptm_marker_id
+        """A known modification (see the module's :func:`is_ptm`)."""
+        return bool(is_ptm(token_id))
 
     def residue_sequence(self, tokens: list[str]) -> str:
         """The unmodified residue sequence (a PTM token becomes its residue)."""

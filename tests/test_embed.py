@@ -43,9 +43,9 @@ def test_rows_align_with_ptm_tokens_and_ptms_are_masked_for_esm(tmp_path):
     p = protein("P1", "MK<Phosphoserine>LLV<N-linked (GlcNAc...) asparagine>GT")
     store = embed_one(config, esm_model, p, tmp_path / "s.h5")
     feats, mask = store.get("P1", 0)
-    assert feats.shape == (9, esm_model.embed_dim)  # one row per token, a PTM token is one residue
+    assert feats.shape == (9 + 2, esm_model.embed_dim)  # <cls>, one row per token (a PTM is one), <eos>
     expected_mask = replicate_mask("P1", 0, 9, config["training"]["mask_prob"])
-    assert np.array_equal(mask, expected_mask)
+    assert np.array_equal(mask, np.concatenate([[False], expected_mask, [False]]))
     # ESM saw <mask> at both PTM positions (and the random ones): compare with a direct run
     esm_mask = expected_mask.copy()
     esm_mask[[2, 6]] = True
@@ -87,12 +87,14 @@ def test_windows_for_long_proteins(tmp_path):
     seq = "".join(rng.choice(list("ACDEFGHIKLMNPQRSTVWY"), 150))
     [(_, direct)] = list(embed(esm_model, [("x", seq, None)], window=150, overlap=20, progress=False))
     [(_, windowed)] = list(embed(esm_model, [("x", seq, None)], window=100, overlap=40, progress=False))
-    assert direct.shape == windowed.shape == (150, esm_model.embed_dim)
+    assert direct.shape == windowed.shape == (150 + 2, esm_model.embed_dim)  # <cls>, residues, <eos>
     [(_, first)] = list(embed(esm_model, [("x", seq[:100], None)], window=100, overlap=0, progress=False))
     [(_, last)] = list(embed(esm_model, [("x", seq[50:], None)], window=100, overlap=0, progress=False))
-    assert np.allclose(windowed[:50], first[:50], atol=1e-5)
-    assert np.allclose(windowed[50:100], (first[50:] + last[:50]) / 2, atol=1e-5)
-    assert np.allclose(windowed[100:], last[50:], atol=1e-5)
+    assert np.allclose(windowed[0], first[0], atol=1e-5)  # <cls> of the first window
+    assert np.allclose(windowed[1:51], first[1:51], atol=1e-5)  # residues 0..49: the first window only
+    assert np.allclose(windowed[51:101], (first[51:101] + last[1:51]) / 2, atol=1e-5)  # 50..99: both
+    assert np.allclose(windowed[101:151], last[51:101], atol=1e-5)  # 100..149: the last window only
+    assert np.allclose(windowed[151], last[101], atol=1e-5)  # <eos> of the last window
 
 
 def test_shards_are_balanced_by_residues():

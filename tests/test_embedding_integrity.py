@@ -45,13 +45,14 @@ def split_proteins() -> list[Protein]:
 
 
 def stored_for(proteins: list[Protein], short: dict[str, int] | None = None) -> dict:
-    """Stored features of the split's proteins, one row per residue (``short[id]`` rows fewer)."""
+    """Stored features of the split's proteins as the embed stage lays them out: <cls>, one row per
+    residue, <eos>, masks False at <cls>/<eos> (``short[id]`` residue rows fewer)."""
     rng = np.random.default_rng(0)
     out = {}
     for p in proteins:
         L = p.length - (short or {}).get(p.id, 0)
-        out[p.id] = ([rng.standard_normal((L, DIM)).astype(np.float32) for _ in range(K)],
-                     [rng.random(L) < 0.15 for _ in range(K)])
+        out[p.id] = ([rng.standard_normal((L + 2, DIM)).astype(np.float32) for _ in range(K)],
+                     [np.concatenate([[False], rng.random(L) < 0.15, [False]]) for _ in range(K)])
     return out
 
 
@@ -95,11 +96,12 @@ def test_clean_store_has_checksums_and_passes_everything(tmp_path):
     validate_shard(out, expected_ids=list(SEQS), expected_attrs=ATTRS, check_values=True)
     with EmbeddingReader(out) as r:
         assert_reads(r, stored)
-        assert r.lengths(list(SEQS)).tolist() == [p.length for p in proteins]
+        assert r.row_counts(list(SEQS)).tolist() == [p.length + 2 for p in proteins]
     b = builder(proteins, out)
     batch = b.build([0, 1, 2], replicate=1, generator=torch.Generator().manual_seed(0))
     L = proteins[1].length
-    np.testing.assert_array_equal(batch.esm_features[1, 1:L + 1].numpy(), stored["P2"][0][1].astype(np.float16))
+    np.testing.assert_array_equal(batch.esm_features[1, :L + 2].numpy(), stored["P2"][0][1].astype(np.float16))
+    assert not batch.esm_features[1, L + 2:].any()  # zeros at padding only
     b.build([2, 0], replicate=0, generator=None)
 
 
@@ -184,13 +186,13 @@ def test_row_count_must_match_the_split(tmp_path):
     proteins = split_proteins()
     _, out = gathered(tmp_path, [stored_for(proteins, short={"P2": 3})])
     L = proteins[1].length
-    with one_line_error(rf"^{re.escape(str(out))}: protein 'P2' has {L - 3} rows of embeddings but {L} residues "
-                        r"in the split \(stale or foreign embeddings; rerun the embed stage\)$"):
+    with one_line_error(rf"^{re.escape(str(out))}: protein 'P2' has {L - 1} rows of embeddings, expected {L + 2} "
+                        rf"\(<cls>, {L} residues, <eos>\) \(stale or foreign embeddings; rerun the embed stage\)$"):
         builder(proteins, out)
 
 
 def test_store_written_without_checksums_still_reads(tmp_path):
-    """Files from before the Fletcher32 filter (same format_version) read as before, unchecked."""
+    """A store without the Fletcher32 filter (written by hand here) reads as before, unchecked."""
     proteins = split_proteins()
     stored = stored_for(proteins)
     new = write(tmp_path / "new.h5", stored, 0, 1)

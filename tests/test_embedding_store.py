@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import signal
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from ptm_mamba.embedding_store import EmbeddingReader, ShardWriter, gather, validate_shard
+from ptm_mamba.embedding_store import FORMAT_VERSION, EmbeddingReader, ShardWriter, gather, validate_shard
 from ptm_mamba.errors import PipelineError
 
 DIM, K = 16, 2
@@ -85,7 +86,7 @@ def test_round_trip(tmp_path):
         assert r.attrs["esm_model"] == ATTRS["esm_model"] and r.attrs["mask_prob"] == 0.15
         assert_reads(r, proteins)
         pid = list(proteins)[3]
-        assert r.length(pid) == proteins[pid][0][0].shape[0]
+        assert r.row_count(pid) == proteins[pid][0][0].shape[0]
         assert r.index(pid) == 3
         # get_many in a scrambled order with adjacent proteins (merged reads) and a repeat
         order = [list(proteins)[i] for i in (4, 1, 2, 3, 0, 2)]
@@ -163,7 +164,7 @@ def test_killed_writer_leaves_only_an_unusable_temp(tmp_path):
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     assert not (tmp_path / "s.h5").exists()
     (tmp,) = tmp_path.iterdir()
-    assert tmp.name == f".s.h5.tmp-{int(proc.stdout)}"
+    assert tmp.name.startswith(".s.h5.tmp-")
     with pytest.raises(PipelineError, match=r"s\.h5: embedding file does not exist"):
         gather([tmp_path / "s.h5"], tmp_path / "train_embeddings.h5")
     with pytest.raises(PipelineError, match=str(tmp)):  # not complete, or not even readable
@@ -233,9 +234,24 @@ def test_corrupt_shard_names_the_file(tmp_path):
         validate_shard(path, expected_ids=None, expected_attrs=ATTRS)
     with h5py.File(path, "w") as f:  # valid HDF5, wrong content
         f.attrs["complete"] = True
-        f.attrs["format_version"], f.attrs["dim"], f.attrs["mask_replicates"] = 1, DIM, K
+        f.attrs["format_version"], f.attrs["dim"], f.attrs["mask_replicates"] = FORMAT_VERSION, DIM, K
     with pytest.raises(PipelineError, match=r"s\.h5: dataset ids missing"):
         validate_shard(path, expected_ids=None, expected_attrs={})
+
+
+def test_format_1_store_is_refused_with_a_rerun_hint(tmp_path):
+    """Format 1 stored residue rows only (no <cls>/<eos>): reader, validation and gather refuse it in one line."""
+    paths, _ = three_shards(tmp_path)
+    with h5py.File(paths[0], "r+") as f:
+        f.attrs["format_version"] = 1
+    pattern = rf"^{re.escape(str(paths[0]))}: format_version 1 .*rerun the embed stage"
+    for use in (lambda: EmbeddingReader(paths[0]).ids,
+                lambda: validate_shard(paths[0], expected_ids=None, expected_attrs={}),
+                lambda: gather(paths, tmp_path / "g.h5")):
+        with pytest.raises(PipelineError, match=pattern) as err:
+            use()
+        assert "\n" not in str(err.value)
+    assert not (tmp_path / "g.h5").exists()
 
 
 def test_nan_in_stored_file_is_found(tmp_path):

@@ -33,12 +33,12 @@ def random_seq(rng, n):
 
 
 def fair_esm_rows(esm_model, seq_tokens: str, layer=None):
-    """fair-esm's representation of one sequence (which may contain <mask>), without <cls>/<eos>."""
+    """fair-esm's representation of one sequence (which may contain <mask>): rows <cls>, residues, <eos>."""
     layer = esm_model.repr_layer if layer is None else layer
     _, _, toks = esm_model.alphabet.get_batch_converter()([("x", seq_tokens)])
     with torch.no_grad():
         out = esm_model.model(toks, repr_layers=[layer])["representations"][layer]
-    return out[0, 1:-1].numpy()
+    return out[0].numpy()
 
 
 def run(esm_model, items, **kw):
@@ -167,7 +167,7 @@ def test_embed_rows_match_fair_esm_and_masks_become_mask_tokens(tiny):
     mask[[3, 10, 11]] = True
     out = run(tiny, [("plain", seq, None), ("masked", seq, mask), ("short", "MK", None)])
     assert set(out) == {"plain", "masked", "short"}
-    assert out["plain"].shape == (30, 32) and out["plain"].dtype == np.float32
+    assert out["plain"].shape == (30 + 2, 32) and out["plain"].dtype == np.float32  # <cls>, residues, <eos>
     np.testing.assert_allclose(out["plain"], fair_esm_rows(tiny, seq), atol=1e-5)
     np.testing.assert_allclose(out["short"], fair_esm_rows(tiny, "MK"), atol=1e-5)
     with_mask = "".join("<mask>" if m else c for c, m in zip(seq, mask))
@@ -199,12 +199,15 @@ def test_long_sequences_average_overlapping_windows(tiny):
     out = run(tiny, [("long", long, mask), ("fits", fits, None)], window=20, overlap=6, max_tokens_per_batch=50)
     np.testing.assert_allclose(out["fits"], fair_esm_rows(tiny, fits), atol=1e-5)  # L == window: direct
     marked = ["<mask>" if m else c for c, m in zip(long, mask)]
+    windows = {start: fair_esm_rows(tiny, "".join(marked[start:start + 20])) for start in (0, 10, 20, 30)}
     total, count = np.zeros((50, 32)), np.zeros(50)
-    for start in (0, 10, 20, 30):  # window_starts(50, 20, 6)
-        total[start:start + 20] += fair_esm_rows(tiny, "".join(marked[start:start + 20]))
+    for start, rows in windows.items():  # window_starts(50, 20, 6); residue rows averaged
+        total[start:start + 20] += rows[1:-1]
         count[start:start + 20] += 1
-    assert out["long"].shape == (50, 32)
-    np.testing.assert_allclose(out["long"], total / count[:, None], atol=1e-5)
+    assert out["long"].shape == (50 + 2, 32)
+    np.testing.assert_allclose(out["long"][1:-1], total / count[:, None], atol=1e-5)
+    np.testing.assert_allclose(out["long"][0], windows[0][0], atol=1e-5)  # <cls>: the first window's
+    np.testing.assert_allclose(out["long"][-1], windows[30][-1], atol=1e-5)  # <eos>: the last window's
     whole = fair_esm_rows(tiny, "".join(marked))  # windowing really changes the context
     assert np.abs(out["long"] - whole).max() > 1e-3
 
@@ -224,8 +227,17 @@ def test_embed_covers_every_key_once_under_a_small_budget(tiny):
     assert sorted(k for k, _ in got) == sorted(k for k, _, _ in items)
     big = run(tiny, items, max_tokens_per_batch=4096)
     for (key, seq, _), n in zip(items, lengths):
-        assert dict(got)[key].shape == (n, 32)
+        assert dict(got)[key].shape == (n + 2, 32)
         np.testing.assert_allclose(dict(got)[key], big[key], atol=1e-5)
+
+
+def test_empty_sequence_is_esm_of_cls_eos(tiny):
+    """An empty sequence yields ESM-2's 2 rows of ``<cls><eos>``, alone or batched with others."""
+    alone = run(tiny, [("empty", "", None)])["empty"]
+    assert alone.shape == (2, 32)
+    np.testing.assert_allclose(alone, fair_esm_rows(tiny, ""), atol=1e-5)
+    batched = run(tiny, [("empty", "", np.zeros(0, bool)), ("other", "MKTAYIAK", None)])["empty"]
+    np.testing.assert_allclose(batched, alone, atol=1e-5)
 
 
 def test_no_items(tiny):

@@ -62,7 +62,7 @@ def ours(esm_model) -> dict[str, np.ndarray]:
 
 def transformers_rows(model: EsmModel, alphabet, layer: int, attention_mask: bool = True) -> dict[str, np.ndarray]:
     """transformers' hidden states after ``layer`` (the last: after emb_layer_norm_after, as fair-esm's
-    last representation) of the padded batch, per sequence without <cls>/<eos>."""
+    last representation) of the padded batch, per sequence: rows <cls>, residues, <eos>."""
     keys = list(SEQS)
     width = max(len(s) for s, _ in SEQS.values()) + 2
     toks = torch.full((len(keys), width), alphabet.padding_idx)
@@ -74,7 +74,7 @@ def transformers_rows(model: EsmModel, alphabet, layer: int, attention_mask: boo
     with torch.no_grad():
         out = model(toks, attention_mask=mask if attention_mask else None, output_hidden_states=True)
     hidden = out.last_hidden_state if layer == LAYERS else out.hidden_states[layer]
-    return {k: hidden[r, 1:len(SEQS[k][0]) + 1].numpy() for r, k in enumerate(keys)}
+    return {k: hidden[r, :len(SEQS[k][0]) + 2].numpy() for r, k in enumerate(keys)}
 
 
 def max_diff(a: dict, b: dict) -> float:

@@ -32,7 +32,7 @@ def test_predict_cli_writes_hidden_states_per_residue(checkpoint, tmp_path):
     expected = PTMMamba.from_checkpoint(checkpoint).predict(list(SEQS.values()))
     for key, exp in zip(SEQS, expected):
         hidden, _ = store.get(key, 0)
-        assert np.allclose(hidden.astype(np.float32), exp.hidden_states[1:-1].numpy(), atol=2e-2, rtol=1e-2)
+        assert np.allclose(hidden.astype(np.float32), exp.hidden_states.numpy(), atol=2e-2, rtol=1e-2)
 
 
 def test_predict_cli_refuses_bad_fasta(checkpoint, tmp_path):

@@ -36,7 +36,7 @@ def test_predictions_plans_training_then_one_predict_job_per_input(tmp_path):
     for name in ("a", "b b"):
         assert (f"ptm-mamba predict --checkpoint {run_dir}/best.ckpt" in out
                 and f"results/predictions/tiny/{name}.h5" in out), name
-    assert out.count("--no-pooled --no-progress") == 2
+    assert out.count("--no-pooled --max_tokens_per_batch 8192 --no-progress") == 2
     jobs = {line.split()[0]: int(line.split()[1]) for line in out.splitlines()
             if len(line.split()) == 2 and line.split()[1].isdigit()}
     assert jobs["predict"] == 2 and jobs["train"] == 1

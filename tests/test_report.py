@@ -319,8 +319,9 @@ def test_snakemake_report_shows_the_figures_and_tables(tmp_path):
     for name in [*report.FIGURES]:
         assert f'"results/report/rep/{name}.png"' in html, name
         assert f"filename={name}.png;base64,iVBORw0KGgo" in html, name  # the PNG itself, embedded
-    for name in ("test_results.tsv", "splits.tsv", "embeddings.tsv", "config.yaml"):
+    for name in ("test_results.tsv", "splits.tsv", "embeddings.tsv"):
         assert f'"results/report/rep/{name}"' in html, name
+    assert '"outputs/ptm-mamba-rep/config.yaml"' in html  # the run's own config, no copy
     # Captions, rendered (the tables and the config are inlined by them), and the top-level description.
     assert "Masked-token cross-entropy loss per optimiser step" in html
     assert "Test-set accuracy of" in html

@@ -55,7 +55,31 @@ def test_tiny_dag_runs_on_slurm(cluster, tmp_path):
 
 # ----------------------------------------------------------------------------- time limit and resubmission
 
-LIMIT_STEPS = 2400  # 90 s of training on one CPU thread here: well over the 1-minute limit
+# The training takes this long on one CPU thread, whatever the machine: longer than the 1-minute
+# limit even with no start-up at all, and over within a few resubmissions (preemptible-retries).
+TRAINING_SECONDS = 70
+PROBE_STEPS = 150
+
+
+def one_thread_train(config: dict, **kw):
+    """train() in this process on one thread (the numbers depend on the thread count)."""
+    from ptm_mamba.train import train
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return train(config, progress=False, **kw)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def steps_for(seconds: float, config: dict, tmp_path) -> int:
+    """Training steps that take ``seconds`` on this machine: timed on a short run of the same model."""
+    probe = copy.deepcopy(config)
+    probe["training"].update(max_steps=PROBE_STEPS, output_dir=str(tmp_path / "probe"))
+    started = time.perf_counter()
+    one_thread_train(probe, run_name="probe")
+    return int(seconds * PROBE_STEPS / (time.perf_counter() - started))
 
 
 def slurm_job_state(job_id: str) -> str:
@@ -71,11 +95,11 @@ def test_train_past_its_time_limit_is_resubmitted_and_resumes_exactly(cluster, t
     Snakemake resubmits the job (preemptible-retries) and the resubmitted job continues; the end
     result is the uninterrupted run's, to the bit."""
     from ptm_mamba.split import run_split
-    from ptm_mamba.train import train
 
     config = tiny_config(tmp_path, n=60, run_name="limit", training={
-        "use_esm": False, "max_steps": LIMIT_STEPS, "num_train_epochs": 1000, "log_steps": 100,
+        "use_esm": False, "num_train_epochs": 1000, "log_steps": 100,
         "embeddings_dir": "embeddings", "output_dir": "outputs"})
+    config["training"]["max_steps"] = steps = steps_for(TRAINING_SECONDS, config, tmp_path)
     write_config(tmp_path / "config.yaml", **config)
     profile = yaml.safe_load((REPO / "tests" / "slurm_profile" / "config.yaml").read_text())
     assert "--signal=TERM@" in profile["set-resources"]["train"]["slurm_extra"]  # as profiles/slurm
@@ -96,12 +120,7 @@ def test_train_past_its_time_limit_is_resubmitted_and_resumes_exactly(cluster, t
     reference = copy.deepcopy(config)
     reference["training"]["output_dir"] = str(tmp_path / "reference")
     run_split(reference, tmp_path / "reference-split")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        ref = train(reference, split_dir=str(tmp_path / "reference-split"), run_name="limit", progress=False)
-    finally:
-        torch.set_num_threads(threads)
+    ref = one_thread_train(reference, split_dir=str(tmp_path / "reference-split"), run_name="limit")
     reference_seconds = time.time() - started
 
     output = snakemake.communicate(timeout=600)[0]
@@ -117,11 +136,11 @@ def test_train_past_its_time_limit_is_resubmitted_and_resumes_exactly(cluster, t
         assert re.search(r"task 0: Exited with exit code 1\b", slurm_log), slurm_log[-3000:]
     log = (tmp_path / "logs" / "train" / "limit.log").read_text()  # the last job's
     resumed = re.search(r"resumed from \S+ at step (\d+)", log)
-    assert resumed and 0 < int(resumed.group(1)) < LIMIT_STEPS, log[-3000:]
+    assert resumed and 0 < int(resumed.group(1)) < steps, log[-3000:]
     assert json.loads((run / "metrics.json").read_text()) == json.loads((ref / "metrics.json").read_text())
     for name in ("best.ckpt", "last.ckpt"):
         mine, theirs = (torch.load(r / name, weights_only=True)["model"] for r in (run, ref))
         assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine), name
     assert not (run / "resume").exists()
-    print(f"time limit: {len(jobs)} train jobs ({', '.join(states)}), resumed at step {resumed.group(1)}; "
+    print(f"time limit: {steps} steps, {len(jobs)} train jobs ({', '.join(states)}), resumed at step {resumed.group(1)}; "
           f"{time.time() - started:.0f} s in all, the uninterrupted run {reference_seconds:.0f} s")

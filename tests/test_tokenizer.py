@@ -44,3 +44,33 @@ def test_errors_name_the_position():
     with pytest.raises(TokenizeError):
         tok.split("MK<Foo>")
     assert tok.split("MK<Foo>", unknown_ptm="unk") == ["M", "K", "<unk>"]
+
+
+def test_position_classes_agree_on_ints_numpy_and_torch():
+    import numpy as np
+    import torch
+
+    from ptm_mamba.tokenizer import esm_hidden, in_sequence, is_ptm, is_residue, is_target, is_unknown_ptm, token_ids
+
+    tok = PTMTokenizer()
+    tokens = ["<cls>", "M", "<Phosphoserine>", "<unk>", "K", "<eos>", "<pad>", "<mask>"]
+    expected = {  # per token above
+        is_residue: [0, 1, 0, 0, 1, 0, 0, 0],
+        is_ptm: [0, 0, 1, 0, 0, 0, 0, 0],
+        is_unknown_ptm: [0, 0, 0, 1, 0, 0, 0, 0],
+        in_sequence: [0, 1, 1, 1, 1, 0, 0, 0],
+        is_target: [0, 1, 1, 0, 1, 0, 0, 0],
+        esm_hidden: [0, 0, 1, 1, 0, 0, 0, 0],
+    }
+    ids = token_ids(tokens)
+    assert ids.tolist() == [tok.token_to_id[t] for t in tokens]
+    for fn, want in expected.items():
+        want = [bool(w) for w in want]
+        assert fn(ids).tolist() == want, fn.__name__
+        assert fn(torch.from_numpy(ids)).tolist() == want, fn.__name__
+        assert [bool(fn(int(i))) for i in ids] == want, fn.__name__
+    # every vocabulary id is exactly one of: residue, known PTM, <unk>, or outside the protein
+    every = np.arange(len(tok))
+    classes = np.stack([is_residue(every), is_ptm(every), is_unknown_ptm(every), ~in_sequence(every)])
+    assert (classes.sum(0) == 1).all()
+    assert tok.split("MK<Foo>", unknown_ptm="unk")[2] == "<unk>" and not tok.is_ptm(tok.unk_id)

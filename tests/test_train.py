@@ -33,10 +33,15 @@ def builder(root: Path, config: dict, store: bool) -> BatchBuilder:
 def test_masking_follows_the_original_rules(embedded_project):
     root, config = embedded_project
     b = builder(root, config, store=True)
+    # the two shortest proteins fit the crop (their whole stored mask is checked), four others are cropped
+    by_length = sorted(range(len(b)), key=lambda i: len(b.tokens[i]))
+    rows = by_length[:2] + by_length[-4:]
+    assert [len(b.tokens[i]) <= b.max_residues for i in rows] == [True, True, False, False, False, False]
     modes = set()
+    checked = 0
     for seed in range(40):
         gen = torch.Generator().manual_seed(seed)
-        batch = b.build(list(range(6)), replicate=1, generator=gen)
+        batch = b.build(rows, replicate=1, generator=gen)
         labels, pred = batch.labels, batch.pred_mask
         special = labels < TOK.first_residue_id
         is_ptm = labels > TOK.ptm_marker_id
@@ -46,13 +51,15 @@ def test_masking_follows_the_original_rules(embedded_project):
         all_ptms_hidden = bool((pred | ~is_ptm).all())
         modes.add(all_ptms_hidden)
         # the random part is exactly the stored replicate's mask (cropped with the tokens)
-        stored = [b.store.get(b.ids[i], 1)[1] for i in range(6)]
-        for row in range(6):
+        stored = [b.store.get(b.ids[i], 1)[1] for i in rows]
+        for row in range(len(rows)):
             L = int(batch.lengths[row]) - 2
             rand_part = pred[row, 1:L + 1] & ~is_ptm[row, 1:L + 1]
-            full = stored[row]
+            full = stored[row][1:-1]  # the residues' rows (the store's rows are <cls>, residues, <eos>)
             if len(full) == L:
                 assert torch.equal(rand_part, torch.from_numpy(full) & ~is_ptm[row, 1:L + 1])
+                checked += 1
+    assert checked == 2 * 40  # the uncropped proteins, in every batch
     assert modes == {True, False}  # both the random-only and the random+PTM mode occur
 
 
@@ -66,9 +73,10 @@ def test_long_proteins_are_cropped_with_their_features(embedded_project):
     window = batch.labels[0, 1:63].numpy()
     tokens = b.tokens[longest]
     start = next(s for s in range(len(tokens) - 61) if np.array_equal(tokens[s:s + 62], window))
-    feats, _ = b.store.get(b.ids[longest], 0)
-    assert np.allclose(batch.esm_features[0, 1:63].numpy(), feats[start:start + 62].astype(np.float32))
-    assert not batch.esm_features[0, 0].any() and not batch.esm_features[0, 63].any()
+    feats, _ = b.store.get(b.ids[longest], 0)  # rows: <cls>, residues, <eos>
+    got = batch.esm_features[0].numpy()
+    assert np.array_equal(got[1:63], feats[1 + start:1 + start + 62])  # the window's residue rows
+    assert np.array_equal(got[0], feats[0]) and np.array_equal(got[63], feats[-1])  # the protein's <cls>/<eos>
 
 
 def test_lr_schedule():

@@ -138,11 +138,10 @@ def test_rerun_does_nothing(workdir):
 
 
 @pytest.mark.parametrize("override, stages", [
-    ("training={lr: 0.001}", {"train", "plots", "run_config", "all"}),       # a nested number, typed by the schema
-    ("seed=7", {"train", "plots", "run_config", "all"}),
-    ("training={mask_prob: 0.2}", {"embed_shard", "gather_embeddings", "train", "plots", "run_config", "all"}),
-    ("dataset={split_seed: 1}", {"split", "embed_shard", "gather_embeddings", "train", "plots", "run_config",
-                                 "all"}),
+    ("training={lr: 0.001}", {"train", "plots", "all"}),       # a nested number, typed by the schema
+    ("seed=7", {"train", "plots", "all"}),
+    ("training={mask_prob: 0.2}", {"embed_shard", "gather_embeddings", "train", "plots", "all"}),
+    ("dataset={split_seed: 1}", {"split", "embed_shard", "gather_embeddings", "train", "plots", "all"}),
     ("training={num_workers: 1}", set()),                                       # how, not what: reruns nothing
     ("embedding={max_tokens_per_batch: 2000, batch_size: 3}", set()),
 ])
@@ -151,14 +150,13 @@ def test_a_setting_reruns_exactly_the_stages_that_read_it(workdir, override, sta
 
 
 @pytest.mark.parametrize("deleted, stages", [
-    (f"{RUN}/metrics.json", {"train", "plots", "run_config", "all"}),
-    (f"{RUN}/split_mapping.json", {"train", "plots", "run_config", "all"}),
-    (f"{RUN}/config.yaml", {"train", "plots", "run_config", "all"}),
-    (f"{EMB}/val_embeddings.h5", {"gather_embeddings", "train", "plots", "run_config", "all"}),
+    (f"{RUN}/metrics.json", {"train", "plots", "all"}),
+    (f"{RUN}/split_mapping.json", {"train", "plots", "all"}),
+    (f"{RUN}/config.yaml", {"train", "plots", "all"}),
+    (f"{EMB}/val_embeddings.h5", {"gather_embeddings", "train", "plots", "all"}),
     ("results/split/split_mapping.json", {"split", "embed_shard", "gather_embeddings", "train", "plots",
-                                          "run_config", "all"}),
-    ("results/split/test.csv", {"split", "embed_shard", "gather_embeddings", "train", "plots", "run_config",
-                                "all"}),
+                                          "all"}),
+    ("results/split/test.csv", {"split", "embed_shard", "gather_embeddings", "train", "plots", "all"}),
 ])
 def test_a_deleted_output_is_rebuilt_with_what_depends_on_it(workdir, tmp_path, deleted, stages):
     path = workdir / deleted

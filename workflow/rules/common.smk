@@ -8,6 +8,7 @@ import sys
 from ptm_mamba.config import dump_config, load_yaml_strict, validate as validate_config
 from ptm_mamba.errors import PipelineError
 from ptm_mamba.fileio import atomic_write_text
+from ptm_mamba import layout
 from ptm_mamba.launch import launch_command, slurm_resources
 from ptm_mamba.stages import EMBED, SPLIT, TRAIN, stage_fingerprint
 
@@ -36,7 +37,7 @@ except PipelineError as err:
 # one. What reruns a stage is its settings param (ptm_mamba/stages.py), not this file.
 CONFIG_TEXT = dump_config(config)
 CONFIG_FILE = (
-    f"results/configs/{hashlib.sha256(CONFIG_TEXT.encode()).hexdigest()[:16]}.yaml"
+    f"{layout.CONFIGS_DIR}/{hashlib.sha256(CONFIG_TEXT.encode()).hexdigest()[:16]}.yaml"
 )
 
 
@@ -51,18 +52,11 @@ def config_file(wildcards, input):
     return CONFIG_FILE
 
 
-SPLIT_DIR = "results/split"
-SPLITS = ["train", "val", "test"]
-SPLIT_FILES = [
-    f"{SPLIT_DIR}/{name}"
-    for name in (
-        "train.csv",
-        "val.csv",
-        "test.csv",
-        "split_mapping.json",
-        "summary.json",
-    )
-]
+# Paths and names: ptm_mamba/layout.py, shared with the CLI.
+SPLIT_DIR = layout.SPLIT_DIR
+SPLITS = layout.SPLITS
+SPLIT_OUTPUTS = {key: str(path) for key, path in layout.split_paths(SPLIT_DIR).items()}
+SPLIT_FILES = list(SPLIT_OUTPUTS.values())
 EMBEDDINGS_DIR = config["training"]["embeddings_dir"]
 NUM_SHARDS = config["embedding"]["shards"]
 PRECOMPUTED = (
@@ -72,22 +66,11 @@ PRECOMPUTED = (
 # under .snakemake/conda/, so its pip lines name this repository by ${PTM_MAMBA_ROOT}, set here.
 ENV = "../../environment.yml"
 os.environ.setdefault("PTM_MAMBA_ROOT", workflow.basedir)
-RUN_NAME = config["run_name"] or "default"
-RUN_DIR = f"{config['training']['output_dir']}/ptm-mamba-{RUN_NAME}"
-RUN_FILES = [
-    f"{RUN_DIR}/{name}"
-    for name in (
-        "config.yaml",
-        "split_mapping.json",
-        "metrics.json",
-        "best.ckpt",
-        "last.ckpt",
-        "provenance.json",
-    )
-]
+RUN_NAME = config["run_name"] or layout.WORKFLOW_RUN_NAME
+RUN_DIR = str(layout.run_dir(config["training"]["output_dir"], RUN_NAME))
+RUN_FILES = [f"{RUN_DIR}/{name}" for name in layout.RUN_FILES]
 BY_CLUSTER = config["dataset"]["split_by"] == "cluster"
-CLUSTERS_FILE = "results/clusters/clusters.tsv"
-PREDICT_DIR = f"results/predictions/{RUN_NAME}"
+CLUSTERS_FILE = layout.CLUSTERS_FILE
 NUM_PROCESSES = config["training"]["num_processes"]  # per machine: one per GPU
 NUM_MACHINES = config["training"]["num_machines"]
 # accelerate launch on one machine, or srun + accelerate's multi-node launch (ptm_mamba/launch.py).
@@ -103,7 +86,7 @@ wildcard_constraints:
 def embedding_files():
     """The gathered embeddings training reads (none when ESM runs on the fly or not at all)."""
     return (
-        [f"{EMBEDDINGS_DIR}/{split}_embeddings.h5" for split in SPLITS]
+        [str(layout.split_store_path(EMBEDDINGS_DIR, split)) for split in SPLITS]
         if PRECOMPUTED
         else []
     )
@@ -116,7 +99,7 @@ def shard_files():
     if not PRECOMPUTED:
         return []
     return [
-        f"{EMBEDDINGS_DIR}/shards/{split}/{i}-of-{NUM_SHARDS}.h5"
+        str(layout.shard_path(EMBEDDINGS_DIR, split, i, NUM_SHARDS))
         for split in SPLITS
         for i in range(NUM_SHARDS)
     ]
@@ -130,7 +113,6 @@ def all_targets():
         *embedding_files(),
         *RUN_FILES,
         *rules.plots.output,
-        *rules.run_config.output,
     ]
 
 
@@ -146,6 +128,10 @@ def clusters_option(wildcards, input):
     return f"--clusters {shlex.quote(input.clusters)}" if BY_CLUSTER else ""
 
 
+def prediction_file(name):
+    return str(layout.prediction_path(RUN_NAME, name))
+
+
 def prediction_inputs():
     """predict.inputs by output name: the file name without its extension."""
     inputs = {}
@@ -153,7 +139,7 @@ def prediction_inputs():
         name = os.path.splitext(os.path.basename(path))[0]
         if name in inputs:
             refuse(
-                f"predict.inputs: {inputs[name]} and {path} would both write {PREDICT_DIR}/{name}.h5; rename one"
+                f"predict.inputs: {inputs[name]} and {path} would both write {prediction_file(name)}; rename one"
             )
         inputs[name] = path
     return inputs

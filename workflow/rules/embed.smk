@@ -10,10 +10,10 @@ rule embeddings:
 
 rule embed_shard:
     input:
-        split=f"{SPLIT_DIR}/{{split}}.csv",
+        split=str(layout.split_csv(SPLIT_DIR, "{split}")),
         split_unit=SPLIT_FILES,  # read together: the split is checked as one unit
     output:
-        f"{EMBEDDINGS_DIR}/shards/{{split}}/{{shard}}-of-{NUM_SHARDS}.h5",
+        str(layout.shard_path(EMBEDDINGS_DIR, "{split}", "{shard}", NUM_SHARDS)),
     log:
         f"logs/embed/{{split}}-{{shard}}-of-{NUM_SHARDS}.log",
     benchmark:
@@ -35,14 +35,14 @@ rule embed_shard:
 
 rule gather_embeddings:
     input:
-        split=f"{SPLIT_DIR}/{{split}}.csv",
+        split=str(layout.split_csv(SPLIT_DIR, "{split}")),
         split_unit=SPLIT_FILES,
-        shards=expand(
-            f"{EMBEDDINGS_DIR}/shards/{{{{split}}}}/{{shard}}-of-{NUM_SHARDS}.h5",
-            shard=range(NUM_SHARDS),
-        ),
+        shards=lambda wildcards: [
+            str(layout.shard_path(EMBEDDINGS_DIR, wildcards.split, i, NUM_SHARDS))
+            for i in range(NUM_SHARDS)
+        ],
     output:
-        f"{EMBEDDINGS_DIR}/{{split}}_embeddings.h5",
+        str(layout.split_store_path(EMBEDDINGS_DIR, "{split}")),
     log:
         "logs/embed/{split}-gather.log",
     conda:

@@ -6,7 +6,7 @@
 
 rule predictions:
     input:
-        [f"{PREDICT_DIR}/{name}.h5" for name in PREDICT_INPUTS],
+        [prediction_file(name) for name in PREDICT_INPUTS],
 
 
 rule predict:
@@ -14,7 +14,7 @@ rule predict:
         checkpoint=f"{RUN_DIR}/best.ckpt",
         sequences=lambda wildcards: PREDICT_INPUTS[wildcards.name],
     output:
-        f"{PREDICT_DIR}/{{name}}.h5",
+        prediction_file("{name}"),
     log:
         f"logs/predict/{RUN_NAME}/{{name}}.log",
     wildcard_constraints:
@@ -24,6 +24,8 @@ rule predict:
     threads: 2
     params:
         pooled="--pooled" if config["predict"]["pooled"] else "--no-pooled",
+        max_tokens=config["predict"]["max_tokens_per_batch"],
     shell:
         "OMP_NUM_THREADS={threads} ptm-mamba predict --checkpoint {input.checkpoint:q}"
-        " --input {input.sequences:q} --output {output:q} {params.pooled} --no-progress > {log:q} 2>&1"
+        " --input {input.sequences:q} --output {output:q} {params.pooled}"
+        " --max_tokens_per_batch {params.max_tokens} --no-progress > {log:q} 2>&1"

@@ -2,14 +2,14 @@
 #   snakemake --report report.html
 # (figures and tables from ptm_mamba/report.py; captions in workflow/report/).
 
-REPORT_DIR = f"results/report/{RUN_NAME}"
+REPORT_DIR = str(layout.report_dir(RUN_NAME))
 
 
 rule plots:
     input:
         metrics=f"{RUN_DIR}/metrics.json",
         provenance=f"{RUN_DIR}/provenance.json",
-        summary=f"{SPLIT_DIR}/summary.json",
+        summary=SPLIT_OUTPUTS["summary"],
         embeddings=embedding_files(),
     output:
         **(
@@ -69,21 +69,3 @@ rule plots:
     shell:
         "ptm-mamba plots --metrics {input.metrics:q} --summary {input.summary:q} {params.embeddings}"
         " --provenance {input.provenance:q} --output_dir {params.outdir:q} > {log:q} 2>&1"
-
-
-rule run_config:
-    input:
-        f"{RUN_DIR}/config.yaml",
-    output:
-        report(
-            f"{REPORT_DIR}/config.yaml",
-            caption="../report/config.rst",
-            category="Configuration",
-        ),
-    log:
-        f"logs/report/{RUN_NAME}-config.log",
-    conda:
-        ENV
-    shell:
-        # A copy under a temp name in the same folder, renamed into place: never a partial file.
-        "(cp {input:q} {output:q}.tmp && mv {output:q}.tmp {output:q}) > {log:q} 2>&1"

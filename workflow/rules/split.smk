@@ -5,11 +5,7 @@ rule split:
     input:
         unpack(split_input),
     output:
-        train=f"{SPLIT_DIR}/train.csv",
-        val=f"{SPLIT_DIR}/val.csv",
-        test=f"{SPLIT_DIR}/test.csv",
-        mapping=f"{SPLIT_DIR}/split_mapping.json",
-        summary=f"{SPLIT_DIR}/summary.json",
+        **SPLIT_OUTPUTS,
     log:
         "logs/split.log",
     conda:

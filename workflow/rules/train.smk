@@ -7,7 +7,12 @@ rule train:
         splits=SPLIT_FILES,
         embeddings=embedding_files(),
     output:
-        config=f"{RUN_DIR}/config.yaml",
+        # the run's config, shown in the report as it is
+        config=report(
+            f"{RUN_DIR}/config.yaml",
+            caption="../report/config.rst",
+            category="Configuration",
+        ),
         mapping=f"{RUN_DIR}/split_mapping.json",
         metrics=f"{RUN_DIR}/metrics.json",
         best=f"{RUN_DIR}/best.ckpt",

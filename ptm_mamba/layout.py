@@ -1,0 +1,73 @@
+"""Where the pipeline's files are: one definition of each name and path.
+
+The CLI's stages and the Snakefile (``workflow/rules/common.smk``) both build their paths
+here, so a rule's output is by construction the file the stage writes and the next stage
+reads. Snakemake passes wildcard patterns through the same functions, e.g.
+``shard_path(EMBEDDINGS_DIR, "{split}", "{shard}", 4)``.
+
+    results/split/                      the split stage: split_paths()
+    results/clusters/clusters.tsv       the cluster stage (dataset.split_by: cluster)
+    results/configs/<sha256[:16]>.yaml  the config a Snakemake invocation's jobs read
+    {embeddings_dir}/shards/{split}/{i}-of-{n}.h5    one embed job's shard
+    {embeddings_dir}/{split}_embeddings.h5          a split's gathered embeddings
+    {output_dir}/ptm-mamba-{run_name}/              a training run: RUN_FILES (+ resume/)
+    results/predictions/{run_name}/{name}.h5        predict on predict.inputs
+    results/report/{run_name}/                      the report's figures and tables
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from pathlib import Path
+
+SPLITS = ("train", "val", "test")
+SPLIT_MAPPING, SPLIT_SUMMARY = "split_mapping.json", "summary.json"
+
+# Where the workflow keeps its intermediate files (the CLI takes these as arguments).
+SPLIT_DIR = "results/split"
+CLUSTERS_FILE = "results/clusters/clusters.tsv"
+CONFIGS_DIR = "results/configs"
+PREDICTIONS_DIR = "results/predictions"
+REPORTS_DIR = "results/report"
+
+RUN_PREFIX = "ptm-mamba-"
+RUN_FILES = ("config.yaml", "split_mapping.json", "metrics.json", "best.ckpt", "last.ckpt", "provenance.json")
+# A workflow run must have a name Snakemake knows before it starts; a standalone
+# `ptm-mamba train` without one is named by its start time (the seed pipeline's folders).
+WORKFLOW_RUN_NAME = "default"
+
+
+def split_csv(split_dir: str | os.PathLike, split: str) -> Path:
+    return Path(split_dir) / f"{split}.csv"
+
+
+def split_paths(split_dir: str | os.PathLike) -> dict[str, Path]:
+    """The split stage's unit of files by key: train, val, test, mapping, summary. summary.json,
+    written last, records the hashes of the others."""
+    return {**{split: split_csv(split_dir, split) for split in SPLITS},
+            "mapping": Path(split_dir) / SPLIT_MAPPING, "summary": Path(split_dir) / SPLIT_SUMMARY}
+
+
+def split_store_path(embeddings_dir: str | os.PathLike, split: str) -> Path:
+    return Path(embeddings_dir) / f"{split}_embeddings.h5"
+
+
+def shard_path(embeddings_dir: str | os.PathLike, split: str, index: int | str, num_shards: int) -> Path:
+    return Path(embeddings_dir) / "shards" / split / f"{index}-of-{num_shards}.h5"
+
+
+def timestamp_run_name() -> str:
+    return dt.datetime.now().strftime("%Y-%m-%d-%H-%M-%S")
+
+
+def run_dir(output_dir: str | os.PathLike, run_name: str) -> Path:
+    return Path(output_dir) / f"{RUN_PREFIX}{run_name}"
+
+
+def report_dir(run_name: str) -> Path:
+    return Path(REPORTS_DIR) / run_name
+
+
+def prediction_path(run_name: str, name: str) -> Path:
+    return Path(PREDICTIONS_DIR) / run_name / f"{name}.h5"
