@@ -1,7 +1,7 @@
 """The train stage: masked-token training of PTM-Mamba on ``accelerate``.
 
 Reads top to bottom: set-up (processes, output folder, data, model,
-optimiser), resume, the loop (train step, periodic validation, checkpoints),
+optimiser), restore, the loop (train step, periodic validation, checkpoints),
 then the test set scored with ``best.ckpt``. Runs on one CPU, one GPU, or
 several processes (``accelerate launch``/``torchrun``); only the main process
 writes files.
@@ -13,6 +13,13 @@ record's scalars, at its step); while running, ``resume/state.ckpt`` holds
 everything needed to continue exactly where a killed run stopped (it is not a
 Snakemake output, so it survives Snakemake's clean-up of an interrupted job).
 
+Where a run starts (:meth:`Run.restore`): its own ``resume/state.ckpt`` when that
+was written with the same settings; else ``training.resume_from_checkpoint``, a
+``last.ckpt`` whose model, optimiser, schedule, position, metrics and best
+weights it continues (a ``best.ckpt`` holds no optimiser state and is refused:
+``training.init_from`` starts a new run from its weights); else
+``training.init_from``'s weights; else a fresh model.
+
 A "step" is an optimiser step: ``training.gradient_accumulation_steps`` batches
 on each process.
 """
@@ -20,7 +27,7 @@ on each process.
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
+import itertools
 import logging
 import math
 import signal
@@ -35,10 +42,11 @@ from . import checkpoint
 from .batching import epoch_batches, plan_batches
 from .config import dump_config
 from .data import Batch, BatchBuilder, EpochBatches, EvalBatches, collate_single
-from .embed import check_store_settings, split_store_path
+from .embed import check_store_settings
 from .embedding_store import EmbeddingReader
 from .errors import PipelineError, StopRequested
 from .fileio import atomic_write_json, atomic_write_text
+from .layout import run_dir as run_folder, split_store_path, timestamp_run_name
 from .forward import SUM_FIELDS, batch_sums, forward_batch, rates
 from .model import ModelConfig, PTMMamba
 from .provenance import write_provenance
@@ -73,24 +81,28 @@ def make_accelerator(config: dict, out: Path):
     precision = tr["mixed_precision"]
     if precision == "auto":
         precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    cpu = processes().device.type == "cpu"
+    if precision == "fp16" and cpu:  # accelerate would quietly train in fp32 under the fp16 label
+        raise PipelineError('training.mixed_precision: fp16 needs a GPU (accelerate runs fp16 on CUDA only); '
+                            'on CPU use bf16 or "no"')
     tracker = None if tr["log_with"] == "none" else tr["log_with"]
     if tracker is not None and tracker not in {str(t) for t in get_available_trackers()}:
         raise PipelineError(f"training.log_with: {tracker} is not installed (pip install {tracker}), "
                             f"or set training.log_with: none")
     # Without ESM the esm_head takes no part in the loss; DDP must be told.
     ddp = DistributedDataParallelKwargs(find_unused_parameters=not tr["use_esm"])
-    return Accelerator(mixed_precision=precision, kwargs_handlers=[ddp], cpu=processes().device.type == "cpu",
-                       log_with=tracker, project_dir=str(out / "logs"))
+    return Accelerator(mixed_precision=precision, kwargs_handlers=[ddp], cpu=cpu, log_with=tracker,
+                       project_dir=str(out / "logs"))
 
 
 def run_dir(config: dict, run_name: str | None) -> Path:
     """The run's output folder, decided once by the main process (a timestamp when unnamed)."""
     from accelerate.utils import broadcast_object_list
 
-    name = [run_name or config["run_name"] or dt.datetime.now().strftime("%Y-%m-%d-%H-%M-%S")]
+    name = [run_name or config["run_name"] or timestamp_run_name()]
     if processes().num_processes > 1:
         broadcast_object_list(name, from_process=0)
-    out = Path(config["training"]["output_dir"]) / f"ptm-mamba-{name[0]}"
+    out = run_folder(config["training"]["output_dir"], name[0])
     for folder in (out, *out.parents):
         if folder.exists() and not folder.is_dir():
             raise PipelineError(f"{folder} is a file, not a folder: training writes its outputs into {out}/")
@@ -171,8 +183,11 @@ def lr_factor(step: int, *, warmup: int, total: int, schedule: str, min_ratio: f
 
 def resume_fingerprint(config: dict, world_size: int) -> str:
     """What must match for a saved state to be continued exactly: the train stage's settings
-    (see ``stages.DEPENDS_ON``) and the number of processes."""
-    return fingerprint_of({**stage_settings(config, TRAIN), "world_size": world_size})
+    (see ``stages.DEPENDS_ON``), the number of processes and, when set, the checkpoint the run
+    was resumed from (so that a state is continued only by the run that began where it began)."""
+    source = config["training"]["resume_from_checkpoint"]
+    return fingerprint_of({**stage_settings(config, TRAIN), "world_size": world_size,
+                           **({"resume_from_checkpoint": str(source)} if source is not None else {})})
 
 
 class StopSignals:
@@ -272,6 +287,298 @@ def check_finite_weights(weights: dict, what: str) -> None:
         raise PipelineError(f"{what}: weight {bad} is NaN/Inf; no checkpoint written")
 
 
+class TrainData:
+    """The splits as this process sees them: the batch builders, the evaluation loaders and the
+    training batches of each epoch, cut into optimiser steps."""
+
+    def __init__(self, config: dict, split_dir: str | None, accelerator):
+        tr = config["training"]
+        self.config = config
+        self.rank, self.world = accelerator.process_index, accelerator.num_processes
+        self.splits = load_splits(config, split_dir)
+        self.esm_model = load_esm_on_the_fly(config, accelerator.device)
+        self.builders = make_builders(config, self.splits, self.esm_model)
+        # items are whole batches; pinned host memory lets the copy to the GPU overlap compute
+        self.loader_args = dict(batch_size=None, collate_fn=collate_single, num_workers=tr["num_workers"],
+                                pin_memory=accelerator.device.type == "cuda")
+        self.eval_loaders = {}
+        for name in ("val", "test"):
+            batches = plan_batches(self.builders[name].lengths, tr["max_tokens_per_batch"],
+                                   tr["per_device_train_batch_size"])
+            self.eval_loaders[name] = torch.utils.data.DataLoader(
+                EvalBatches(self.builders[name], batches, self.rank, self.world), **self.loader_args)
+        # An optimiser step takes `accum` batches on each process: world * accum batches of the epoch's
+        # plan (batches n, n + world, ... on process n): 1 process x 2 batches is 2 processes x 1 batch.
+        self.accum = tr["gradient_accumulation_steps"]
+        self.batches_per_epoch = len(self.plan(0)) // self.world
+        self.total_steps = self.batches_per_epoch // self.accum * tr["num_train_epochs"]
+        if tr["max_steps"] is not None:
+            self.total_steps = min(self.total_steps, tr["max_steps"])
+
+    def plan(self, epoch: int) -> list[list[int]]:
+        tr = self.config["training"]
+        return epoch_batches(self.builders["train"].lengths, tr["max_tokens_per_batch"],
+                             tr["per_device_train_batch_size"], seed=self.config["seed"], epoch=epoch,
+                             world_size=self.world * self.accum)
+
+    def steps(self, epoch: int, start: int):
+        """This process's optimiser steps of ``epoch`` from its batch ``start`` on: for each step,
+        an iterator over its ``accum`` batches (built as they are used)."""
+        loader = torch.utils.data.DataLoader(
+            EpochBatches(self.builders["train"], self.plan(epoch), seed=self.config["seed"], epoch=epoch,
+                         replicate=epoch % self.config["embedding"]["mask_replicates"], rank=self.rank,
+                         world_size=self.world, start=start),
+            **self.loader_args)
+        batches = iter(loader)
+        for _ in range(len(loader) // self.accum):  # every process has a multiple of accum (split_evenly)
+            yield itertools.islice(batches, self.accum)
+
+
+class Run:
+    """One training run: the model, optimiser and schedule, where training is (``position``), the
+    records so far (``metrics``, what metrics.json holds) and the best validation's weights.
+
+    Every process holds one; only the main process writes files.
+    """
+
+    def __init__(self, config: dict, accelerator, data: TrainData, out: Path):
+        tr = config["training"]
+        self.config, self.accelerator, self.data, self.out = config, accelerator, data, out
+        self.main = accelerator.is_main_process
+        self.state_path = out / "resume" / "state.ckpt"
+        self.fingerprint = resume_fingerprint(config, accelerator.num_processes)
+        torch.manual_seed(config["seed"])  # the same init on every process
+        self.mcfg = model_config(config, esm_dim(config, data.builders, data.esm_model))
+        self.model = PTMMamba(self.mcfg)
+        self.optimizer = torch.optim.AdamW(self.model.param_groups(tr["weight_decay"]), lr=tr["lr"],
+                                           betas=tuple(tr["adam_betas"]))
+        # The scheduler stays outside accelerate, which would step it once per process per step.
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(
+            s, warmup=tr["warmup_steps"], total=data.total_steps, schedule=tr["lr_schedule"],
+            min_ratio=tr["min_lr_ratio"]))
+        self.position = {"epoch": 0, "batch_in_epoch": 0, "step": 0, "best_val_loss": math.inf}
+        max_residues = config["dataset"]["max_sequence_length"] - 2
+        self.metrics: list[dict] = [{
+            "split_sizes": {name: len(p) for name, p in data.splits.items()},
+            "longer_than_max_sequence_length": {
+                name: sum(p.length > max_residues for p in ps) for name, ps in data.splits.items()},
+            "num_parameters": self.model.num_parameters()}]
+        self.best_weights: dict | None = None  # the best validation's model: best.ckpt can always be written
+
+    # --- checkpoints
+
+    def model_state(self, weights: dict) -> dict:
+        """What best.ckpt holds: a model's weights, its config and the run's config and settings."""
+        check_finite_weights(weights, f"step {self.position['step']}")
+        return {"format_version": checkpoint.FORMAT_VERSION, "model": weights, "model_config": self.mcfg.to_dict(),
+                "config": self.config, "settings": stage_settings(self.config, TRAIN), "vocab": list(VOCAB)}
+
+    def checkpoint_state(self) -> dict:
+        """What last.ckpt and resume/state.ckpt hold: the model's, and everything to continue exactly."""
+        return {**self.model_state(self.accelerator.unwrap_model(self.model).state_dict()),
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "position": dict(self.position), "metrics": self.metrics, "best_model": self.best_weights,
+                "fingerprint": self.fingerprint}
+
+    def restore(self) -> None:
+        """Start where the run should: its own interrupted state, an explicit last.ckpt, or init_from's weights."""
+        tr = self.config["training"]
+        own = self.own_state()
+        if own is not None:
+            self.load(own, self.state_path)
+        elif tr["resume_from_checkpoint"] is not None:
+            source = tr["resume_from_checkpoint"]
+            try:
+                saved = checkpoint.load(source)
+            except PipelineError as exc:
+                raise PipelineError(f"training.resume_from_checkpoint: {exc}") from None
+            if "optimizer" not in saved:
+                raise PipelineError(f"training.resume_from_checkpoint: {source} holds weights only (a best.ckpt), "
+                                    f"nothing to continue: resume from a last.ckpt, or set training.init_from "
+                                    f"to start a new run from these weights")
+            self.load(saved, source)
+        elif tr["init_from"] is not None:
+            load_initial_weights(self.model, tr["init_from"])
+            self.accelerator.print(f"initialised from {tr['init_from']} (weights only)")
+
+    def own_state(self) -> dict | None:
+        """This run's resume/state.ckpt, if one was written with these settings (else a warning)."""
+        if not self.state_path.exists():
+            return None
+        saved = checkpoint.load(self.state_path)
+        if saved.get("fingerprint") != self.fingerprint:
+            if self.main:
+                log.warning("ignoring %s: it was written with other settings", self.state_path)
+            return None
+        return saved
+
+    def load(self, saved: dict, source) -> None:
+        """Continue from a last.ckpt or resume state: weights, optimiser, schedule, position, metrics."""
+        checkpoint.load_weights(self.model, saved["model"], source)
+        try:
+            self.optimizer.load_state_dict(saved["optimizer"])
+        except (ValueError, KeyError, RuntimeError) as exc:
+            raise PipelineError(f"{source}: its optimiser state does not fit this model "
+                                f"({checkpoint.one_line(str(exc))})") from None
+        self.scheduler.load_state_dict(saved["scheduler"])
+        self.position = saved["position"]
+        self.metrics = saved["metrics"]
+        self.best_weights = saved.get("best_model")
+        self.accelerator.print(f"resumed from {source} at step {self.position['step']}")
+
+    def save_progress(self) -> None:
+        """resume/state.ckpt and metrics.json as they are now."""
+        if self.main:
+            checkpoint.save(self.checkpoint_state(), self.state_path)
+            atomic_write_json(self.out / "metrics.json", self.metrics)
+        self.accelerator.wait_for_everyone()
+
+    # --- the run's start and end
+
+    def start(self) -> None:
+        """Hand the model and optimiser to accelerate, write the run's config files, open the trackers."""
+        accelerator, data, out = self.accelerator, self.data, self.out
+        self.model, self.optimizer = accelerator.prepare(self.model, self.optimizer)
+        if self.main:
+            out.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(out / "config.yaml", dump_config(self.config))
+            atomic_write_json(out / "split_mapping.json", mapping(data.splits))
+            write_provenance(self.config, out)
+        accelerator.init_trackers("ptm-mamba", init_kwargs={"wandb": {"name": out.name},
+                                                            "mlflow": {"run_name": out.name}})
+        sizes, world = self.metrics[0]["split_sizes"], data.world
+        accelerator.print(f"{self.mcfg.model_type}: {accelerator.unwrap_model(self.model).num_parameters():,} "
+                          f"parameters on {world} process{'es' if world > 1 else ''}; "
+                          f"train {sizes['train']} / val {sizes['val']} / test {sizes['test']} proteins; "
+                          f"{data.batches_per_epoch} batches per epoch per process, {world * data.accum} per "
+                          f"optimiser step, {data.total_steps} steps; model.scan {self.mcfg.scan}")
+
+    def finish(self) -> None:
+        """last.ckpt, best.ckpt from the best validation's weights, then the test set scored with them."""
+        accelerator, out = self.accelerator, self.out
+        if self.best_weights is None:  # resumed from a last.ckpt of an earlier version, which kept no best weights
+            self.best_weights = checkpoint.load(out / "best.ckpt")["model"]
+        if self.main:
+            checkpoint.save(self.checkpoint_state(), out / "last.ckpt")
+            checkpoint.save(self.model_state(self.best_weights), out / "best.ckpt")
+        accelerator.wait_for_everyone()
+        best_model = PTMMamba(self.mcfg).to(accelerator.device)
+        best_model.load_state_dict(self.best_weights)
+        avg, records = evaluate(best_model, self.data.eval_loaders["test"], accelerator, self.data.esm_model, "test",
+                                self.position["epoch"], self.position["step"], per_type=True)
+        self.metrics.extend(records)
+        self.add_record(avg)
+        accelerator.print(f"test (best.ckpt): loss {avg['avg_test_loss']:.4f} acc {avg['avg_test_acc']:.4f} "
+                          f"PTM acc {avg['avg_test_ptm_acc']:.4f}")
+        if self.main:
+            atomic_write_json(out / "metrics.json", self.metrics)
+            self.state_path.unlink(missing_ok=True)
+            if self.state_path.parent.exists() and not any(self.state_path.parent.iterdir()):
+                self.state_path.parent.rmdir()
+        accelerator.wait_for_everyone()
+        accelerator.end_training()
+
+    # --- a step, a validation
+
+    def backward_step(self, batches, signals: StopSignals) -> tuple[torch.Tensor, bool]:
+        """Forward and backward of one step's batches; returns the step's :data:`SUM_FIELDS` over all
+        processes and whether any process received a stop signal (one reduction carries both)."""
+        accum, device = self.data.accum, self.accelerator.device
+        pending = torch.zeros(len(SUM_FIELDS), dtype=torch.float64, device=device)
+        for number, batch in enumerate(batches, start=1):  # gradients are all-reduced after the last one
+            pending += backward_batch(self.model, batch.to(device), self.accelerator, self.data.esm_model,
+                                      scale=1 / accum, sync=number == accum)
+        flag = torch.tensor([float(signals.received or 0)], dtype=torch.float64, device=device)
+        shared = self.accelerator.reduce(torch.cat([pending, flag]), reduction="sum")
+        return shared[:-1], int(shared[-1]) != 0
+
+    def optimizer_step(self, sums: torch.Tensor) -> dict:
+        """The optimiser step after a step's batches (refused on a NaN/Inf loss); returns its record."""
+        tr, step = self.config["training"], self.position["step"] + 1
+        if not math.isfinite(float(sums[0])):
+            raise PipelineError(
+                f"step {step}: the training loss is {float(sums[0]):.4g} (NaN/Inf); "
+                f"stopped before the optimiser step, no checkpoint of it written (lower training.lr, "
+                f"check the embeddings, or set training.mixed_precision: \"no\")")
+        if tr["grad_clip"] is not None:
+            self.accelerator.clip_grad_norm_(self.model.parameters(), tr["grad_clip"])
+        lr = self.scheduler.get_last_lr()[0]
+        try:
+            self.optimizer.step()
+        except RuntimeError as exc:  # Adam's step size no longer fits the parameters' dtype
+            if "overflow" not in str(exc):
+                raise
+            raise PipelineError(f"training.lr: {tr['lr']!r} overflows the optimiser's step size "
+                                f"at step {step}; use a smaller learning rate") from None
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.position["step"] = step
+        self.position["batch_in_epoch"] += self.data.accum
+        record = {"Epoch": self.position["epoch"], "Step": step, **rates(sums, "train"), "lr": lr,
+                  "tokens": int(sums[SUM_FIELDS.index("tokens")])}
+        self.add_record(record)
+        return record
+
+    def next_epoch(self) -> None:
+        self.position["epoch"] += 1
+        self.position["batch_in_epoch"] = 0
+
+    def validate(self) -> None:
+        """Score the validation split; a better loss than any before makes best.ckpt."""
+        epoch, step = self.position["epoch"], self.position["step"]
+        avg, records = evaluate(self.model, self.data.eval_loaders["val"], self.accelerator, self.data.esm_model,
+                                "val", epoch, step)
+        self.metrics.extend(records)
+        self.add_record(avg)
+        self.accelerator.print(f"epoch {epoch} step {step}: val loss {avg['avg_val_loss']:.4f} "
+                               f"acc {avg['avg_val_acc']:.4f} PTM acc {avg['avg_val_ptm_acc']:.4f}; "
+                               f"kernels: {what_ran()}")
+        if avg["avg_val_loss"] < self.position["best_val_loss"]:
+            self.position["best_val_loss"] = avg["avg_val_loss"]
+            self.best_weights = cpu_copy(self.accelerator.unwrap_model(self.model).state_dict())
+            if self.main:
+                checkpoint.save(self.model_state(self.best_weights), self.out / "best.ckpt")
+
+    def add_record(self, entry: dict) -> None:
+        """Add a record to metrics.json (the source of truth) and its scalars to the trackers."""
+        self.metrics.append(entry)
+        self.accelerator.log({k: v for k, v in entry.items() if k != "Step" and isinstance(v, (int, float))},
+                             step=entry["Step"])
+
+
+def train_loop(run: Run, signals: StopSignals, *, progress: bool) -> None:
+    """Optimiser steps from the run's position to its last step, epoch after epoch.
+
+    Validates every ``training.log_steps`` steps (and saves the state) and at the last step. Two
+    ways out: the last step (returns; a stop signal received by then is let finish the run), or a
+    stop signal (saves the state at the step just taken and raises :class:`StopRequested`).
+    """
+    data, log_steps, total = run.data, run.config["training"]["log_steps"], run.data.total_steps
+    tokens_seen, started = 0.0, time.perf_counter()
+    run.model.train()
+    with tqdm(total=total, initial=run.position["step"], disable=not (progress and run.main), unit="step",
+              dynamic_ncols=True) as bar:
+        while run.position["step"] < total:
+            for batches in data.steps(run.position["epoch"], start=run.position["batch_in_epoch"]):
+                sums, stop = run.backward_step(batches, signals)
+                record = run.optimizer_step(sums)
+                tokens_seen += record["tokens"]
+                bar.update(1)
+                bar.set_postfix(loss=f"{record['train_loss']:.3f}",
+                                tok_s=f"{tokens_seen / (time.perf_counter() - started):.0f}")
+                step = run.position["step"]
+                if step == total:
+                    run.validate()
+                    return
+                if step % log_steps == 0:
+                    run.validate()
+                if step % log_steps == 0 or stop:
+                    run.save_progress()
+                if stop:
+                    raise StopRequested(int(signals.received or signal.SIGTERM), step, run.state_path)
+            run.next_epoch()
+
+
 def train(config: dict, *, split_dir: str | None = None, run_name: str | None = None,
           progress: bool = True) -> Path:
     """Train PTM-Mamba as ``config`` says; returns the run's output folder.
@@ -287,220 +594,15 @@ def train(config: dict, *, split_dir: str | None = None, run_name: str | None = 
 
 def _train(config: dict, signals: StopSignals, *, split_dir: str | None, run_name: str | None,
            progress: bool) -> Path:
-    tr = config["training"]
+    # --- set-up: the run folder (named once, by the main process), processes, data, model and optimiser
     out = run_dir(config, run_name)
     accelerator = make_accelerator(config, out)
-    rank, world = accelerator.process_index, accelerator.num_processes
-    main = accelerator.is_main_process
-    state_path = out / "resume" / "state.ckpt"
-
-    # --- data
-    splits = load_splits(config, split_dir)
-    esm_model = load_esm_on_the_fly(config, accelerator.device)
-    builders = make_builders(config, splits, esm_model)
-    # items are whole batches; pinned host memory lets the copy to the GPU overlap compute
-    loader_args = dict(batch_size=None, collate_fn=collate_single, num_workers=tr["num_workers"],
-                       pin_memory=accelerator.device.type == "cuda")
-    eval_batches = {name: plan_batches(builders[name].lengths, tr["max_tokens_per_batch"],
-                                       tr["per_device_train_batch_size"]) for name in ("val", "test")}
-    eval_loaders = {name: torch.utils.data.DataLoader(
-        EvalBatches(builders[name], eval_batches[name], rank, world),
-        **loader_args) for name in ("val", "test")}
-    # An optimiser step takes `accum` batches on each process: world * accum batches of the epoch's
-    # plan (batches n, n + world, ... on process n): 1 process x 2 batches is 2 processes x 1 batch.
-    accum = tr["gradient_accumulation_steps"]
-
-    def plan(epoch: int) -> list[list[int]]:
-        return epoch_batches(builders["train"].lengths, tr["max_tokens_per_batch"], tr["per_device_train_batch_size"],
-                             seed=config["seed"], epoch=epoch, world_size=world * accum)
-
-    batches_per_epoch = len(plan(0)) // world
-    total_steps = batches_per_epoch // accum * tr["num_train_epochs"]
-    if tr["max_steps"] is not None:
-        total_steps = min(total_steps, tr["max_steps"])
-
-    # --- model and optimiser (the same init on every process)
-    torch.manual_seed(config["seed"])
-    mcfg = model_config(config, esm_dim(config, builders, esm_model))
-    model = PTMMamba(mcfg)
-    optimizer = torch.optim.AdamW(model.param_groups(tr["weight_decay"]), lr=tr["lr"],
-                                  betas=tuple(tr["adam_betas"]))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(
-        s, warmup=tr["warmup_steps"], total=total_steps, schedule=tr["lr_schedule"],
-        min_ratio=tr["min_lr_ratio"]))
-
-    # --- resume: an explicit checkpoint, or this run's own interrupted state; else training.init_from's weights
-    position = {"epoch": 0, "batch_in_epoch": 0, "step": 0, "best_val_loss": math.inf}
-    best_weights: dict | None = None  # the best validation's model, kept so that best.ckpt can always be written
-    max_residues = config["dataset"]["max_sequence_length"] - 2
-    metrics: list[dict] = [{"split_sizes": {name: len(p) for name, p in splits.items()},
-                            "longer_than_max_sequence_length": {
-                                name: sum(p.length > max_residues for p in ps) for name, ps in splits.items()},
-                            "num_parameters": model.num_parameters()}]
-    fp = resume_fingerprint(config, world)
-    source, saved = tr["resume_from_checkpoint"], None
-    if source is None and state_path.exists():
-        saved = checkpoint.load(state_path)
-        if saved.get("fingerprint") == fp:
-            source = state_path
-        else:
-            saved = None
-            if main:
-                log.warning("ignoring %s: it was written with other settings", state_path)
-    if source is not None:
-        saved = saved or checkpoint.load(source)
-        checkpoint.load_weights(model, saved["model"], source)
-        if "optimizer" in saved:
-            try:
-                optimizer.load_state_dict(saved["optimizer"])
-            except (ValueError, KeyError, RuntimeError) as exc:
-                raise PipelineError(f"{source}: its optimiser state does not fit this model "
-                                    f"({checkpoint.one_line(str(exc))})") from None
-            scheduler.load_state_dict(saved["scheduler"])
-            position = saved["position"]
-            metrics = saved["metrics"]
-            best_weights = saved.get("best_model")
-        accelerator.print(f"resumed from {source} at step {position['step']}")
-    elif tr["init_from"] is not None:
-        load_initial_weights(model, tr["init_from"])
-        accelerator.print(f"initialised from {tr['init_from']} (weights only)")
-
-    # The scheduler stays outside accelerate, which would step it once per process per step.
-    model, optimizer = accelerator.prepare(model, optimizer)
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / "config.yaml", dump_config(config))
-        atomic_write_json(out / "split_mapping.json", mapping(splits))
-        write_provenance(config, out)
-    accelerator.init_trackers("ptm-mamba", init_kwargs={"wandb": {"name": out.name}, "mlflow": {"run_name": out.name}})
-    sizes = metrics[0]["split_sizes"]
-    accelerator.print(f"{mcfg.model_type}: {accelerator.unwrap_model(model).num_parameters():,} parameters on "
-                      f"{world} process{'es' if world > 1 else ''}; "
-                      f"train {sizes['train']} / val {sizes['val']} / test {sizes['test']} proteins; "
-                      f"{batches_per_epoch} batches per epoch per process, {world * accum} per optimiser step, "
-                      f"{total_steps} steps; model.scan {mcfg.scan}")
-
-    def model_state(weights: dict) -> dict:
-        check_finite_weights(weights, f"step {position['step']}")
-        return {"format_version": checkpoint.FORMAT_VERSION, "model": weights, "model_config": mcfg.to_dict(),
-                "config": config, "settings": stage_settings(config, TRAIN), "vocab": list(VOCAB)}
-
-    def full_state() -> dict:
-        return {**model_state(accelerator.unwrap_model(model).state_dict()), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "position": dict(position), "metrics": metrics,
-                "best_model": best_weights, "fingerprint": fp}
-
-    def add_record(entry: dict) -> None:
-        """Add a step's record to metrics.json (the source of truth) and its scalars to the trackers."""
-        metrics.append(entry)
-        accelerator.log({k: v for k, v in entry.items() if k != "Step" and isinstance(v, (int, float))},
-                        step=entry["Step"])
-
-    def validate(epoch: int, step: int) -> None:
-        nonlocal best_weights
-        avg, records = evaluate(model, eval_loaders["val"], accelerator, esm_model, "val", epoch, step)
-        metrics.extend(records)
-        add_record(avg)
-        accelerator.print(f"epoch {epoch} step {step}: val loss {avg['avg_val_loss']:.4f} "
-                          f"acc {avg['avg_val_acc']:.4f} PTM acc {avg['avg_val_ptm_acc']:.4f}; kernels: {what_ran()}")
-        if avg["avg_val_loss"] < position["best_val_loss"]:
-            position["best_val_loss"] = avg["avg_val_loss"]
-            best_weights = cpu_copy(accelerator.unwrap_model(model).state_dict())
-            if main:
-                checkpoint.save(model_state(best_weights), out / "best.ckpt")
-
-    def save_progress() -> None:
-        if main:
-            checkpoint.save(full_state(), state_path)
-            atomic_write_json(out / "metrics.json", metrics)
-        accelerator.wait_for_everyone()
-
-    # --- the loop
-    bar = tqdm(total=total_steps, initial=position["step"], disable=not (progress and main), unit="step",
-               dynamic_ncols=True)
-    tokens_seen, started = 0.0, time.perf_counter()
-    model.train()
-    while position["step"] < total_steps:
-        epoch = position["epoch"]
-        batches = plan(epoch)
-        replicate = epoch % config["embedding"]["mask_replicates"]
-        loader = torch.utils.data.DataLoader(
-            EpochBatches(builders["train"], batches, seed=config["seed"], epoch=epoch, replicate=replicate,
-                         rank=rank, world_size=world, start=position["batch_in_epoch"]),
-            **loader_args)
-        pending = torch.zeros(len(SUM_FIELDS), dtype=torch.float64, device=accelerator.device)
-        for number, batch in enumerate(loader, start=1):
-            pending += backward_batch(model, batch.to(accelerator.device), accelerator, esm_model,
-                                      scale=1 / accum, sync=number % accum == 0)
-            if number % accum:  # the optimiser steps after the step's last batch
-                continue
-            # one reduction carries the step's sums and any process's stop request
-            flag = torch.tensor([float(signals.received or 0)], dtype=torch.float64, device=pending.device)
-            shared = accelerator.reduce(torch.cat([pending, flag]), reduction="sum")
-            sums, stop = shared[:-1], int(shared[-1]) != 0
-            pending.zero_()
-            if not math.isfinite(float(sums[0])):
-                raise PipelineError(
-                    f"step {position['step'] + 1}: the training loss is {float(sums[0]):.4g} (NaN/Inf); "
-                    f"stopped before the optimiser step, no checkpoint of it written (lower training.lr, "
-                    f"check the embeddings, or set training.mixed_precision: \"no\")")
-            if tr["grad_clip"] is not None:
-                accelerator.clip_grad_norm_(model.parameters(), tr["grad_clip"])
-            lr = scheduler.get_last_lr()[0]
-            try:
-                optimizer.step()
-            except RuntimeError as exc:  # Adam's step size no longer fits the parameters' dtype
-                if "overflow" not in str(exc):
-                    raise
-                raise PipelineError(f"training.lr: {tr['lr']!r} overflows the optimiser's step size "
-                                    f"at step {position['step'] + 1}; use a smaller learning rate") from None
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            position["step"] += 1
-            position["batch_in_epoch"] += accum
-            step = position["step"]
-            record = {"Epoch": epoch, "Step": step, **rates(sums, "train"), "lr": lr,
-                      "tokens": int(sums[SUM_FIELDS.index("tokens")])}
-            add_record(record)
-            tokens_seen += record["tokens"]
-            bar.update(1)
-            bar.set_postfix(loss=f"{record['train_loss']:.3f}",
-                            tok_s=f"{tokens_seen / (time.perf_counter() - started):.0f}")
-            if step % tr["log_steps"] == 0 or step == total_steps:
-                validate(epoch, step)
-                if step == total_steps:
-                    break
-                save_progress()
-            if stop:
-                save_progress()
-                raise StopRequested(int(signals.received or signal.SIGTERM), step, state_path)
-            if step >= total_steps:
-                break
-        else:  # the epoch ran to its end
-            position["epoch"] += 1
-            position["batch_in_epoch"] = 0
-    bar.close()
-
-    # --- last.ckpt, best.ckpt from the best validation's weights, then the test set scored with them
-    if best_weights is None:  # resumed from a last.ckpt of an earlier version, which kept no best weights
-        best_weights = checkpoint.load(out / "best.ckpt")["model"]
-    if main:
-        checkpoint.save(full_state(), out / "last.ckpt")
-        checkpoint.save(model_state(best_weights), out / "best.ckpt")
-    accelerator.wait_for_everyone()
-    best_model = PTMMamba(mcfg).to(accelerator.device)
-    best_model.load_state_dict(best_weights)
-    avg, records = evaluate(best_model, eval_loaders["test"], accelerator, esm_model, "test",
-                            position["epoch"], position["step"], per_type=True)
-    metrics.extend(records)
-    add_record(avg)
-    accelerator.print(f"test (best.ckpt): loss {avg['avg_test_loss']:.4f} acc {avg['avg_test_acc']:.4f} "
-                      f"PTM acc {avg['avg_test_ptm_acc']:.4f}")
-    if main:
-        atomic_write_json(out / "metrics.json", metrics)
-        state_path.unlink(missing_ok=True)
-        if state_path.parent.exists() and not any(state_path.parent.iterdir()):
-            state_path.parent.rmdir()
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
+    data = TrainData(config, split_dir, accelerator)
+    run = Run(config, accelerator, data, out)
+    # --- restore: the run's own interrupted state, training.resume_from_checkpoint, or training.init_from
+    run.restore()
+    run.start()
+    # --- the loop, then last.ckpt, best.ckpt and the test set scored with the best weights
+    train_loop(run, signals, progress=progress)
+    run.finish()
     return out

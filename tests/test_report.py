@@ -6,16 +6,13 @@ import argparse
 import csv
 import json
 import math
-import os
 import struct
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import REPO, run_cli, tiny_config, write_config
+from conftest import run_cli
 from ptm_mamba import report  # module import: its test_results_table must not be collected as a test
 from ptm_mamba.errors import PipelineError
 
@@ -290,42 +287,3 @@ def test_ptm_mamba_plots_cli(tmp_path):
     (tmp_path / "broken.json").write_text("{")
     result = run_cli("plots", "--metrics", tmp_path / "broken.json", "--output_dir", tmp_path / "o")
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "broken.json" in result.stderr
-
-
-# ----------------------------------------------------------------------------- the Snakemake report
-
-@pytest.mark.slow
-def test_snakemake_report_shows_the_figures_and_tables(tmp_path):
-    """The real workflow on 120 proteins, then `snakemake --report report.html` (one self-contained file)."""
-    config = tiny_config(tmp_path, n=120, run_name="rep",
-                         dataset={"val_size": 10, "test_size": 10},
-                         embedding={"shards": 2, "mask_replicates": 2},
-                         training={"embeddings_dir": "embeddings", "output_dir": "outputs", "max_steps": 6,
-                                   "log_steps": 3, "per_device_train_batch_size": 8, "max_tokens_per_batch": 4000},
-                         model={"d_model": 32, "n_layer": 1})
-    write_config(tmp_path / "config.yaml", **config)
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    base = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(tmp_path),
-            "--configfile", str(tmp_path / "config.yaml")]
-    for extra in (["--cores", "2"], ["--report", "report.html"]):
-        result = subprocess.run(base + extra, capture_output=True, text=True, timeout=600, env=env)
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-
-    out = tmp_path / "results" / "report" / "rep"
-    for name in report.FIGURES:
-        png_shape(out / f"{name}.png")
-    assert len(read_tsv(out / "embeddings.tsv")) == 3
-    html = (tmp_path / "report.html").read_text(encoding="utf-8")
-    for name in [*report.FIGURES]:
-        assert f'"results/report/rep/{name}.png"' in html, name
-        assert f"filename={name}.png;base64,iVBORw0KGgo" in html, name  # the PNG itself, embedded
-    for name in ("test_results.tsv", "splits.tsv", "embeddings.tsv"):
-        assert f'"results/report/rep/{name}"' in html, name
-    assert '"outputs/ptm-mamba-rep/config.yaml"' in html  # the run's own config, no copy
-    # Captions, rendered (the tables and the config are inlined by them), and the top-level description.
-    assert "Masked-token cross-entropy loss per optimiser step" in html
-    assert "Test-set accuracy of" in html
-    assert "Phosphoserine" in html  # from the test_results table in its caption
-    assert "run_name: rep" in html  # the run's config.yaml in its caption
-    assert "PTM-Mamba training run: rep" in html
-    assert "System Message" not in html  # no docutils error rendered into a caption

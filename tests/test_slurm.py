@@ -1,4 +1,4 @@
-"""The tiny DAG on a real single-node SLURM cluster through profiles like profiles/slurm, and a
+"""The tiny DAG on a real single-node SLURM cluster through a profile like profiles/slurm, with a
 train job longer than its SLURM time limit: stopped by SLURM, resubmitted by Snakemake, resumed.
 
 The cluster comes from Debian's packages (scripts/slurm/install.sh, run by
@@ -14,6 +14,7 @@ import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -31,29 +32,6 @@ def cluster(local_slurm):
     if not local_slurm:
         pytest.skip("starting a local SLURM cluster needs root")
 
-
-def test_tiny_dag_runs_on_slurm(cluster, tmp_path):
-    config = tiny_config(tmp_path, n=40, run_name="slurm", training={"embeddings_dir": "embeddings",
-                                                                     "output_dir": "outputs"})
-    write_config(tmp_path / "config.yaml", **config)
-    started = time.time()
-    result = subprocess.run([sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"),
-                             "--profile", str(REPO / "tests" / "slurm_profile"), "--workflow-profile", "none",
-                             "--directory", str(tmp_path), "--configfile", str(tmp_path / "config.yaml")],
-                            capture_output=True, text=True, timeout=900)
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, output[-6000:]
-    job_ids = set(re.findall(r"SLURM jobid (\d+)", output))
-    # split, 6 embedding shards and train went through SLURM; the light rules are localrules
-    assert len(job_ids) == 8, output[-3000:]
-    run = tmp_path / "outputs" / "ptm-mamba-slurm"
-    for name in ("config.yaml", "split_mapping.json", "metrics.json", "best.ckpt", "last.ckpt"):
-        assert (run / name).is_file()
-    assert (tmp_path / "results" / "report" / "slurm" / "loss.png").is_file()
-    print(f"SLURM DAG: {len(job_ids)} jobs in {time.time() - started:.0f} s")
-
-
-# ----------------------------------------------------------------------------- time limit and resubmission
 
 # The training takes this long on one CPU thread, whatever the machine: longer than the 1-minute
 # limit even with no start-up at all, and over within a few resubmissions (preemptible-retries).
@@ -74,11 +52,18 @@ def one_thread_train(config: dict, **kw):
 
 
 def steps_for(seconds: float, config: dict, tmp_path) -> int:
-    """Training steps that take ``seconds`` on this machine: timed on a short run of the same model."""
+    """Training steps that take ``seconds`` here: timed on a short run of the same model on the same
+    data, split and embedded in this process."""
+    from ptm_mamba.embed import embed_all
+    from ptm_mamba.split import run_split
+
     probe = copy.deepcopy(config)
-    probe["training"].update(max_steps=PROBE_STEPS, output_dir=str(tmp_path / "probe"))
+    probe["training"].update(max_steps=PROBE_STEPS, output_dir=str(tmp_path / "probe"),
+                             embeddings_dir=str(tmp_path / "probe" / "embeddings"))
+    run_split(probe, tmp_path / "probe" / "split")
+    embed_all(probe, tmp_path / "probe" / "split", probe["training"]["embeddings_dir"])
     started = time.perf_counter()
-    one_thread_train(probe, run_name="probe")
+    one_thread_train(probe, split_dir=str(tmp_path / "probe" / "split"), run_name="probe")
     return int(seconds * PROBE_STEPS / (time.perf_counter() - started))
 
 
@@ -89,16 +74,22 @@ def slurm_job_state(job_id: str) -> str:
     return found.group(1) if found else "?"
 
 
-def test_train_past_its_time_limit_is_resubmitted_and_resumes_exactly(cluster, tmp_path):
-    """runtime: 1 (minute, SLURM's unit) for a training of more than a minute: SLURM stops the job
-    (the profile's --signal=TERM@5, or the time limit's own SIGTERM), the training saves its state,
-    Snakemake resubmits the job (preemptible-retries) and the resubmitted job continues; the end
-    result is the uninterrupted run's, to the bit."""
-    from ptm_mamba.split import run_split
+def wait_for_files(paths: list[Path], proc: subprocess.Popen, timeout: float = 600) -> None:
+    deadline = time.time() + timeout
+    while not all(p.exists() for p in paths):
+        assert proc.poll() is None, proc.communicate()[0][-6000:]
+        assert time.time() < deadline, f"waited {timeout} s for {paths}"
+        time.sleep(1)
 
-    config = tiny_config(tmp_path, n=60, run_name="limit", training={
-        "use_esm": False, "num_train_epochs": 1000, "log_steps": 100,
-        "embeddings_dir": "embeddings", "output_dir": "outputs"})
+
+def test_dag_on_slurm_with_a_train_job_past_its_time_limit(cluster, tmp_path):
+    """The tiny DAG through SLURM: split, one embed job per split (the gathers, like the other light
+    rules, run locally), and a train job with runtime 1 (minute, SLURM's unit) for a training of more
+    than a minute. SLURM stops it (the profile's --signal=TERM@5, or the time limit's own SIGTERM),
+    the training saves its state, Snakemake resubmits the job (preemptible-retries) and the
+    resubmitted job continues; the end result is the uninterrupted run's, to the bit."""
+    config = tiny_config(tmp_path, n=40, run_name="slurm", embedding={"shards": 1}, training={
+        "num_train_epochs": 1000, "log_steps": 100, "embeddings_dir": "embeddings", "output_dir": "outputs"})
     config["training"]["max_steps"] = steps = steps_for(TRAINING_SECONDS, config, tmp_path)
     write_config(tmp_path / "config.yaml", **config)
     profile = yaml.safe_load((REPO / "tests" / "slurm_profile" / "config.yaml").read_text())
@@ -107,25 +98,34 @@ def test_train_past_its_time_limit_is_resubmitted_and_resumes_exactly(cluster, t
     profile["set-threads"] = {"train": 1}  # OMP_NUM_THREADS=1: the numbers depend on the thread count
     (tmp_path / "profile").mkdir()
     (tmp_path / "profile" / "config.yaml").write_text(yaml.safe_dump(profile))
-    run = tmp_path / "outputs" / "ptm-mamba-limit"
+    run = tmp_path / "outputs" / "ptm-mamba-slurm"
     started = time.time()
     snakemake = subprocess.Popen(
         [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--profile",
          str(tmp_path / "profile"), "--workflow-profile", "none", "--directory", str(tmp_path),
-         str(run.relative_to(tmp_path) / "metrics.json"), "--configfile", str(tmp_path / "config.yaml")],
+         "--configfile", str(tmp_path / "config.yaml")],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
-    # Meanwhile the uninterrupted run, in this process, on one thread, with the split the split
-    # stage makes (the same for the same config).
+    # Meanwhile, once the workflow's split and embeddings are there, the uninterrupted run on them,
+    # in this process, on one thread.
+    embeddings = tmp_path / "embeddings"
+    wait_for_files([embeddings / f"{split}_embeddings.h5" for split in ("train", "val", "test")], snakemake)
     reference = copy.deepcopy(config)
-    reference["training"]["output_dir"] = str(tmp_path / "reference")
-    run_split(reference, tmp_path / "reference-split")
-    ref = one_thread_train(reference, split_dir=str(tmp_path / "reference-split"), run_name="limit")
+    reference["training"].update(output_dir=str(tmp_path / "reference"), embeddings_dir=str(embeddings))
+    ref = one_thread_train(reference, split_dir=str(tmp_path / "results" / "split"), run_name="slurm")
     reference_seconds = time.time() - started
 
-    output = snakemake.communicate(timeout=600)[0]
+    output = snakemake.communicate(timeout=900)[0]
     assert snakemake.returncode == 0, output[-6000:]
-    jobs = re.findall(r"SLURM jobid (\d+) \(log: \S+/rule_train/", output)
+    submitted = re.findall(r"SLURM jobid (\d+) \(log: \S+/rule_(\w+)/", output)
+    by_rule = {rule: [job for job, r in submitted if r == rule] for _, rule in submitted}
+    # split, one embed job per split, train: through SLURM; the light rules are localrules
+    assert sorted(by_rule) == ["embed_shard", "split", "train"] and len(by_rule["embed_shard"]) == 3, submitted
+    for name in ("config.yaml", "split_mapping.json", "metrics.json", "best.ckpt", "last.ckpt", "provenance.json"):
+        assert (run / name).is_file(), name
+    assert (tmp_path / "results" / "report" / "slurm" / "loss.png").is_file()
+
+    jobs = by_rule["train"]
     states = [slurm_job_state(job) for job in jobs]
     # every job but the last was stopped by SLURM (FAILED after the warning signal, TIMEOUT at the limit)
     assert len(jobs) >= 2 and states[-1] == "COMPLETED", (states, output[-4000:])
@@ -134,7 +134,7 @@ def test_train_past_its_time_limit_is_resubmitted_and_resumes_exactly(cluster, t
         # the training (SLURM would have killed the rest of the step with it), not by the signal
         slurm_log = (tmp_path / ".snakemake" / "slurm_logs" / "rule_train" / f"{job}.log").read_text()
         assert re.search(r"task 0: Exited with exit code 1\b", slurm_log), slurm_log[-3000:]
-    log = (tmp_path / "logs" / "train" / "limit.log").read_text()  # the last job's
+    log = (tmp_path / "logs" / "train" / "slurm.log").read_text()  # the last job's
     resumed = re.search(r"resumed from \S+ at step (\d+)", log)
     assert resumed and 0 < int(resumed.group(1)) < steps, log[-3000:]
     assert json.loads((run / "metrics.json").read_text()) == json.loads((ref / "metrics.json").read_text())
@@ -142,5 +142,6 @@ def test_train_past_its_time_limit_is_resubmitted_and_resumes_exactly(cluster, t
         mine, theirs = (torch.load(r / name, weights_only=True)["model"] for r in (run, ref))
         assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine), name
     assert not (run / "resume").exists()
-    print(f"time limit: {steps} steps, {len(jobs)} train jobs ({', '.join(states)}), resumed at step {resumed.group(1)}; "
-          f"{time.time() - started:.0f} s in all, the uninterrupted run {reference_seconds:.0f} s")
+    print(f"SLURM DAG: {len(submitted)} jobs; {steps} steps in {len(jobs)} train jobs ({', '.join(states)}), "
+          f"resumed at step {resumed.group(1)}; {time.time() - started:.0f} s in all, the uninterrupted run "
+          f"{reference_seconds:.0f} s")

@@ -77,7 +77,7 @@ def outputs(root: Path) -> dict:
     out["run/metrics"] = json.loads((root / RUN / "metrics.json").read_text())
     for n in ("best.ckpt", "last.ckpt"):
         out[f"run/{n}"] = torch.load(root / RUN / n, weights_only=True)["model"]
-    for n in ("splits.tsv", "test_results.tsv", "config.yaml"):
+    for n in ("splits.tsv", "test_results.tsv"):
         out[f"report/{n}"] = (root / "results" / "report" / "wf" / n).read_bytes()
     return out
 
@@ -106,7 +106,7 @@ def same_config_in(workdir: Path, root: Path) -> Path:
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
     """The reference: one uninterrupted run of the whole DAG, split by MMseqs2 clusters (the default random
-    split runs through the DAG in tests/test_slurm.py and tests/test_report.py)."""
+    split runs through the DAG in tests/test_slurm.py)."""
     root = tmp_path_factory.mktemp("workflow")
     config = tiny_config(root, n=48, run_name="wf", training={"embeddings_dir": EMB, "output_dir": "out dir"},
                          dataset={"split_by": "cluster"})
@@ -130,6 +130,35 @@ def test_full_dag_runs_and_writes_the_seed_outputs(workdir):
     # the jobs read the config of this invocation, from a file named by its content
     configs = list((workdir / "results" / "configs").iterdir())
     assert len(configs) == 1 and configs[0].read_text() == (workdir / RUN / "config.yaml").read_text()
+
+
+def test_snakemake_report_shows_the_figures_and_tables(workdir):
+    """`snakemake --report report.html` of the finished run: one self-contained file."""
+    from test_report import png_shape, read_tsv
+
+    from ptm_mamba import report
+
+    snakemake(workdir, "--report", "report.html")
+    out = workdir / "results" / "report" / "wf"
+    for name in report.FIGURES:
+        png_shape(out / f"{name}.png")
+    assert len(read_tsv(out / "embeddings.tsv")) == 3
+    html = (workdir / "report.html").read_text(encoding="utf-8")
+    (workdir / "report.html").unlink()
+    for name in report.FIGURES:
+        assert f'"results/report/wf/{name}.png"' in html, name
+        assert f"filename={name}.png;base64,iVBORw0KGgo" in html, name  # the PNG itself, embedded
+    for name in ("test_results.tsv", "splits.tsv", "embeddings.tsv"):
+        assert f'"results/report/wf/{name}"' in html, name
+    assert f'"{RUN}/config.yaml"' in html  # the run's own config, no copy
+    # Captions, rendered (the tables and the config are inlined by them), and the top-level description.
+    assert "Masked-token cross-entropy loss per optimiser step" in html
+    assert "Test-set accuracy of" in html
+    ptm_types = [row["scope"] for row in read_tsv(out / "test_results.tsv") if row["scope"] != "all"]
+    assert ptm_types and all(name in html for name in ptm_types)  # the test_results table in its caption
+    assert "run_name: wf" in html  # the run's config.yaml in its caption
+    assert "PTM-Mamba training run: wf" in html
+    assert "System Message" not in html  # no docutils error rendered into a caption
 
 
 def test_rerun_does_nothing(workdir):
