@@ -210,3 +210,22 @@ def test_unknown_ptm_is_hidden_from_esm_never_predicted_and_not_a_ptm_site(proje
             assert (batch.input_ids[unk] == TOK.unk_id).all()
         all_hidden = batches[2]
         assert torch.equal(all_hidden.pred_mask, (all_hidden.labels >= TOK.first_residue_id))
+
+
+@pytest.mark.parametrize("mode", ["precomputed", "on_the_fly"])
+def test_training_with_unknown_ptms_runs_in_both_modes(project, tmp_path, mode):
+    """unknown_ptm: unk through the real split and embed stages and training: the run completes with
+    finite losses, and <unk> is among no per-type PTM result (it is never predicted)."""
+    from ptm_mamba.train import train
+
+    root, config, *_ = project
+    config = json.loads(json.dumps(config))
+    config["training"].update(max_steps=2, log_steps=1, output_dir=str(tmp_path),
+                              embeddings_dir=str(root / "embeddings"),
+                              use_precomputed_embeddings=mode == "precomputed")
+    out = train(config, split_dir=str(root / "split"), run_name=mode, progress=False)
+    metrics = json.loads((out / "metrics.json").read_text())
+    losses = [r[key] for r in metrics for key in ("train_loss", "avg_val_loss", "avg_test_loss") if key in r]
+    assert len(losses) >= 5 and all(np.isfinite(losses))
+    by_type = next(r["test_ptm_acc_by_type"] for r in metrics if "test_ptm_acc_by_type" in r)
+    assert by_type and "<unk>" not in by_type and set(by_type) <= set(PTM_TOKENS)
