@@ -226,10 +226,36 @@ def one_line(exc: PipelineError) -> str:
     return text
 
 
+class _Stderr(logging.StreamHandler):
+    """A log handler writing to ``sys.stderr`` as it is when a record is emitted, not as it was when
+    the handler was made: ``main`` may run more than once in a process (the tests), with another
+    ``sys.stderr`` each time."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler.__init__ sets it; the stream is always sys.stderr
+        pass
+
+
+def _log_to_stderr() -> None:
+    """What ``logging.basicConfig(level=WARNING, stream=sys.stderr)`` does in a fresh process, once
+    per process, even where the root logger has other handlers already (basicConfig would then do
+    nothing, and the stages' warnings would not reach stderr)."""
+    root = logging.getLogger()
+    if not any(isinstance(h, _Stderr) for h in root.handlers):
+        handler = _Stderr()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        root.addHandler(handler)
+        root.setLevel(logging.WARNING)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # warnings and notes of the stages (e.g. why a shard is recomputed, a kernel that fell back) on stderr
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    _log_to_stderr()
     logging.getLogger("ptm_mamba").setLevel(logging.INFO)
     func: Callable[[argparse.Namespace], None] = args.func
     try:

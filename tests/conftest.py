@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import shutil
 import subprocess
 import sys
+import traceback
+import warnings
 from pathlib import Path
 
 import pytest
@@ -50,10 +54,147 @@ def local_slurm():
         subprocess.run(["bash", str(SLURM_SCRIPTS / "stop.sh")], capture_output=True, timeout=120)
 
 
-def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
-    """Run ``python -m ptm_mamba ARGS`` as a user would; capture its output."""
-    return subprocess.run([sys.executable, "-m", "ptm_mamba", *map(str, args)], cwd=cwd,
-                          capture_output=True, text=True, timeout=timeout)
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600,
+            own_process: bool = False) -> subprocess.CompletedProcess:
+    """Run ``python -m ptm_mamba ARGS`` as a user would; capture its output.
+
+    By default ``ptm_mamba.cli.main`` runs in this process (no ~3 s interpreter and torch start-up)
+    as it would in its own: stdout and stderr captured, ``cwd`` the current directory, the exit
+    status of ``SystemExit`` (argparse errors, ``--help``) or of an uncaught exception (1, with its
+    traceback on stderr), Python's default warning filters with warnings printed to stderr, and
+    the process state a stage may change put back afterwards (see :func:`_as_its_own_process`).
+    ``timeout`` then goes unenforced (pytest-timeout still ends a test that hangs).
+
+    ``own_process=True`` runs a real ``python -m ptm_mamba``: for a command to be killed or
+    signalled, one that depends on a fresh interpreter (import-time settings, environment variables
+    read at import), or to prove that the installed command works end to end."""
+    command = [sys.executable, "-m", "ptm_mamba", *map(str, args)]
+    if own_process:
+        return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    from ptm_mamba import cli
+
+    out, err = io.StringIO(), io.StringIO()
+    with _chdir(os.getcwd() if cwd is None else cwd), _as_its_own_process(command[2:]), \
+            contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            status = _exit_status(cli.main(command[3:]))
+        except SystemExit as exc:
+            status = _exit_status(exc.code)
+        except Exception:  # what the interpreter does with an uncaught exception
+            traceback.print_exc()
+            status = 1
+    return subprocess.CompletedProcess(command, status, out.getvalue(), err.getvalue())
+
+
+@contextlib.contextmanager
+def _chdir(path):
+    """contextlib.chdir (Python 3.11+; the package supports 3.10)."""
+    before = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(before)
+
+
+def _exit_status(code) -> int:
+    """The exit status of ``sys.exit(code)``: None is 0, an int is itself, anything else is printed
+    to stderr and is 1."""
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code & 0xFF
+    print(code, file=sys.stderr)
+    return 1
+
+
+# The default warning filters of a fresh `python` (release build, no -W, no PYTHONWARNINGS).
+_PYTHON_WARNING_FILTERS = [("default", DeprecationWarning, "__main__"), ("ignore", DeprecationWarning, ""),
+                           ("ignore", PendingDeprecationWarning, ""), ("ignore", ImportWarning, ""),
+                           ("ignore", ResourceWarning, "")]
+_TORCH_DEFAULT_SEED = 67280421310721  # torch.initial_seed() of a fresh interpreter
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Print a warning on stderr as the interpreter does (not into pytest's record of warnings)."""
+    (file or sys.stderr).write(warnings.formatwarning(message, category, filename, lineno, line))
+
+
+@contextlib.contextmanager
+def _as_its_own_process(argv: list[str]):
+    """Process-wide state as a fresh ``python -m ptm_mamba ARGV`` has it, and as it was again after:
+    sys.argv, os.environ, torch's thread count, RNG, grad mode, default dtype and deterministic
+    flags, Python's and NumPy's RNGs, signal handlers, the root and ``ptm_mamba`` loggers, warning
+    filters, accelerate's shared state and the scan module's record of the kernels run (the
+    current directory is `_chdir`'s)."""
+    import logging
+    import random
+    import signal
+    import threading
+
+    import numpy as np
+
+    from ptm_mamba import scan
+
+    saved_argv, saved_env = sys.argv, dict(os.environ)
+    threads, grad, dtype = torch.get_num_threads(), torch.is_grad_enabled(), torch.get_default_dtype()
+    deterministic = (torch.are_deterministic_algorithms_enabled(),
+                     torch.is_deterministic_algorithms_warn_only_enabled())
+    rng = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
+    main_thread = threading.current_thread() is threading.main_thread()
+    handlers = {sig: signal.getsignal(sig) for sig in signal.valid_signals()} if main_thread else {}
+    root, package = logging.getLogger(), logging.getLogger("ptm_mamba")
+    logs = root.handlers[:], root.level, package.level
+    kernels = scan._RAN, scan._FAILED, scan._TRITON_CHECKED
+    accelerate = _swap_accelerate_state({})
+
+    sys.argv = [str(REPO / "ptm_mamba" / "__main__.py"), *argv[1:]]
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit() and int(os.environ["OMP_NUM_THREADS"]) > 0:
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    torch.manual_seed(_TORCH_DEFAULT_SEED)
+    scan._RAN, scan._FAILED, scan._TRITON_CHECKED = {}, {}, set()
+    try:
+        with warnings.catch_warnings():
+            warnings.resetwarnings()
+            for action, category, module in _PYTHON_WARNING_FILTERS:
+                warnings.filterwarnings(action, category=category, module=module, append=True)
+            warnings.showwarning = _show_warning
+            yield
+    finally:
+        sys.argv = saved_argv
+        if dict(os.environ) != saved_env:
+            os.environ.clear()
+            os.environ.update(saved_env)
+        torch.set_num_threads(threads)
+        torch.set_grad_enabled(grad)
+        torch.set_default_dtype(dtype)
+        torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
+        random.setstate(rng[0])
+        np.random.set_state(rng[1])
+        torch.random.set_rng_state(rng[2])
+        for sig, handler in handlers.items():
+            if handler is not None and signal.getsignal(sig) != handler:
+                signal.signal(sig, handler)
+        root.handlers[:] = logs[0]
+        root.setLevel(logs[1])
+        package.setLevel(logs[2])
+        scan._RAN, scan._FAILED, scan._TRITON_CHECKED = kernels
+        _swap_accelerate_state(accelerate)
+
+
+def _swap_accelerate_state(state: dict) -> dict:
+    """Put ``state`` (class name -> shared state) in place of accelerate's process-wide state (what
+    the first Accelerator of a process fixes, e.g. its mixed precision); return what was there."""
+    module = sys.modules.get("accelerate.state")
+    if module is None:
+        return {}
+    old = {}
+    for name in ("PartialState", "AcceleratorState", "GradientState"):
+        shared = getattr(module, name)._shared_state
+        old[name] = dict(shared)
+        shared.clear()
+        shared.update(state.get(name, {}))
+    return old
 
 
 def write_config(path: Path, **sections) -> Path:

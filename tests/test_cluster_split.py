@@ -56,9 +56,11 @@ def data(tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="module")
 def made(data) -> dict:
-    """The cluster stage, then the split stage reading its file, through the CLI."""
+    """The cluster stage (as its own process: the real command, once), then the split stage reading
+    its file, through the CLI."""
     root = data["root"]
-    result = run_cli("cluster", "--config", data["config"], "--output", root / "clusters.tsv", "--threads", "2")
+    result = run_cli("cluster", "--config", data["config"], "--output", root / "clusters.tsv", "--threads", "2",
+                     own_process=True)
     assert result.returncode == 0, result.stderr
     assert "182 proteins in 84 clusters" in result.stdout  # 60 unrelated, 24 families; duplicates join theirs
     result = run_cli("split", "--config", data["config"], "--output_dir", root / "split",
@@ -259,10 +261,9 @@ def test_snakemake_reruns_the_cluster_stage_only_when_its_settings_change(data, 
     assert jobs(snakemake(tmp_path, "-n", "--config", "dataset={cluster_coverage: 0.5}")) == {"cluster", "split"}
 
 
-def test_missing_mmseqs_is_one_line(data, tmp_path):
-    env = {**os.environ, "PATH": str(tmp_path / "no-such-folder")}  # mmseqs nowhere (python is run by its path)
+def test_missing_mmseqs_is_one_line(data, tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path / "no-such-folder"))  # mmseqs nowhere (looked up when a stage runs)
     for args in (("cluster", "--output", tmp_path / "c.tsv"), ("split", "--output_dir", tmp_path / "split")):
-        result = subprocess.run([sys.executable, "-m", "ptm_mamba", args[0], "--config", str(data["config"]),
-                                 *map(str, args[1:])], capture_output=True, text=True, env=env, timeout=120)
+        result = run_cli(args[0], "--config", data["config"], *args[1:])
         error_line(result, "mmseqs (MMseqs2) not found on PATH", "apt-get install mmseqs2")
     assert list(tmp_path.iterdir()) == []

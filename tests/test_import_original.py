@@ -93,11 +93,11 @@ def tiny_esm(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def imported(tmp_path_factory, tiny_esm):
-    """(original file, imported checkpoint) through the real CLI."""
+    """(original file, imported checkpoint) through the real CLI, as its own process."""
     root = tmp_path_factory.mktemp("import")
     source = save_original(root / "best.ckpt")
     result = run_cli("import-original", "--checkpoint", source, "--output", root / "imported.ckpt",
-                     "--esm-model", tiny_esm)
+                     "--esm-model", tiny_esm, own_process=True)
     assert result.returncode == 0, result.stderr
     assert f"{N_LAYER * 2 * len(UNUSED)} unused *_b mixer tensors dropped" in result.stdout
     return source, root / "imported.ckpt"

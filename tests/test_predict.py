@@ -25,7 +25,8 @@ def test_predict_cli_writes_hidden_states_per_residue(checkpoint, tmp_path):
     fasta = tmp_path / "in.fasta"
     fasta.write_text("".join(f">{k} some description\n{v[:5]}\n{v[5:]}\n" for k, v in SEQS.items()))
     out = tmp_path / "hidden.h5"
-    result = run_cli("predict", "--checkpoint", checkpoint, "--input", fasta, "--output", out)
+    result = run_cli("predict", "--checkpoint", checkpoint, "--input", fasta, "--output", out,
+                     own_process=True)  # the real command, once
     assert result.returncode == 0, result.stderr
     store = EmbeddingReader(out)
     assert sorted(store.ids) == ["a", "b"]

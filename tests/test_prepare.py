@@ -65,8 +65,8 @@ SITES_OUT = ("unique_id,ptm_seq\n"
              "P00002,M<N-myristoyl glycine>Q<N-linked (GlcNAc...) asparagine>VSLLTK\n")
 
 
-def prepare(fmt: str, source: Path, out: Path) -> subprocess.CompletedProcess:
-    return run_cli("prepare", "--format", fmt, "--input", source, "--output", out)
+def prepare(fmt: str, source: Path, out: Path, own_process: bool = False) -> subprocess.CompletedProcess:
+    return run_cli("prepare", "--format", fmt, "--input", source, "--output", out, own_process=own_process)
 
 
 def one_line_error(result: subprocess.CompletedProcess, *needles: str) -> None:
@@ -79,7 +79,8 @@ def one_line_error(result: subprocess.CompletedProcess, *needles: str) -> None:
 
 def test_uniprot_tsv_features_become_tokens_and_skips_are_counted(tmp_path):
     (tmp_path / "up.tsv").write_text(UNIPROT_TSV)
-    result = prepare("uniprot_tsv", tmp_path / "up.tsv", tmp_path / "out" / "data.csv")
+    # the real command, as its own process, once
+    result = prepare("uniprot_tsv", tmp_path / "up.tsv", tmp_path / "out" / "data.csv", own_process=True)
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "out" / "data.csv").read_text() == UNIPROT_CSV
     summary = json.loads((tmp_path / "out" / "data.summary.json").read_text())
