@@ -384,11 +384,16 @@ def triton_agrees(device: torch.device | str) -> bool:
     return key in _TRITON_CHECKED and not has_failed("triton")
 
 
+# triton_agrees's problem: batch, channels (a partial channel block), states, positions (two chunks,
+# the second partial).
+TRITON_CHECK_SHAPE = (2, 24, 16, 40)
+
+
 def _triton_error(device: torch.device) -> float:
     """The largest difference, relative to the larger of 1 and the biggest PyTorch value, between the
     Triton and the PyTorch scan's out and gradients on `triton_agrees`'s problem."""
     g = torch.Generator().manual_seed(0)
-    batch, dim, nstate, length = 2, 24, 16, 40
+    batch, dim, nstate, length = TRITON_CHECK_SHAPE
     shapes = {"u": (batch, dim, length), "delta": (batch, dim, length), "B": (batch, nstate, length),
               "C": (batch, nstate, length), "D": (dim,), "z": (batch, dim, length), "delta_bias": (dim,)}  # fmt: skip
     x = {k: (0.5 * torch.randn(*shape, generator=g)).to(device) for k, shape in shapes.items()}

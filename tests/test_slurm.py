@@ -35,7 +35,7 @@ def cluster(local_slurm):
 
 # The training takes this long on one CPU thread, whatever the machine: longer than the 1-minute
 # limit even with no start-up at all, and over within a few resubmissions (preemptible-retries).
-TRAINING_SECONDS = 70
+TRAINING_SECONDS = 60
 PROBE_STEPS = 150
 
 

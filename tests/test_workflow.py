@@ -244,28 +244,12 @@ def wait_for(predicate, proc: subprocess.Popen, timeout: float = 300) -> None:
         time.sleep(0.05)
 
 
-def test_other_invocations_during_a_run_change_nothing(workdir, reference, tmp_path):
-    """A dry run with other settings and a second, locked-out run while the first one embeds:
-    the first run's jobs still get its own settings."""
-    root = same_config_in(workdir, tmp_path / "p")
-    proc = subprocess.Popen(command(root), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_for(lambda: (root / "logs" / "embed").is_dir(), proc)
-        snakemake(root, "-n", "--config", "seed=7")
-        second = snakemake(root, "--config", "seed=7", check=False)
-        assert second.returncode != 0 and "lock" in (second.stdout + second.stderr).lower()
-        assert proc.wait(timeout=600) == 0
-    finally:
-        proc.kill()
-    assert len(list((root / "results" / "configs").iterdir())) == 1
-    assert_same_outputs(outputs(root), reference)
-    assert "Nothing to be done" in (lambda r: r.stdout + r.stderr)(snakemake(root, "-n"))
-
-
-def test_killed_at_random_moments_ends_as_an_uninterrupted_run(workdir, reference, tmp_path):
-    """Chaos: SIGKILL to Snakemake and its jobs at seeded random moments, each time restarted
-    (with --unlock, as Snakemake asks); the outputs equal the uninterrupted run's. The last kill
-    lands inside training (after a random part of it), where the resume state matters."""
+def test_other_invocations_and_kills_during_a_run_change_nothing(workdir, reference, tmp_path):
+    """A run of the whole DAG as it goes in use. While it embeds, a dry run with other settings and a
+    second, locked-out run (its jobs still get the first run's settings). Then chaos: SIGKILL to
+    Snakemake and its jobs at seeded random moments, each time restarted (with --unlock, as
+    Snakemake asks). The last kill lands inside training (after a random part of it), where the
+    resume state matters. The outputs equal the uninterrupted run's."""
     root = same_config_in(workdir, tmp_path / "chaos")
     rng = random.Random(20261201)
     train_log = root / "logs" / "train" / "wf.log"
@@ -283,10 +267,18 @@ def test_killed_at_random_moments_ends_as_an_uninterrupted_run(workdir, referenc
             proc.wait()
         snakemake(root, "--unlock")
 
-    for _ in range(3):
+    def other_invocations(proc) -> None:
+        wait_for(lambda: (root / "logs" / "embed").is_dir(), proc)
+        snakemake(root, "-n", "--config", "seed=7")
+        second = snakemake(root, "--config", "seed=7", check=False)
+        assert second.returncode != 0 and "lock" in (second.stdout + second.stderr).lower()
+
+    run_and_kill(other_invocations)
+    for _ in range(2):
         run_and_kill(lambda proc: time.sleep(rng.uniform(0.5, 6.0)))
     run_and_kill(lambda proc: wait_for(train_log.exists, proc))
     assert len(kills) >= 3 and "wf.log" in kills[-1], kills
     snakemake(root)
+    assert len(list((root / "results" / "configs").iterdir())) == 1  # the seed=7 invocations wrote none
     assert_same_outputs(outputs(root), reference)
     assert "Nothing to be done" in (lambda r: r.stdout + r.stderr)(snakemake(root, "-n"))
