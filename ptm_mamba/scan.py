@@ -304,6 +304,9 @@ def _wants_triton(scan: str, *tensors: Tensor | None) -> bool:
         raise ValueError(f"scan {scan!r}: want auto, torch or triton")
     if scan == "torch" or has_failed("triton") or (scan == "auto" and not tensors[0].is_cuda):
         return False
+    if scan_triton.triton is None and scan_triton.broken():  # installed but broken: say so, once
+        fall_back("triton", f"triton is installed but does not import: {scan_triton.broken()}")
+        return False
     return scan_triton.supports(*tensors)
 
 

@@ -63,6 +63,14 @@ except Exception as exc:  # noqa: BLE001 - not installed, or broken: unavailable
 INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def broken() -> str | None:
+    """Why an installed triton does not import (a broken install, a missing library), or None when it
+    imports or is simply not installed."""
+    if _IMPORT_ERROR is None or (isinstance(_IMPORT_ERROR, ModuleNotFoundError) and _IMPORT_ERROR.name == "triton"):
+        return None
+    return one_line(_IMPORT_ERROR)
+
+
 def unavailable() -> str | None:
     """Why the kernels cannot run in this process, or None: they need triton, and a CUDA GPU or the interpreter."""
     if triton is None:

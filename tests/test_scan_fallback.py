@@ -9,6 +9,7 @@ them without a GPU.
 """
 
 import sys
+import types
 import warnings
 
 import pytest
@@ -231,3 +232,22 @@ def test_config_key(tmp_path):
     with pytest.raises(PipelineError, match="model.scan: 'cuda' is not one of") as error:
         validate({**base, "model": {"scan": "cuda"}})
     assert "\n" not in str(error.value)
+
+
+def test_a_broken_triton_install_is_said_once_not_hidden(monkeypatch, fresh):
+    """Triton not installed: "auto" takes PyTorch without a word. Installed but failing to import
+    (e.g. a missing libcuda): one warning naming the import error, then PyTorch."""
+    # inputs on a GPU, where "auto" would try the Triton kernels
+    cuda_input = [types.SimpleNamespace(is_cuda=True, dtype=torch.float32, device=torch.device("cuda"),
+                                        numel=lambda: 1)] * 5
+    monkeypatch.setattr(scan_triton, "triton", None)
+    monkeypatch.setattr(scan_triton, "_IMPORT_ERROR", ModuleNotFoundError("No module named 'triton'", name="triton"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not scan._wants_triton("auto", *cuda_input)
+    assert not scan.has_failed("triton")
+    monkeypatch.setattr(scan_triton, "_IMPORT_ERROR", ImportError("libcuda.so.1: cannot open shared object file"))
+    with pytest.warns(RuntimeWarning, match="triton is installed but does not import: .*libcuda.so.1"):
+        assert not scan._wants_triton("auto", *cuda_input)
+    assert not scan._wants_triton("auto", *cuda_input)  # said once
+    assert scan.has_failed("triton") and "libcuda" in scan.what_ran()
