@@ -258,8 +258,8 @@ class PTMMamba(nn.Module):
 
         ``scan`` picks the kernels here (see :class:`ModelConfig`), whatever the training run used.
 
-        The run's config travels with it (``model.run_config``), so :meth:`predict`
-        knows which ESM-2 model to run. A checkpoint whose config or weights do not
+        The run's config travels with it (``model.run_config``), so
+        :func:`ptm_mamba.predict.predict` knows which ESM-2 model to run. A checkpoint whose config or weights do not
         make a model raises :class:`PipelineError`.
         """
         from . import checkpoint
@@ -278,18 +278,6 @@ class PTMMamba(nn.Module):
         model.run_config = state.get("config")
         model.run_settings = state.get("settings")  # what it was trained with (ptm_mamba/stages.py)
         return model.eval()
-
-    @torch.no_grad()
-    def predict(self, sequences: list[str], esm_model=None, max_tokens_per_batch: int | None = None) -> list[ModelOutput]:
-        """Logits (L+2, vocab) and hidden states (L+2, d_model) per PTM sequence (with <cls>/<eos>).
-
-        When the model uses ESM-2, features are computed here (the run's ESM
-        model unless ``esm_model`` is given), with PTM positions masked as in
-        training.
-        """
-        from .predict import predict
-
-        return predict(self, sequences, esm_model=esm_model, max_tokens_per_batch=max_tokens_per_batch)
 
 
 _UNUSED_MIXER = ("A_b_log", "conv1d_b.weight", "conv1d_b.bias", "x_proj_b.weight", "dt_proj_b.weight",

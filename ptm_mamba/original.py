@@ -27,7 +27,7 @@ Config mapping (``lm.py``'s ``MambaLMHeadModel`` reads these keys and no others)
 
 The original fed ESM-2 (``esm2_t33_650M_UR50D``, layer 33) to the model; the imported
 checkpoint names that ESM-2 (or ``--esm-model``) so that ``ptm-mamba predict`` and
-``PTMMamba.predict`` compute the features themselves.
+``ptm_mamba.predict.predict`` compute the features themselves.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@
 column names) or a FASTA file whose sequences carry PTM tokens, and writes the
 final hidden states to an HDF5 file in the embedding-store layout (read it with
 ``EmbeddingReader``): per protein ``L + 2`` rows, ``<cls>``, the L residues, ``<eos>``,
-as the stored ESM-2 features and :meth:`PTMMamba.predict` have them. With
+as the stored ESM-2 features and :func:`predict` gives them. With
 ``pooled`` (the default) the file also holds each protein's mean hidden state over
 its residues, in float32: dataset ``pooled`` (n, d_model), row i for ``ids[i]``;
 :func:`read_pooled` reads the rows of the ids asked for, not the whole file.
@@ -78,7 +78,10 @@ def predict_batches(model, proteins: list[Protein], esm_model=None, max_tokens_p
 
 
 def predict(model, sequences: list[str], esm_model=None, max_tokens_per_batch: int | None = None) -> list:
-    """Per sequence, a ``ModelOutput`` of logits (L+2, V) and hidden states (L+2, d)."""
+    """Per PTM sequence, a ``ModelOutput`` of logits (L+2, V) and hidden states (L+2, d) at ``<cls>``,
+    the residues and ``<eos>``. When the model uses ESM-2, features are computed here (the run's
+    ESM-2, named by its checkpoint, unless ``esm_model`` is given), with PTM positions masked as in
+    training."""
     from .model import ModelOutput
 
     proteins = _proteins(sequences)

@@ -20,7 +20,7 @@ from conftest import SEQS, run_cli
 from ptm_mamba.errors import PipelineError
 from ptm_mamba.model import ModelConfig, PTMMamba
 from ptm_mamba.original import import_original
-from ptm_mamba.predict import read_pooled, write_predictions
+from ptm_mamba.predict import predict, read_pooled, write_predictions
 from ptm_mamba.scan import selective_scan_ref
 from ptm_mamba.testing import write_tiny_esm2_checkpoint
 from ptm_mamba.tokenizer import FIRST_RESIDUE_ID, VOCAB
@@ -187,7 +187,7 @@ def test_predict_runs_on_the_imported_model_with_pooled_embeddings(imported, tmp
     out = tmp_path / "hidden.h5"
     result = run_cli("predict", "--checkpoint", target, "--input", fasta, "--output", out, "--no-progress")
     assert result.returncode == 0, result.stderr
-    expected = PTMMamba.from_checkpoint(target).predict(list(SEQS.values()))  # its own ESM-2, from the checkpoint
+    expected = predict(PTMMamba.from_checkpoint(target), list(SEQS.values()))  # its own ESM-2, from the checkpoint
     pooled = read_pooled(out, ["b", "a", "b"])
     for row, key in zip(pooled, ["b", "a", "b"]):
         mean = expected[list(SEQS).index(key)].hidden_states[1:-1].mean(dim=0).numpy()

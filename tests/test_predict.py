@@ -1,4 +1,4 @@
-"""Inference: PTMMamba.from_checkpoint(...).predict and `ptm-mamba predict` on a trained tiny run."""
+"""Inference: predict(PTMMamba.from_checkpoint(...), ...) and `ptm-mamba predict` on a trained tiny run."""
 
 from __future__ import annotations
 
@@ -8,16 +8,17 @@ import torch
 from conftest import SEQS, run_cli
 from ptm_mamba.embedding_store import EmbeddingReader
 from ptm_mamba.model import PTMMamba
+from ptm_mamba.predict import predict
 
 
 def test_from_checkpoint_predicts_with_its_own_esm(checkpoint):
     model = PTMMamba.from_checkpoint(checkpoint)
-    outs = model.predict(list(SEQS.values()))
+    outs = predict(model, list(SEQS.values()))
     for out, seq_len in zip(outs, (10, 8)):
         assert out.logits.shape == (seq_len + 2, 59)
         assert out.hidden_states.shape == (seq_len + 2, 16)
     # alone or batched with a longer protein: the same result (per-sequence reversal, no leakage of padding)
-    alone = model.predict([SEQS["b"]])[0]
+    alone = predict(model, [SEQS["b"]])[0]
     assert torch.allclose(alone.logits, outs[1].logits, atol=1e-5)
 
 
@@ -30,7 +31,7 @@ def test_predict_cli_writes_hidden_states_per_residue(checkpoint, tmp_path):
     assert result.returncode == 0, result.stderr
     store = EmbeddingReader(out)
     assert sorted(store.ids) == ["a", "b"]
-    expected = PTMMamba.from_checkpoint(checkpoint).predict(list(SEQS.values()))
+    expected = predict(PTMMamba.from_checkpoint(checkpoint), list(SEQS.values()))
     for key, exp in zip(SEQS, expected):
         hidden, _ = store.get(key, 0)
         assert np.allclose(hidden.astype(np.float32), exp.hidden_states.numpy(), atol=2e-2, rtol=1e-2)

@@ -25,6 +25,7 @@ from conftest import SEQS, tiny_config, write_config
 from ptm_mamba import train as train_module
 from ptm_mamba.errors import PipelineError, StopRequested
 from ptm_mamba.model import PTMMamba
+from ptm_mamba.predict import predict
 from ptm_mamba.split import run_split
 from test_train_features import derived, records, train_here, train_steps
 
@@ -109,7 +110,7 @@ def test_the_unidirectional_model_trains_and_its_checkpoint_predicts_causally(pr
     assert models["mamba"].config.model_type == "mamba"
     assert models["bi"].config.model_type == "bidirectional_mamba"
     for name, model in models.items():
-        short, longer = model.predict([prefix, prefix + "GGKLW"])
+        short, longer = predict(model, [prefix, prefix + "GGKLW"])
         assert short.hidden_states.shape == (12, 16) and torch.isfinite(short.logits).all()
         same_prefix = torch.allclose(short.hidden_states[:11], longer.hidden_states[:11], atol=1e-6)
         assert same_prefix == (name == "mamba")  # only the bidirectional model sees what follows
