@@ -25,6 +25,7 @@ import numpy as np
 from .dataset import Protein
 from .embedding_store import EmbeddingReader, ShardWriter, gather
 from .errors import PipelineError
+from .fileio import leftover_temp_files
 from .layout import SPLITS, shard_path, split_store_path
 from .masking import esm_mask, replicate_mask
 from .split import load_split_dir, split_fingerprint
@@ -150,7 +151,7 @@ def embed_shard(config: dict, split: str, index: int, num_shards: int, split_fil
         raise PipelineError(f"shard index {index} is outside 0..{num_shards - 1}")
     proteins = split_proteins_of(config, split, split_file)
     output = Path(output)
-    for stale in output.parent.glob(f".{output.name}.tmp-*"):  # left by a killed earlier try of this job
+    for stale in leftover_temp_files(output):  # left by a killed earlier try of this job
         stale.unlink()
     esm_model = esm_model or load_esm_for(config)
     part = plan_shards(proteins, num_shards)[index]

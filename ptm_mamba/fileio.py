@@ -24,6 +24,16 @@ def fsync_path(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
+def _temp_prefix(path: Path) -> str:
+    return f".{path.name}.tmp-"
+
+
+def leftover_temp_files(path: str | os.PathLike) -> list[Path]:
+    """The temp files that killed writers of ``path`` left behind (never read by a stage)."""
+    path = Path(path)
+    return sorted(path.parent.glob(f"{_temp_prefix(path)}*"))
+
+
 class AtomicFile:
     """A file written under a hidden temp name beside ``path`` (``.name.tmp-*``, which no stage
     reads) and renamed onto ``path`` by :meth:`commit`. Every writer of the pipeline goes through
@@ -33,7 +43,7 @@ class AtomicFile:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.tmp-", dir=self.path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(self.path), dir=self.path.parent)
         os.close(fd)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files
         self.tmp = Path(tmp)
