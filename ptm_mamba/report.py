@@ -405,11 +405,14 @@ def embedding_stats(h5_paths: Sequence[str | Path], out_tsv: str | Path, max_val
         with EmbeddingReader(path) as reader:
             ids, attrs = reader.ids, reader.attrs  # validates the layout, raises PipelineError if broken
         with h5py.File(path, "r", locking=False) as f:  # layout documented in embedding_store
-            emb, mask = f["embeddings/0"], f["masks/0"]
-            residues, dim = int(emb.shape[0]), int(emb.shape[1])
-            picked = _sample_rows(residues, max(1, max_values // max(1, dim)))
-            values = [emb[s].astype(np.float64) for s in picked]
-            masked = [mask[s] for s in picked]
+            emb, mask, offsets = f["embeddings/0"], f["masks/0"], f["offsets"][()]
+            total, dim = int(emb.shape[0]), int(emb.shape[1])
+            residues = total - 2 * len(ids)  # each protein's rows: <cls>, its residues, <eos>
+            picked = _sample_rows(total, max(1, max_values // max(1, dim)))
+            at_residue = [~np.isin(np.arange(s.start, s.stop), np.concatenate([offsets[:-1], offsets[1:] - 1]))
+                          for s in picked]
+            values = [emb[s][keep].astype(np.float64) for s, keep in zip(picked, at_residue)]
+            masked = [mask[s][keep] for s, keep in zip(picked, at_residue)]
         sample = np.concatenate(values) if values else np.zeros((0, dim))
         flags = np.concatenate(masked) if masked else np.zeros(0, dtype=bool)
         rows.append((attrs.get("split", path.stem), len(ids), residues, dim, attrs.get("mask_replicates"),

@@ -218,12 +218,14 @@ def write_store(path: Path, lengths: list[int], dim: int = 8, seed: int = 0) -> 
     attrs = {"esm_model": "esm2_t2_tiny", "repr_layer": 2, "split": "val", "split_fingerprint": "x",
              "mask_prob": 0.15, "mask_seed": 0}
     with ShardWriter(path, dim=dim, replicates=2, attrs=attrs) as w:
-        for i, n in enumerate(lengths):
-            f = [rng.normal(0.5, 2.0, (n, dim)).astype(np.float16) for _ in range(2)]
-            m = [rng.random(n) < 0.15 for _ in range(2)]
+        for i, n in enumerate(lengths):  # rows <cls>, n residues, <eos>, as the embed stage stores them
+            f = [rng.normal(0.5, 2.0, (n + 2, dim)).astype(np.float16) for _ in range(2)]
+            for x in f:
+                x[[0, -1]] = 60.0  # far from the residues' values: the statistics are the residues'
+            m = [np.concatenate([[False], rng.random(n) < 0.15, [False]]) for _ in range(2)]
             w.add(f"P{i}", f, m)
-            feats.append(f[0])
-            masks.append(m[0])
+            feats.append(f[0][1:-1])
+            masks.append(m[0][1:-1])
     return np.concatenate(feats).astype(np.float64), np.concatenate(masks)
 
 
