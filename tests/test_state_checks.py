@@ -570,3 +570,20 @@ def test_killed_run_whose_outputs_were_removed_resumes_to_the_uninterrupted_resu
     proc.communicate(timeout=300)
     assert proc.returncode == -signal.SIGKILL
     finish_and_compare(command, run, ref)
+
+
+def test_embeddings_of_an_older_store_format_rerun_and_are_refused(tmp_path):
+    """The embed stage's format (stages.FORMATS) is part of its settings: embeddings written before
+    the <cls>/<eos> rows (format 1, no format recorded) change the fingerprint Snakemake compares,
+    and a reader's settings check refuses them in one line."""
+    from ptm_mamba.stages import FORMATS, check_settings, fingerprint_of
+
+    config = tiny_config(tmp_path)
+    settings = stage_settings(config, EMBED)
+    assert settings["format"] == FORMATS[EMBED] == 2
+    older = {k: v for k, v in settings.items() if k != "format"}
+    assert stage_fingerprint(config, EMBED) != fingerprint_of(older)
+    with pytest.raises(PipelineError, match=r"^x\.h5: written by another version of the embed stage \(format 1, "
+                                            r"this version's is 2\); rerun$"):
+        check_settings(older, config, EMBED, "x.h5", "rerun")
+    check_settings(settings, config, EMBED, "x.h5", "rerun")
