@@ -421,10 +421,20 @@ class Run:
             raise PipelineError(f"{source}: its optimiser state does not fit this model "
                                 f"({checkpoint.one_line(str(exc))})") from None
         self.scheduler.load_state_dict(saved["scheduler"])
+        self.follow_schedule()
         self.position = saved["position"]
         self.metrics = saved["metrics"]
         self.best_weights = saved.get("best_model")
         self.accelerator.print(f"resumed from {source} at step {self.position['step']}")
+
+    def follow_schedule(self) -> None:
+        """Set the lr to this run's schedule at the loaded step. A run continued from another run's
+        last.ckpt with another max_steps has another (decaying) schedule than the saved lr belongs
+        to; for a run resuming its own state the value is the saved one, bit for bit."""
+        sched = self.scheduler
+        for group, base, factor in zip(self.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
+            group["lr"] = base * factor(sched.last_epoch)
+        sched._last_lr = [group["lr"] for group in self.optimizer.param_groups]  # what get_last_lr() reads
 
     def save_progress(self) -> None:
         """resume/state.ckpt and metrics.json as they are now."""

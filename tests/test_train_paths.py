@@ -82,6 +82,21 @@ def test_a_last_ckpt_is_continued_to_where_a_longer_run_ends(project, monkeypatc
                for x, y in zip(s.values(), t.values()))
 
 
+def test_a_run_continued_with_more_steps_follows_its_own_decaying_schedule(project):
+    """From a last.ckpt of a 3-step linear schedule (at its end, lr at min_lr) to 6 steps: steps 4-6
+    take the 6-step schedule's lr, as in a 6-step run, from the first one on."""
+    config, split, _ = project
+    linear = {"lr_schedule": "linear", "warmup_steps": 0, "min_lr_ratio": 0.1}
+    short = train_here(derived(config, max_steps=LOG_STEPS, **linear), split, "short-linear")
+    longer = train_here(derived(config, resume_from_checkpoint=str(short / "last.ckpt"), **linear), split,
+                        "continued-linear")
+    straight = train_here(derived(config, **linear), split, "straight-linear")
+    lrs = {run.name: [m["lr"] for m in train_steps(records(run))] for run in (short, longer, straight)}
+    assert lrs["ptm-mamba-continued-linear"][:3] == lrs["ptm-mamba-short-linear"]
+    assert lrs["ptm-mamba-continued-linear"][3:] == lrs["ptm-mamba-straight-linear"][3:]
+    assert lrs["ptm-mamba-straight-linear"][3] > lrs["ptm-mamba-short-linear"][-1]  # the schedules differ
+
+
 def test_a_best_ckpt_or_a_missing_one_to_resume_from_is_one_line(project):
     config, split, ref = project
     best = ref / "best.ckpt"
