@@ -197,6 +197,18 @@ def _swap_accelerate_state(state: dict) -> dict:
     return old
 
 
+def error_line(result: subprocess.CompletedProcess, *needles: str, code: int = 2) -> str:
+    """A refusal as the CLI must give it: exit ``code``, no traceback, exactly one stderr line
+    ``error: ...`` holding every one of ``needles``; returns that line."""
+    assert result.returncode == code, (result.returncode, result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr + result.stdout, result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    return lines[0]
+
+
 def write_config(path: Path, **sections) -> Path:
     """Write a config YAML whose sections are given as dicts."""
     path.write_text(yaml.safe_dump(sections, sort_keys=False))

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import DEMO, REPO, run_cli, write_config, write_csv
+from conftest import DEMO, REPO, error_line, run_cli, write_config, write_csv
 from ptm_mamba.cluster import identity_to_train, read_clusters, search
 from ptm_mamba.config import load_config
 from ptm_mamba.errors import PipelineError
@@ -172,14 +172,6 @@ def test_whole_clusters_fill_val_and_test_as_closely_as_they_allow():
         check([7, 6, 5, 4, 3, 2, 2, 1], 5, 4, seed)
     with pytest.raises(PipelineError, match=r"no whole cluster fits in the val split .* the largest 7"):
         split_clusters(*clustered([7, 6]), val_size=3, test_size=3, seed=0)
-
-
-def error_line(result: subprocess.CompletedProcess, *needles: str) -> None:
-    assert result.returncode == 2, (result.stdout, result.stderr)
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.stderr, result.stderr
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
 
 
 @needs_mmseqs

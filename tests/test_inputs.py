@@ -11,21 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import SEQS, run_cli, write_config
+from conftest import SEQS, error_line, run_cli, write_config
 from ptm_mamba.config import load_config, load_yaml_strict, validate
 from ptm_mamba.embedding_store import EmbeddingReader
 from ptm_mamba.errors import PipelineError
 from ptm_mamba.model import PTMMamba
-
-
-def assert_refused(result, *parts: str) -> str:
-    assert result.returncode == 2, (result.returncode, result.stderr)
-    assert "Traceback" not in result.stderr, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    for part in parts:
-        assert part in lines[0], (part, lines[0])
-    return lines[0]
 
 
 def config_text(toy_config: Path, extra: str) -> str:
@@ -83,7 +73,7 @@ def test_validate_converts_strings_where_the_schema_wants_other_types():
 def test_unconvertible_string_is_refused_in_one_line(section, parts, toy_config: Path, tmp_path: Path):
     config = write_config(tmp_path / "c.yaml", **load_yaml_strict(toy_config), training=section)
     out = tmp_path / "out"
-    line = assert_refused(run_cli("split", "--config", config, "--output_dir", out), str(config), *parts)
+    line = error_line(run_cli("split", "--config", config, "--output_dir", out), str(config), *parts)
     assert len(line) < 200
     assert not out.exists()
 
@@ -100,7 +90,7 @@ def test_duplicate_key_is_refused_naming_the_line(extra, key, line, first, toy_c
     toy_config.write_text(config_text(toy_config, extra))
     out = tmp_path / "out"
     expected = f"{toy_config} line {base + line}: duplicate key {key!r} (first at line {base + first})"
-    assert_refused(run_cli("split", "--config", toy_config, "--output_dir", out), expected)
+    error_line(run_cli("split", "--config", toy_config, "--output_dir", out), expected)
     assert not out.exists()
 
 
@@ -119,7 +109,7 @@ def test_train_refuses_a_run_name_that_is_not_a_plain_folder_name(name, toy_conf
     config = write_config(tmp_path / "c.yaml", **load_yaml_strict(toy_config),
                           training={"output_dir": str(outputs)})
     result = run_cli("train", "--config", config, "--run_name", name, "--no_progress", cwd=tmp_path)
-    assert_refused(result, "--run_name", f"run_name: {name!r}")
+    error_line(result, "--run_name", f"run_name: {name!r}")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml", "config.yaml", "data.csv"]
 
 
@@ -135,10 +125,10 @@ def test_config_run_name_with_dots_is_refused(toy_config: Path):
 def test_an_output_folder_that_is_a_file_is_refused(toy_config: Path, tmp_path: Path):
     blocker = tmp_path / "taken"
     blocker.write_text("a file, not a folder\n")
-    assert_refused(run_cli("split", "--config", toy_config, "--output_dir", blocker / "split"), str(blocker))
+    error_line(run_cli("split", "--config", toy_config, "--output_dir", blocker / "split"), str(blocker))
     config = write_config(tmp_path / "c.yaml", **load_yaml_strict(toy_config),
                           training={"output_dir": str(blocker), "use_esm": False, "max_steps": 1})
-    assert_refused(run_cli("train", "--config", config, "--run_name", "r", "--no_progress"), str(blocker))
+    error_line(run_cli("train", "--config", config, "--run_name", "r", "--no_progress"), str(blocker))
     assert blocker.read_text() == "a file, not a folder\n"
 
 
@@ -157,16 +147,16 @@ def predict(checkpoint: Path, input: Path, output: Path):
 def test_predict_refuses_to_overwrite_its_input(checkpoint: Path, tmp_path: Path):
     data = fasta(tmp_path / "in.fasta")
     before = data.read_bytes()
-    assert_refused(predict(checkpoint, data, data), "is the input file")
-    assert_refused(predict(checkpoint, data, tmp_path / "." / "in.fasta"), "is the input file")
+    error_line(predict(checkpoint, data, data), "is the input file")
+    error_line(predict(checkpoint, data, tmp_path / "." / "in.fasta"), "is the input file")
     (tmp_path / "link.h5").symlink_to(data)
-    assert_refused(predict(checkpoint, data, tmp_path / "link.h5"), "is the input file")
+    error_line(predict(checkpoint, data, tmp_path / "link.h5"), "is the input file")
     assert data.read_bytes() == before
 
 
 def test_predict_refuses_to_overwrite_its_checkpoint(checkpoint: Path, tmp_path: Path):
     before = checkpoint.read_bytes()
-    assert_refused(predict(checkpoint, fasta(tmp_path / "in.fasta"), checkpoint), "is the checkpoint file")
+    error_line(predict(checkpoint, fasta(tmp_path / "in.fasta"), checkpoint), "is the checkpoint file")
     assert checkpoint.read_bytes() == before
     assert not list(checkpoint.parent.glob(".best.ckpt.tmp-*"))
 
@@ -174,7 +164,7 @@ def test_predict_refuses_to_overwrite_its_checkpoint(checkpoint: Path, tmp_path:
 def test_predict_refuses_a_directory_as_output(checkpoint: Path, tmp_path: Path):
     out = tmp_path / "out"
     out.mkdir()
-    assert_refused(predict(checkpoint, fasta(tmp_path / "in.fasta"), out), str(out), "is a directory")
+    error_line(predict(checkpoint, fasta(tmp_path / "in.fasta"), out), str(out), "is a directory")
     assert not any(out.iterdir())
 
 
@@ -184,7 +174,7 @@ def test_predict_refuses_a_directory_as_output(checkpoint: Path, tmp_path: Path)
 ])
 def test_predict_refuses_missing_or_directory_input(make, parts, checkpoint: Path, tmp_path: Path):
     out = tmp_path / "o.h5"
-    assert_refused(predict(checkpoint, make(tmp_path / "missing.fasta"), out), *parts)
+    error_line(predict(checkpoint, make(tmp_path / "missing.fasta"), out), *parts)
     assert not out.exists()
 
 
@@ -197,7 +187,7 @@ def test_predict_reads_fasta_with_bom_and_refuses_non_utf8(checkpoint: Path, tmp
     latin = tmp_path / "latin.fasta"
     latin.write_bytes(b">a\nMKV\n>b caf\xe9\nMKL\n")
     out2 = tmp_path / "o2.h5"
-    assert_refused(predict(checkpoint, latin, out2), str(latin), "line 3", "not UTF-8", "0xe9")
+    error_line(predict(checkpoint, latin, out2), str(latin), "line 3", "not UTF-8", "0xe9")
     assert not out2.exists()
 
 
@@ -238,7 +228,7 @@ def _bad_config(value):
 def test_crafted_checkpoint_is_refused_in_one_line(edit, parts, checkpoint: Path, tmp_path: Path):
     bad = crafted(checkpoint, tmp_path / "crafted.ckpt", edit)
     out = tmp_path / "o.h5"
-    line = assert_refused(predict(bad, fasta(tmp_path / "in.fasta"), out), str(bad), *parts)
+    line = error_line(predict(bad, fasta(tmp_path / "in.fasta"), out), str(bad), *parts)
     assert len(line) < len(str(bad)) + 260
     assert not out.exists()
     with pytest.raises(PipelineError, match=parts[0]):

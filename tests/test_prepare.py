@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, run_cli, write_config
+from conftest import REPO, error_line, run_cli, write_config
 from ptm_mamba.config import validate
 from ptm_mamba.errors import PipelineError
 from ptm_mamba.prepare import check_prepared, summary_path
@@ -67,14 +67,6 @@ SITES_OUT = ("unique_id,ptm_seq\n"
 
 def prepare(fmt: str, source: Path, out: Path, own_process: bool = False) -> subprocess.CompletedProcess:
     return run_cli("prepare", "--format", fmt, "--input", source, "--output", out, own_process=own_process)
-
-
-def one_line_error(result: subprocess.CompletedProcess, *needles: str) -> None:
-    assert result.returncode == 2, (result.stdout, result.stderr)
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.stderr, result.stderr
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
 
 
 def test_uniprot_tsv_features_become_tokens_and_skips_are_counted(tmp_path):
@@ -139,7 +131,7 @@ def test_mistakes_are_one_line_and_write_nothing(tmp_path, case):
     if case == "not_ours":
         out.parent.mkdir()
         out.write_text("unique_id,ptm_seq\nP1,MK\n")
-    one_line_error(prepare(fmt, source, out), *needles)
+    error_line(prepare(fmt, source, out), *needles)
     assert sorted(p.name for p in out.parent.glob("*")) == (["data.csv"] if case == "not_ours" else [])
 
 

@@ -30,7 +30,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import demo_subset, run_cli, tiny_config, write_config, write_csv
+from conftest import demo_subset, error_line, run_cli, tiny_config, write_config, write_csv
 from ptm_mamba import fileio
 from ptm_mamba.errors import PipelineError
 from ptm_mamba.split import load_split_dir, read_split, run_split, split_proteins
@@ -43,17 +43,6 @@ RUN_OUTPUTS = ("config.yaml", "split_mapping.json", "metrics.json", "best.ckpt",
 
 
 # ----------------------------------------------------------------------------- helpers
-
-def error_line(result: subprocess.CompletedProcess, *needles: str, code: int = 2) -> str:
-    """The command failed with ``code`` and exactly one stderr line ``error: ...`` holding ``needles``."""
-    assert result.returncode == code, (result.returncode, result.stdout, result.stderr)
-    assert "Traceback" not in result.stderr + result.stdout, result.stderr
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
-    return lines[0]
-
 
 def files_under(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file()) if folder.exists() else []
