@@ -14,6 +14,7 @@ converted first.
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import os
 from collections.abc import Hashable
@@ -38,10 +39,16 @@ def load_schema() -> dict:
         return yaml.safe_load(fh)
 
 
+@functools.cache
+def _schema_for_defaults() -> dict:
+    """The schema, read once per process for :func:`schema_default` (which only reads it)."""
+    return load_schema()
+
+
 def schema_default(key: str) -> Any:
     """The schema's default of a dotted key (``"predict.max_tokens_per_batch"``): the one place
     where defaults live, for code that runs without a config (the predict CLI, the model's API)."""
-    node = load_schema()
+    node = _schema_for_defaults()
     for part in key.split("."):
         node = node["properties"][part]
     return copy.deepcopy(node["default"])

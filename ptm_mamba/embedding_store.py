@@ -5,10 +5,10 @@ The embed stage computes, per protein of L residues and per mask replicate k in
 (row 0: ``<cls>``, rows 1..L: the residues, row L+1: ``<eos>``) plus the bool
 random mask (L+2,) that was used (False at ``<cls>``/``<eos>``). One job writes
 one shard file; ``gather`` joins a split's shards into one file whose arrays are
-HDF5 virtual datasets pointing at the shards (no copy). The store itself keeps
-any number of rows per protein (``ptm-mamba predict`` writes L rows, one per
-residue); the L+2 layout is the embed stage's, checked where it is read
-(``BatchBuilder``).
+HDF5 virtual datasets pointing at the shards (no copy). ``ptm-mamba predict``
+writes its hidden states in the same layout, with the same L+2 rows per protein;
+the store itself takes any number of rows per protein, and the row count is
+checked where it is read (``BatchBuilder``).
 
 Layout (a shard and a gathered file look the same to a reader)::
 

@@ -169,16 +169,14 @@ class PTMTokenizer:
 
     def __init__(self):
         self.vocab = list(VOCAB)
-        self.token_to_id = {t: i for i, t in enumerate(self.vocab)}
-        self.pad_id = self.token_to_id["<pad>"]
-        self.mask_id = self.token_to_id["<mask>"]
-        self.unk_id = self.token_to_id["<unk>"]
-        self.cls_id = self.token_to_id["<cls>"]
-        self.eos_id = self.token_to_id["<eos>"]
-        self.first_residue_id = self.token_to_id["L"]
-        self.ptm_marker_id = self.token_to_id[PTM_MARKER]
+        self.token_to_id = dict(TOKEN_ID)
+        self.pad_id, self.unk_id = PAD_ID, UNK_ID
+        self.mask_id = TOKEN_ID["<mask>"]
+        self.cls_id = TOKEN_ID["<cls>"]
+        self.eos_id = TOKEN_ID["<eos>"]
+        self.first_residue_id, self.ptm_marker_id = FIRST_RESIDUE_ID, PTM_MARKER_ID
         self._residues = frozenset(RESIDUES)
-        self._ptm_tokens = frozenset(self.vocab[self.ptm_marker_id + 1:])
+        self._ptm_tokens = frozenset(PTM_TOKENS)
 
     def __len__(self) -> int:
         return len(self.vocab)

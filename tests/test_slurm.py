@@ -21,6 +21,7 @@ import torch
 import yaml
 
 from conftest import REPO, slurm_installed, tiny_config, write_config
+from test_train_features import train_here
 
 pytestmark = pytest.mark.slow
 
@@ -40,18 +41,6 @@ TRAINING_SECONDS = 70
 PROBE_STEPS = 150
 
 
-def one_thread_train(config: dict, **kw):
-    """train() in this process on one thread (the numbers depend on the thread count)."""
-    from ptm_mamba.train import train
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return train(config, progress=False, **kw)
-    finally:
-        torch.set_num_threads(threads)
-
-
 def steps_for(seconds: float, config: dict, tmp_path) -> int:
     """Training steps that take ``seconds`` here: timed on a short run of the same model on the same
     data, split and embedded in this process."""
@@ -64,7 +53,7 @@ def steps_for(seconds: float, config: dict, tmp_path) -> int:
     run_split(probe, tmp_path / "probe" / "split")
     embed_all(probe, tmp_path / "probe" / "split", probe["training"]["embeddings_dir"])
     started = time.perf_counter()
-    one_thread_train(probe, split_dir=str(tmp_path / "probe" / "split"), run_name="probe")
+    train_here(probe, tmp_path / "probe" / "split", "probe")
     return int(seconds * PROBE_STEPS / (time.perf_counter() - started))
 
 
@@ -113,7 +102,7 @@ def test_dag_on_slurm_with_a_train_job_past_its_time_limit(cluster, tmp_path):
     wait_for_files([embeddings / f"{split}_embeddings.h5" for split in ("train", "val", "test")], snakemake)
     reference = copy.deepcopy(config)
     reference["training"].update(output_dir=str(tmp_path / "reference"), embeddings_dir=str(embeddings))
-    ref = one_thread_train(reference, split_dir=str(tmp_path / "results" / "split"), run_name="slurm")
+    ref = train_here(reference, tmp_path / "results" / "split", "slurm")
     reference_seconds = time.time() - started
 
     output = snakemake.communicate(timeout=900)[0]
