@@ -109,7 +109,13 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
+    from .config import schema_entry
     from .predict import write_predictions
+
+    least = schema_entry("predict.max_tokens_per_batch")["minimum"]  # the config key's bound
+    if args.max_tokens_per_batch < least:
+        raise PipelineError(f"--max_tokens_per_batch: {args.max_tokens_per_batch} is less than the minimum "
+                            f"of {least}")
 
     n = write_predictions(args.checkpoint, args.input, args.output, device=args.device,
                           max_tokens_per_batch=args.max_tokens_per_batch, pooled=args.pooled,

@@ -45,13 +45,18 @@ def _schema_for_defaults() -> dict:
     return load_schema()
 
 
-def schema_default(key: str) -> Any:
-    """The schema's default of a dotted key (``"predict.max_tokens_per_batch"``): the one place
-    where defaults live, for code that runs without a config (the predict CLI, the model's API)."""
+def schema_entry(key: str) -> dict:
+    """The schema of a dotted key (``"predict.max_tokens_per_batch"``): its type, bounds, default."""
     node = _schema_for_defaults()
     for part in key.split("."):
         node = node["properties"][part]
-    return copy.deepcopy(node["default"])
+    return copy.deepcopy(node)
+
+
+def schema_default(key: str) -> Any:
+    """The schema's default of a dotted key: the one place where defaults live, for code that runs
+    without a config (the predict CLI, the model's API)."""
+    return schema_entry(key)["default"]
 
 
 class _DuplicateKey(yaml.YAMLError):

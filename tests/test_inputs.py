@@ -233,3 +233,11 @@ def test_crafted_checkpoint_is_refused_in_one_line(edit, parts, checkpoint: Path
     assert not out.exists()
     with pytest.raises(PipelineError, match=parts[0]):
         PTMMamba.from_checkpoint(bad)
+
+
+def test_predict_batch_budget_below_the_schemas_minimum_is_one_line(tmp_path):
+    """--max_tokens_per_batch has the bound of its config key, predict.max_tokens_per_batch."""
+    result = run_cli("predict", "--checkpoint", tmp_path / "x.ckpt", "--input", tmp_path / "in.fasta",
+                     "--output", tmp_path / "out.h5", "--max_tokens_per_batch", "0")
+    error_line(result, "--max_tokens_per_batch: 0 is less than the minimum of 8")
+    assert not (tmp_path / "out.h5").exists()
