@@ -198,7 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="best.ckpt or last.ckpt of a training run")
     p.add_argument("--input", required=True, help="CSV (unique_id, ptm_seq) or FASTA with PTM tokens")
     p.add_argument("--output", required=True, help="HDF5 file (embedding-store layout)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: a GPU if torch can use one; a job given GPUs "
+                   "by SLURM or CUDA_VISIBLE_DEVICES that cannot use one stops)")
     option(p, "max_tokens_per_batch", type=int, default=schema_default("predict.max_tokens_per_batch"),
            help="token budget of one batch (default: %(default)s, the config's predict.max_tokens_per_batch)")
     p.add_argument("--pooled", action=argparse.BooleanOptionalAction, default=schema_default("predict.pooled"),

@@ -136,11 +136,14 @@ def _check_overlap(config: dict) -> None:
 
 
 def load_esm_for(config: dict, device=None):
+    """The config's ESM-2 on ``device`` (default: the embed stage's, :func:`ptm_mamba.device.choose_device`)."""
+    from .device import choose_device, describe, summary
     from .esm import load_esm
-    import torch
 
     _check_overlap(config)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device is None:
+        device = choose_device(config["device"], [], "embed")
+        log.info("ESM-2 runs on %s", summary(describe(device)))
     return load_esm(config["esm"]["model"], config["esm"]["repr_layer"], device=device)
 
 

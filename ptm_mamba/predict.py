@@ -13,6 +13,7 @@ its residues, in float32: dataset ``pooled`` (n, d_model), row i for ``ids[i]``;
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from pathlib import Path
 
@@ -23,10 +24,13 @@ from tqdm import tqdm
 from .batching import plan_batches
 from .data import BatchBuilder
 from .dataset import Protein, _read_text, read_dataset
+from .device import choose_device, describe, summary
 from .embedding_store import EmbeddingReader, ShardWriter
 from .errors import PipelineError
 from .fileio import atomic_path
 from .tokenizer import PTMTokenizer
+
+log = logging.getLogger(__name__)
 
 
 def _proteins(sequences: list[str]) -> list[Protein]:
@@ -150,7 +154,8 @@ def write_predictions(checkpoint_path: str | os.PathLike, input_path: str | os.P
     from .model import PTMMamba
 
     _check_output(Path(output), input=Path(input_path), checkpoint=Path(checkpoint_path))
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = choose_device(device, [], "predict", cpu_option="use --device cpu")
+    log.info("predict runs on %s", summary(describe(device)))
     model = PTMMamba.from_checkpoint(checkpoint_path, device=device)
     proteins = read_sequences(input_path)
     digest = hashlib.sha256("".join(p.id + p.sequence for p in proteins).encode()).hexdigest()[:24]

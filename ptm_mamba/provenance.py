@@ -62,8 +62,9 @@ def count_rows(path: str | os.PathLike) -> int | None:
         return None
 
 
-def provenance(config: dict) -> dict:
-    """The provenance of a run made with ``config``."""
+def provenance(config: dict, runtime: dict | None = None) -> dict:
+    """The provenance of a run made with ``config``; ``runtime`` says what ran where
+    (:func:`ptm_mamba.device.describe`, precision, kernels)."""
     data = config["dataset"]["dataset_location"]
     return {
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -77,11 +78,12 @@ def provenance(config: dict) -> dict:
         "platform": platform.platform(),
         "gpus": gpu_names(),
         "processes": int(os.environ.get("WORLD_SIZE", "1")),
+        "runtime": runtime,
     }
 
 
-def write_provenance(config: dict, run_dir: str | os.PathLike) -> Path:
+def write_provenance(config: dict, run_dir: str | os.PathLike, runtime: dict | None = None) -> Path:
     """Write ``provenance.json`` into the run folder (atomically); return its path."""
     path = Path(run_dir) / FILE
-    atomic_write_json(path, provenance(config))
+    atomic_write_json(path, provenance(config, runtime))
     return path

@@ -194,7 +194,7 @@ FORMATS: dict[str, int] = {EMBED: 2}
 FORMAT_KEY = "format"
 # Not listed, on purpose: run_name and the folders (where results go, not what they are),
 # embedding.shards / max_tokens_per_batch / batch_size (how the embedding work is cut up),
-# training.num_workers (DataLoader processes), training.resume_from_checkpoint (where a run
+# training.num_workers (DataLoader processes), device (where a stage runs, like model.scan), training.resume_from_checkpoint (where a run
 # continues from; the resumed run checks the saved state's own settings), training.log_with
 # (where metrics are also sent).
 

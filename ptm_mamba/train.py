@@ -42,6 +42,7 @@ from . import checkpoint
 from .batching import epoch_batches, plan_batches
 from .config import dump_config
 from .data import Batch, BatchBuilder, EpochBatches, EvalBatches, collate_single
+from .device import choose_device, config_gpu_requests, describe, summary
 from .embed import check_store_settings
 from .embedding_store import EmbeddingReader
 from .errors import PipelineError, StopRequested
@@ -60,15 +61,18 @@ log = logging.getLogger(__name__)
 
 # ----------------------------------------------------------------------------- set-up
 
-def processes():
+def processes(config: dict):
     """The processes of this run (accelerate's state, which the Accelerator made later shares).
 
-    Without a GPU, accelerate forms a process group (gloo) only when told cpu=True; else every
-    process launched by torchrun/accelerate would train alone.
+    On a GPU when one can be used, on the CPU when none was asked for (:mod:`ptm_mamba.device`
+    stops a run that asked for one and cannot have it). On the CPU, accelerate forms a process
+    group (gloo) only when told cpu=True; else every process launched by torchrun/accelerate
+    would train alone.
     """
     from accelerate import PartialState
 
-    return PartialState(cpu=not torch.cuda.is_available())
+    device = choose_device(config["device"], config_gpu_requests(config), "train")
+    return PartialState(cpu=device.type == "cpu")
 
 
 def make_accelerator(config: dict, out: Path):
@@ -78,10 +82,10 @@ def make_accelerator(config: dict, out: Path):
     from accelerate.utils import DistributedDataParallelKwargs
 
     tr = config["training"]
+    cpu = processes(config).device.type == "cpu"
     precision = tr["mixed_precision"]
     if precision == "auto":
-        precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-    cpu = processes().device.type == "cpu"
+        precision = "bf16" if not cpu and torch.cuda.is_bf16_supported() else "no"
     if precision == "fp16" and cpu:  # accelerate would quietly train in fp32 under the fp16 label
         raise PipelineError('training.mixed_precision: fp16 needs a GPU (accelerate runs fp16 on CUDA only); '
                             'on CPU use bf16 or "no"')
@@ -100,7 +104,7 @@ def run_dir(config: dict, run_name: str | None) -> Path:
     from accelerate.utils import broadcast_object_list
 
     name = [run_name or config["run_name"] or timestamp_run_name()]
-    if processes().num_processes > 1:
+    if processes(config).num_processes > 1:
         broadcast_object_list(name, from_process=0)
     out = run_folder(config["training"]["output_dir"], name[0])
     for folder in (out, *out.parents):
@@ -453,7 +457,7 @@ class Run:
             out.mkdir(parents=True, exist_ok=True)
             atomic_write_text(out / "config.yaml", dump_config(self.config))
             atomic_write_json(out / "split_mapping.json", mapping(data.splits))
-            write_provenance(self.config, out)
+            write_provenance(self.config, out, self.runtime())
         accelerator.init_trackers("ptm-mamba", init_kwargs={"wandb": {"name": out.name},
                                                             "mlflow": {"run_name": out.name}})
         sizes, world = self.metrics[0]["split_sizes"], data.world
@@ -462,6 +466,12 @@ class Run:
                           f"train {sizes['train']} / val {sizes['val']} / test {sizes['test']} proteins; "
                           f"{data.batches_per_epoch} batches per epoch per process, {world * data.accum} per "
                           f"optimiser step, {data.total_steps} steps; model.scan {self.mcfg.scan}")
+        accelerator.print(f"device {summary(describe(accelerator.device))}; precision {accelerator.mixed_precision}")
+
+    def runtime(self) -> dict:
+        """What runs where, for provenance.json: device, GPU, driver, CUDA runtime, precision, kernels."""
+        return {**describe(self.accelerator.device), "precision": self.accelerator.mixed_precision,
+                "kernels": what_ran()}
 
     def finish(self) -> None:
         """last.ckpt, best.ckpt from the best validation's weights, then the test set scored with them."""
@@ -481,6 +491,7 @@ class Run:
         accelerator.print(f"test (best.ckpt): loss {avg['avg_test_loss']:.4f} acc {avg['avg_test_acc']:.4f} "
                           f"PTM acc {avg['avg_test_ptm_acc']:.4f}")
         if self.main:
+            write_provenance(self.config, out, self.runtime())  # now with the kernels that ran
             atomic_write_json(out / "metrics.json", self.metrics)
             self.state_path.unlink(missing_ok=True)
             if self.state_path.parent.exists() and not any(self.state_path.parent.iterdir()):

@@ -5,7 +5,7 @@
   from its own state, not again from the checkpoint; a ``best.ckpt`` (weights only) is refused in one line
   that points to ``training.init_from``;
 - ``model.model_type: mamba`` (unidirectional) trains, and its ``best.ckpt`` predicts causally;
-- ``training.mixed_precision``: bf16 runs on CPU (autocast), fp16 is refused on CPU in one line;
+- ``training.mixed_precision``: bf16 runs on CPU (autocast) with ``device: cpu``, fp16 is refused on CPU in one line;
 - several processes without a run name write one timestamped folder, named by the main process.
 """
 
@@ -145,7 +145,8 @@ def new_accelerator_state():
 
 def test_bf16_trains_on_cpu_with_autocast(project, new_accelerator_state):
     config, split, ref = project
-    run = train_here(derived(config, mixed_precision="bf16", max_steps=2, log_steps=2), split, "bf16")
+    on_cpu = {**derived(config, mixed_precision="bf16", max_steps=2, log_steps=2), "device": "cpu"}
+    run = train_here(on_cpu, split, "bf16")  # bf16 asks for a GPU, unless device: cpu says otherwise
     first, fp32 = train_steps(records(run))[0], train_steps(records(ref))[0]
     assert first["tokens"] == fp32["tokens"]  # the same batch, ...
     assert first["train_loss"] != fp32["train_loss"]  # ... scored in bf16
@@ -158,7 +159,7 @@ def test_bf16_trains_on_cpu_with_autocast(project, new_accelerator_state):
 def test_fp16_on_cpu_is_one_line(project):
     config, split, ref = project
     with pytest.raises(PipelineError, match=r'^training.mixed_precision: fp16 needs a GPU .* use bf16 or "no"$'):
-        train_here(derived(config, mixed_precision="fp16"), split, "fp16")
+        train_here({**derived(config, mixed_precision="fp16"), "device": "cpu"}, split, "fp16")
     assert not (ref.parent / "ptm-mamba-fp16").exists()
 
 
