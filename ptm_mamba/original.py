@@ -10,6 +10,12 @@ their pickles name), so no other code in the file can run; maps the original's m
 onto :class:`~ptm_mamba.model.ModelConfig`; drops exactly those unused tensors; and writes
 a checkpoint in our format (``format_version`` 1), atomically.
 
+``config_dict.model`` is a child of hydra's config, and its pickle carries that root: the
+other keys, their ``${...}`` interpolations (``${now:...}`` too, whose resolver only hydra
+registers), and the root's resolver cache, a ``collections.defaultdict(dict)`` that hydra
+filled when it resolved the run directory ``outputs/${now:...}``. Only the model's keys are
+resolved, each on its own (elsewhere only what a model key points to).
+
 Config mapping (``lm.py``'s ``MambaLMHeadModel`` reads these keys and no others):
 
     model_type        bidirectional_mamba (the original's unidirectional "mamba" network has
@@ -54,15 +60,37 @@ _SSM_SHAPE_KEYS = ("d_state", "d_conv", "expand", "dt_rank", "conv_bias", "bias"
 _SSM_INIT_KEYS = ("dt_min", "dt_max", "dt_init", "dt_scale", "dt_init_floor", "use_fast_path")
 
 
+def _resolver_cache(default_factory: Any) -> dict:
+    """What ``collections.defaultdict(dict)``, an OmegaConf resolver cache, unpickles to here: a
+    plain dict, as torch's weights-only unpickler fills no other mapping (the cached values follow
+    in the pickle); :func:`_plain_config` makes the root's cache a defaultdict again."""
+    if default_factory is not dict:
+        raise pickle.UnpicklingError(f"collections.defaultdict({default_factory!r}) is not an OmegaConf resolver "
+                                     "cache")
+    return {}
+
+
 def _safe_globals() -> list:
     """What an OmegaConf DictConfig's pickle names: its classes, and the plain types and
-    ``typing.Any`` its metadata records (key/element/object types, a defaultdict cache)."""
+    ``typing.Any`` its metadata records (key/element/object types, the resolver cache)."""
     from omegaconf import DictConfig, ListConfig
     from omegaconf.base import ContainerMetadata, Metadata
     from omegaconf.nodes import AnyNode, BooleanNode, FloatNode, IntegerNode, StringNode
 
     return [DictConfig, ListConfig, ContainerMetadata, Metadata, AnyNode, BooleanNode, FloatNode, IntegerNode,
-            StringNode, typing.Any, collections.defaultdict, dict, list, str, int, float, bool]
+            StringNode, typing.Any, (_resolver_cache, "collections.defaultdict"), dict, list, str, int, float, bool]
+
+
+def _refusal(exc: pickle.UnpicklingError) -> str:
+    """The cause of torch's weights-only refusal, without its advice: the global refused (as
+    module.name: torch writes a builtin's bare name), else the unpickler's own message."""
+    text = str(exc)
+    found = re.search(r"GLOBAL ([\w.]+)", text)
+    if found:
+        name = found.group(1) if "." in found.group(1) else f"builtins.{found.group(1)}"
+        return f"refused global {name}"
+    lines = [line for line in text.split("Check the documentation of torch.load")[0].splitlines() if line.strip()]
+    return checkpoint.one_line(lines[-1].split("WeightsUnpickler error:")[-1] if lines else text)
 
 
 def read_original(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -74,10 +102,8 @@ def read_original(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dic
         with torch.serialization.safe_globals(_safe_globals()):
             state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
-        what = f"it pickles {found.group(1)}" if found else checkpoint.one_line(exc)
-        raise PipelineError(f"{path}: cannot be read with torch.load(weights_only=True): {what}; only tensors, "
-                            "plain values and OmegaConf containers are allowed") from None
+        raise PipelineError(f"{path}: torch.load(weights_only=True): {_refusal(exc)}; only tensors, plain values "
+                            "and OmegaConf containers are allowed") from None
     except Exception as exc:  # truncated, not a torch file
         raise PipelineError(f"{path}: not a readable checkpoint ({type(exc).__name__}: "
                             f"{checkpoint.one_line(exc)})") from None
@@ -95,14 +121,23 @@ def read_original(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dic
 
 
 def _plain_config(config: Any, path: Path) -> dict[str, Any]:
-    from omegaconf import DictConfig, OmegaConf
+    """The model config as plain values, each key resolved on its own: one whose interpolation does
+    not resolve (a resolver only hydra registers, a key that is not there) stays as written, and
+    matters only if the model reads it. Nothing outside the model node is evaluated unless a model
+    key points there."""
+    from omegaconf import Container, DictConfig, OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
     if isinstance(config, DictConfig):
-        try:
-            config = OmegaConf.to_container(config, resolve=True)
-        except OmegaConfBaseException as exc:  # e.g. an interpolation that points nowhere
-            raise PipelineError(f"{path}: its config does not resolve: {checkpoint.one_line(exc)}") from None
+        root = config._get_root()
+        OmegaConf.set_cache(root, collections.defaultdict(dict, OmegaConf.get_cache(root)))  # see _resolver_cache
+        node, config = config, OmegaConf.to_container(config, resolve=False)
+        for key in config:
+            try:
+                value = node[key]
+                config[key] = OmegaConf.to_container(value, resolve=True) if isinstance(value, Container) else value
+            except OmegaConfBaseException:
+                pass
     if not isinstance(config, Mapping):
         raise PipelineError(f"{path}: 'config' is {type(config).__name__}, not the model's config mapping")
     return dict(config)

@@ -1,12 +1,18 @@
 """`ptm-mamba import-original`: a checkpoint written the way the original's train.py writes it
 ({"model": state_dict, "config": OmegaConf DictConfig}, with the bundled mamba-ssm fork's unused
 *_b mixer tensors) becomes ours; the imported model computes what the original network computes
-from that state dict; `ptm-mamba predict` runs on it (per-residue and pooled embeddings)."""
+from that state dict; `ptm-mamba predict` runs on it (per-residue and pooled embeddings). Also a
+file written under real hydra-core 1.3.2 / omegaconf 2.3.0 (tests/fixtures/original); a file that
+pickles any other global is refused, in one line naming it."""
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import math
+import os
+import warnings
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -16,7 +22,7 @@ import torch.nn.functional as F
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
-from conftest import SEQS, run_cli
+from conftest import REPO, SEQS, run_cli
 from ptm_mamba.errors import PipelineError
 from ptm_mamba.model import ModelConfig, PTMMamba
 from ptm_mamba.original import import_original
@@ -79,6 +85,26 @@ def original_config(**model) -> DictConfig:
     for key, value in model.items():
         config_dict.model[key] = value
     return config_dict.model
+
+
+def hydra_config() -> DictConfig:
+    """original_config() as it is under hydra: its root's cached `now` resolver was used (hydra's run
+    directory), the parents interpolate `now` and other keys, model keys interpolate others; `now` is
+    unregistered again afterwards, as in a process without hydra."""
+    with warnings.catch_warnings():  # omegaconf 2.4 deprecates the call hydra 1.3 makes
+        warnings.simplefilter("ignore")
+        OmegaConf.register_new_resolver("now", lambda fmt: datetime.datetime.now().strftime(fmt), use_cache=True)
+    try:
+        model = original_config(n_layer="${..depth}", esm_embed_dim="${train.esm_dim}")
+        root = model._get_root()
+        root.run_dir = "outputs/${now:%Y-%m-%d}/${now:%H-%M-%S}"
+        root.train.merge_with({"depth": N_LAYER, "esm_dim": ESM_DIM,
+                               "training_arguments": {"save_dir": "${run_dir}/checkpoints-${now:%Y}"}})
+        assert root.train.training_arguments.save_dir.startswith("outputs/")  # train.py reads it: cached
+        assert set(OmegaConf.get_cache(root)["now"]) == {("%Y-%m-%d",), ("%H-%M-%S",), ("%Y",)}
+    finally:
+        OmegaConf.clear_resolver("now")
+    return model
 
 
 def save_original(path, state=None, config=None, **extra):
@@ -145,6 +171,23 @@ def original_logits(sd, input_ids, esm_features):
     return rms_norm(hidden + residual, sd["backbone.norm_f.weight"]) @ sd["lm_head.weight"].T
 
 
+def logits_difference(original_file, target) -> float:
+    """max |logits of the imported model `target` - the original network's from `original_file`'s
+    state dict| on the same random (unpadded: flip == our reversal) inputs."""
+    original = torch.load(original_file, weights_only=False)["model"]  # our own test file: a full unpickle is fine
+    model = PTMMamba.from_checkpoint(target)
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(FIRST_RESIDUE_ID, len(VOCAB), (3, 21), generator=gen)
+    esm = torch.randn(3, 21, ESM_DIM, generator=gen)
+    with torch.no_grad():
+        ours = model(ids, esm).logits
+    reference = original_logits(original, ids, esm)
+    diff = (ours - reference).abs().max().item()
+    print(f"max |imported - original network| logits of {Path(original_file).name}: {diff:.2e} "
+          f"(scale {reference.abs().max().item():.2f})")
+    return diff
+
+
 # ----------------------------------------------------------------------------- tests
 
 def test_every_tensor_is_the_files_and_only_the_unused_ones_are_dropped(imported):
@@ -166,18 +209,50 @@ def test_every_tensor_is_the_files_and_only_the_unused_ones_are_dropped(imported
 
 
 def test_imported_model_computes_the_original_network(imported):
-    source, target = imported
-    original = torch.load(source, weights_only=False)["model"]
-    model = PTMMamba.from_checkpoint(target)
-    gen = torch.Generator().manual_seed(1)
-    ids = torch.randint(FIRST_RESIDUE_ID, len(VOCAB), (3, 21), generator=gen)  # unpadded: flip == our reversal
-    esm = torch.randn(3, 21, ESM_DIM, generator=gen)
-    with torch.no_grad():
-        ours = model(ids, esm).logits
-    reference = original_logits(original, ids, esm)
-    diff = (ours - reference).abs().max().item()
-    print(f"max |imported - original network| logits: {diff:.2e} (scale {reference.abs().max().item():.2f})")
-    assert diff < 1e-5
+    assert logits_difference(*imported) < 1e-5
+
+
+def test_a_checkpoint_saved_under_hydra_imports_without_its_resolvers(tiny_esm, tmp_path):
+    """The root's resolver cache (a defaultdict), `${now:...}` in the parents with `now` not
+    registered here, model keys that interpolate others: read, and only the model's keys resolved."""
+    source = save_original(tmp_path / "best.ckpt", config=hydra_config())
+    result = run_cli("import-original", "--checkpoint", source, "--output", tmp_path / "imported.ckpt",
+                     "--esm-model", tiny_esm)
+    assert result.returncode == 0, result.stderr
+    assert torch.load(tmp_path / "imported.ckpt", weights_only=True)["imported_from"]["original_config"] == {
+        **yaml.safe_load(BASE_YAML)["model"], "vocab_size": len(VOCAB)}  # n_layer, esm_embed_dim resolved
+    assert logits_difference(source, tmp_path / "imported.ckpt") < 1e-5
+
+
+def test_a_checkpoint_written_by_hydra_1_3_2_and_omegaconf_2_3_0_imports(tiny_esm, tmp_path):
+    source = REPO / "tests" / "fixtures" / "original" / "hydra-1.3.2_omegaconf-2.3.0.ckpt"  # make_checkpoint.py
+    result = run_cli("import-original", "--checkpoint", source, "--output", tmp_path / "imported.ckpt",
+                     "--esm-model", tiny_esm)
+    assert result.returncode == 0, result.stderr
+    assert f"{N_LAYER * 2 * len(UNUSED)} unused *_b mixer tensors dropped" in result.stdout
+    original_config = torch.load(tmp_path / "imported.ckpt", weights_only=True)["imported_from"]["original_config"]
+    assert (original_config["n_layer"], original_config["esm_embed_dim"]) == (N_LAYER, ESM_DIM)  # interpolated
+    assert logits_difference(source, tmp_path / "imported.ckpt") < 1e-5
+
+
+class RunsACommand:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):  # what a malicious checkpoint pickles: unpickling it runs the command
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.parametrize("forbidden", ["os.system", "argparse.Namespace"])
+def test_a_checkpoint_with_a_forbidden_global_is_refused_in_one_line_naming_it(forbidden, tmp_path):
+    marker = tmp_path / "ran"
+    payload = RunsACommand(marker) if forbidden == "os.system" else argparse.Namespace(lr=1e-3)
+    name = f"{os.system.__module__}.system" if forbidden == "os.system" else forbidden  # posix.system on Linux
+    source = save_original(tmp_path / "o.ckpt", config=hydra_config(), extra=payload)
+    result = run_cli("import-original", "--checkpoint", source, "--output", tmp_path / "out.ckpt")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert f"{source}: torch.load(weights_only=True): refused global {name};" in result.stderr
+    assert not (tmp_path / "out.ckpt").exists() and not marker.exists()
 
 
 def test_predict_runs_on_the_imported_model_with_pooled_embeddings(imported, tmp_path):
@@ -209,7 +284,8 @@ def test_predict_runs_on_the_imported_model_with_pooled_embeddings(imported, tmp
     (dict(config=dict(vocab_size=60)), "vocab_size 60"),
     (dict(drop="backbone.hidden_fc.1.bias"), "weights do not fit the model.*hidden_fc.1.bias"),
     (dict(untie=True), "lm_head.weight differs from backbone.embedding.weight"),
-    (dict(extra={"when": datetime.date(2024, 1, 1)}), r"weights_only=True\): it pickles datetime.date"),
+    (dict(config=dict(d_model="${now:%Y}")), r"config d_model is '\$\{now:%Y\}', not a int"),
+    (dict(extra={"when": datetime.date(2024, 1, 1)}), r"weights_only=True\): refused global datetime.date"),
 ])
 def test_checkpoints_that_are_not_the_originals_layout_are_refused(change, message, tmp_path):
     state = original_state_dict()
