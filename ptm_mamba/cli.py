@@ -123,6 +123,17 @@ def cmd_predict(args: argparse.Namespace) -> None:
     print(f"{n} proteins -> {args.output}")
 
 
+def cmd_doctor(args: argparse.Namespace) -> None:
+    import json
+
+    from .doctor import as_json, doctor, report
+
+    findings = doctor()
+    print(json.dumps(as_json(findings), indent=2) if args.json else report(findings))
+    if any(f.status == "problem" for f in findings):
+        raise SystemExit(1)
+
+
 def cmd_import_original(args: argparse.Namespace) -> None:
     from .original import import_original
 
@@ -216,6 +227,12 @@ def build_parser() -> argparse.ArgumentParser:
          help="the ESM-2 the model is run with, as esm.model takes it (default: the original's)")
     option(p, "esm_repr_layer", type=int, default=None, help="its layer (default: the last, as the original)")
     p.set_defaults(func=cmd_import_original)
+
+    p = sub.add_parser("doctor", help="what this machine offers the pipeline (torch, driver, GPUs, Triton, "
+                       "mamba-ssm, nvcc, MMseqs2, SLURM, what auto picks), with a fix for each problem; "
+                       "exit 1 when a problem is found")
+    p.add_argument("--json", action="store_true", help="the findings as JSON")
+    p.set_defaults(func=cmd_doctor)
 
     from .report import add_parser as add_plots_parser
 

@@ -149,3 +149,24 @@ def test_choose_device():
     with pytest.raises(PipelineError, match=r"^predict: a GPU was asked for \(device: cuda:1\) but cannot be used: "
                                             r"torch 2.13.0 is built for CUDA 13.0 .* or set device: cpu"):
         choose_device("cuda:1", [], "predict", facts(visible_devices=""))
+
+
+def test_doctor_reports_this_machine(no_gpu_request):
+    result = run_cli("doctor", "--json")
+    assert result.returncode == 0, result.stderr
+    found = json.loads(result.stdout)
+    assert found["torch"] == {"status": "ok", "value": f"{torch.__version__} (CPU-only build)", "fix": None}
+    assert found["gpus"]["status"] == "missing" and found["nvidia driver"]["value"] == "not found"
+    triton = pytest.importorskip("triton")
+    assert found["triton"]["value"].startswith(triton.__version__) and found["triton"]["status"] == "ok"
+    assert found["fused kernels"]["status"] == "missing" and "mamba-ssm not installed" in found["fused kernels"]["value"]
+    assert found["mmseqs2"]["status"] == "ok" and found["slurm"]["status"] == "ok"  # .ci/run installs both
+    assert found["device: auto"]["value"] == "cpu" and found["model.scan: auto"]["value"] == "torch"
+    assert "no problems found" in run_cli("doctor").stdout
+
+
+def test_doctor_in_a_gpu_job_without_a_usable_gpu_says_what_to_install(slurm_gpu_job):
+    result = run_cli("doctor")
+    assert result.returncode == 1
+    assert "! gpus" in result.stdout and "none usable (asked for by SLURM_GPUS_ON_NODE=1" in result.stdout
+    assert "fix: torch" in result.stdout and "pip install -r requirements-gpu.txt" in result.stdout
