@@ -22,8 +22,12 @@ export PYTHONUNBUFFERED=1
 log="${OUT:-/tmp/gpu_check}"
 mkdir -p "$log"
 
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+# The versions this run used (the GPU set pins torch 2.13.0 and, through it, triton 3.7.1: a lent
+# machine may have others, so the numbers below are for these), and the doctor's view of the machine.
+python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)" \
+  | tee "$log/versions.txt"
+python3 -m ptm_mamba doctor 2>&1 | tee "$log/doctor.txt"
 
 echo "== 1. Triton scan tests and the fallbacks on the GPU"
 timeout 180 python3 -m pytest -q -p no:cacheprovider tests/test_scan_triton.py tests/test_scan_fallback.py 2>&1 \
