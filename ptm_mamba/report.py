@@ -1,13 +1,15 @@
 """Figures and tables of a training run, for the Snakemake report and for users.
 
-    plot_metrics(metrics.json, out_dir)     -> {name: PNG path}: loss, accuracy, learning_rate, test_ptm_accuracy
+    plot_metrics(metrics.json, out_dir)     -> {name: PNG path}: loss, accuracy, learning_rate, throughput,
+                                               test_ptm_accuracy
     test_results_table(metrics.json, tsv)   overall test metrics and accuracy per PTM type
     split_table(summary.json, tsv)          the split stage's counts per split
     provenance_table(provenance.json, tsv)  data, ESM-2 weights, code, packages and machine of the run
     embedding_stats([*.h5], tsv)            size, ESM model and value statistics of the embedding files
 
 ``metrics.json`` is the list ``train.py`` writes: a header ``{"split_sizes", "num_parameters"}``,
-one record per training step (``train_*``, ``lr``, ``tokens``), per validation/test batch
+one record per training step (``train_*``, ``lr``, ``tokens``, and ``tokens_per_s``,
+``loader_wait_fraction``, ``peak_memory_gib`` -- null on the CPU), per validation/test batch
 (``val_*``/``test_*`` with ``batch``) and one average per evaluation (``avg_val_*``/``avg_test_*``;
 the test average also holds ``test_ptm_acc_by_type``). Every part but the file itself is optional:
 a run still in progress has no test records, a run without PTM sites in its test set has no
@@ -31,7 +33,7 @@ from .errors import PipelineError
 from .fileio import atomic_path, atomic_write_text
 from .options import option
 
-FIGURES = ("loss", "accuracy", "learning_rate", "test_ptm_accuracy")
+FIGURES = ("loss", "accuracy", "learning_rate", "throughput", "test_ptm_accuracy")
 DPI = 120
 FIGSIZE = (8.0, 4.8)
 MAX_PTM_BARS = 40  # the bar chart shows the most frequent types; the TSV holds all
@@ -123,11 +125,12 @@ def ptm_name(token: str) -> str:
 
 # ----------------------------------------------------------------------------- figures
 
-def _figure(height: float = FIGSIZE[1]):
+def _figure(height: float = FIGSIZE[1], rows: int = 1):
+    """A figure and its axes (one, or an array of ``rows`` stacked)."""
     from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend (renders with Agg)
 
     fig = Figure(figsize=(FIGSIZE[0], height), dpi=DPI, layout="constrained")
-    return fig, fig.add_subplot()
+    return fig, fig.subplots(rows)
 
 
 def _save(fig, path: Path) -> Path:
@@ -240,6 +243,30 @@ def plot_learning_rate(m: RunMetrics, path: Path) -> Path:
     return _save(fig, path)
 
 
+def plot_throughput(m: RunMetrics, path: Path) -> Path:
+    """Whether training is fed: training tokens per second, the fraction of each step spent waiting
+    for the data loader and (on a GPU) the peak memory, per optimiser step."""
+    fig, axes = _figure(height=7.2, rows=3)
+    fig.suptitle("Throughput: is the data loader or the model the limit?")
+    recorded = m.series("train", "tokens_per_s")[0].size > 0
+    missing = "not recorded (a run of an earlier version)" if m.train else "no training steps recorded yet"
+    panels = (("tokens_per_s", "tokens/s", "training tokens per second", missing),
+              ("loader_wait_fraction", "waiting for data", "fraction of step time\nwaiting for data", missing),
+              ("peak_memory_gib", "peak GPU memory", "peak GPU memory (GiB)",
+               "trained on the CPU: no GPU memory" if recorded else missing))
+    for ax, (key, label, ylabel, note) in zip(axes, panels):
+        if m.series("train", key)[0].size == 0:
+            _placeholder(ax, label, note)
+            continue
+        _epoch_lines(ax, m)
+        _train_curve(ax, m, key, label, COLORS["train"])
+        ax.set(ylabel=ylabel, ylim=(0.0, 1.0) if key == "loader_wait_fraction" else (0.0, None))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="best")
+    axes[-1].set_xlabel("optimiser step")
+    return _save(fig, path)
+
+
 def plot_test_ptm_accuracy(m: RunMetrics, path: Path) -> Path:
     """Horizontal bars: accuracy per PTM type, most frequent type on top, site counts in the labels."""
     by_type = (m.test or {}).get("test_ptm_acc_by_type") or {}
@@ -271,7 +298,8 @@ def plot_test_ptm_accuracy(m: RunMetrics, path: Path) -> Path:
 
 
 def plot_metrics(metrics_path: str | Path, out_dir: str | Path) -> dict[str, Path]:
-    """Write loss.png, accuracy.png, learning_rate.png and test_ptm_accuracy.png into ``out_dir``.
+    """Write loss.png, accuracy.png, learning_rate.png, throughput.png and test_ptm_accuracy.png into
+    ``out_dir``.
 
     Every figure is always written (a note replaces missing data), so a caller can rely on them.
     Returns ``{name: path}`` with the names of :data:`FIGURES`.
@@ -280,7 +308,7 @@ def plot_metrics(metrics_path: str | Path, out_dir: str | Path) -> dict[str, Pat
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     plots = {"loss": plot_loss, "accuracy": plot_accuracy, "learning_rate": plot_learning_rate,
-             "test_ptm_accuracy": plot_test_ptm_accuracy}
+             "throughput": plot_throughput, "test_ptm_accuracy": plot_test_ptm_accuracy}
     return {name: plots[name](m, out / f"{name}.png") for name in FIGURES}
 
 

@@ -9,7 +9,9 @@ writes files.
 Outputs in ``{output_dir}/ptm-mamba-{run_name}/``: ``config.yaml``,
 ``split_mapping.json``, ``metrics.json``, ``best.ckpt``, ``last.ckpt`` (and
 ``logs/`` when ``training.log_with`` names a tracker: every metrics.json step
-record's scalars, at its step); while running, ``resume/state.ckpt`` holds
+record's scalars, at its step). Each step record also says whether training is fed
+(:class:`Throughput`): tokens per second, the fraction of the step spent waiting for the data
+loader and, on a GPU, the peak memory. While running, ``resume/state.ckpt`` holds
 everything needed to continue exactly where a killed run stopped (it is not a
 Snakemake output, so it survives Snakemake's clean-up of an interrupted job).
 
@@ -47,6 +49,7 @@ from .embed import check_store_settings
 from .embedding_store import EmbeddingReader
 from .errors import PipelineError, StopRequested
 from .fileio import atomic_write_json, atomic_write_text
+from .guard import refuse_files_in_the_way
 from .layout import run_dir as run_folder, split_store_path, timestamp_run_name
 from .forward import SUM_FIELDS, batch_sums, forward_batch, rates
 from .model import ModelConfig, PTMMamba
@@ -107,9 +110,7 @@ def run_dir(config: dict, run_name: str | None) -> Path:
     if processes(config).num_processes > 1:
         broadcast_object_list(name, from_process=0)
     out = run_folder(config["training"]["output_dir"], name[0])
-    for folder in (out, *out.parents):
-        if folder.exists() and not folder.is_dir():
-            raise PipelineError(f"{folder} is a file, not a folder: training writes its outputs into {out}/")
+    refuse_files_in_the_way({"training.output_dir": out})
     return out
 
 
@@ -272,6 +273,67 @@ def evaluate(model, loader, accelerator, esm_model, prefix: str, epoch: int, ste
 
 # ----------------------------------------------------------------------------- the run
 
+THROUGHPUT_FIELDS = ("tokens_per_s", "loader_wait_fraction", "peak_memory_gib")
+
+
+def without_throughput(records: list[dict]) -> list[dict]:
+    """metrics.json records without :data:`THROUGHPUT_FIELDS`, which measure the machine (wall time,
+    memory) rather than the model: what a resumed or repeated run reproduces exactly."""
+    return [{k: v for k, v in r.items() if k not in THROUGHPUT_FIELDS} for r in records]
+
+
+class Throughput:
+    """Whether training is fed, over one optimiser step: its wall time, the part of it this
+    process spent blocked waiting for training batches (in ``next()`` on the data loader, which
+    includes assembling them when ``training.num_workers`` is 0, and starting the loader at an
+    epoch's start) and the most GPU memory the process has allocated so far. A step's time runs
+    from the end of the previous step (after its validation and checkpoints) to its optimiser step."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.restart()
+
+    def restart(self) -> None:
+        self.started, self.waited = time.perf_counter(), 0.0
+
+    def timed(self, items):
+        """``items`` as they come, the time blocked in each ``next()`` counted as waiting."""
+        items = iter(items)
+        while True:
+            began = time.perf_counter()
+            try:
+                item = next(items)
+            except StopIteration:
+                return
+            finally:
+                self.waited += time.perf_counter() - began
+            yield item
+
+    def local(self) -> list[float]:
+        """This process's seconds spent waiting and its peak GPU memory in bytes (0 on the CPU)."""
+        cuda = self.device.type == "cuda"
+        return [self.waited, float(torch.cuda.max_memory_allocated(self.device)) if cuda else 0.0]
+
+    def fields(self, tokens: int, ranks: torch.Tensor) -> dict:
+        """A step record's :data:`THROUGHPUT_FIELDS`, from the step's tokens (all processes') and each
+        process's :meth:`local` (a row of ``ranks``). The wait is the longest any process waited (the
+        others wait for it at the gradients' all-reduce); the memory, the largest; null on the CPU."""
+        seconds = time.perf_counter() - self.started
+        waited, peak = ranks.amax(0).tolist()
+        return {"tokens_per_s": tokens / seconds, "loader_wait_fraction": min(1.0, waited / seconds),
+                "peak_memory_gib": peak / 2**30 if self.device.type == "cuda" else None}
+
+
+def throughput_line(steps: list[dict]) -> str:
+    """The log line's part on step records ``steps``: tokens per second and the fraction of time
+    spent waiting for data over all of them (each step weighted by its wall time), the peak memory."""
+    seconds = [r["tokens"] / r["tokens_per_s"] for r in steps]  # each step's wall time
+    wait = sum(r["loader_wait_fraction"] * s for r, s in zip(steps, seconds)) / sum(seconds)
+    peaks = [r["peak_memory_gib"] for r in steps if r["peak_memory_gib"] is not None]
+    return (f"train {sum(r['tokens'] for r in steps) / sum(seconds):,.0f} tokens/s, {wait:.0%} of it waiting "
+            f"for data" + (f", peak GPU memory {max(peaks):.2f} GiB" if peaks else ""))
+
+
 def cpu_copy(state_dict: dict) -> dict:
     return {k: v.detach().to("cpu", copy=True) for k, v in state_dict.items()}
 
@@ -368,6 +430,7 @@ class Run:
                 name: sum(p.length > max_residues for p in ps) for name, ps in data.splits.items()},
             "num_parameters": self.model.num_parameters()}]
         self.best_weights: dict | None = None  # the best validation's model: best.ckpt can always be written
+        self.throughput = Throughput(accelerator.device)
 
     # --- checkpoints
 
@@ -501,20 +564,26 @@ class Run:
 
     # --- a step, a validation
 
-    def backward_step(self, batches, signals: StopSignals) -> tuple[torch.Tensor, bool]:
+    def backward_step(self, batches, signals: StopSignals) -> tuple[torch.Tensor, bool, torch.Tensor]:
         """Forward and backward of one step's batches; returns the step's :data:`SUM_FIELDS` over all
-        processes and whether any process received a stop signal (one reduction carries both)."""
+        processes, whether any process received a stop signal and every process's
+        :meth:`Throughput.local`, a row each. One reduction carries all three (each process fills
+        its own row of the last, the sum holds them all)."""
         accum, device = self.data.accum, self.accelerator.device
         pending = torch.zeros(len(SUM_FIELDS), dtype=torch.float64, device=device)
         for number, batch in enumerate(batches, start=1):  # gradients are all-reduced after the last one
             pending += backward_batch(self.model, batch.to(device), self.accelerator, self.data.esm_model,
                                       scale=1 / accum, sync=number == accum)
         flag = torch.tensor([float(signals.received or 0)], dtype=torch.float64, device=device)
-        shared = self.accelerator.reduce(torch.cat([pending, flag]), reduction="sum")
-        return shared[:-1], int(shared[-1]) != 0
+        ranks = torch.zeros((self.data.world, 2), dtype=torch.float64, device=device)
+        ranks[self.data.rank] = torch.tensor(self.throughput.local(), dtype=torch.float64, device=device)
+        shared = self.accelerator.reduce(torch.cat([pending, flag, ranks.flatten()]), reduction="sum")
+        n = len(SUM_FIELDS)
+        return shared[:n], int(shared[n]) != 0, shared[n + 1:].view(-1, 2)
 
-    def optimizer_step(self, sums: torch.Tensor) -> dict:
-        """The optimiser step after a step's batches (refused on a NaN/Inf loss); returns its record."""
+    def optimizer_step(self, sums: torch.Tensor, ranks: torch.Tensor) -> dict:
+        """The optimiser step after a step's batches (refused on a NaN/Inf loss); returns its record.
+        ``ranks``: each process's :meth:`Throughput.local`, as :meth:`backward_step` returns them."""
         tr, step = self.config["training"], self.position["step"] + 1
         if not math.isfinite(float(sums[0])):
             raise PipelineError(
@@ -535,8 +604,9 @@ class Run:
         self.optimizer.zero_grad(set_to_none=True)
         self.position["step"] = step
         self.position["batch_in_epoch"] += self.data.accum
+        tokens = int(sums[SUM_FIELDS.index("tokens")])
         record = {"Epoch": self.position["epoch"], "Step": step, **rates(sums, "train"), "lr": lr,
-                  "tokens": int(sums[SUM_FIELDS.index("tokens")])}
+                  "tokens": tokens, **self.throughput.fields(tokens, ranks)}
         self.add_record(record)
         return record
 
@@ -547,13 +617,15 @@ class Run:
     def validate(self) -> None:
         """Score the validation split; a better loss than any before makes best.ckpt."""
         epoch, step = self.position["epoch"], self.position["step"]
+        since_last = [r for r in itertools.takewhile(lambda r: "avg_val_loss" not in r, reversed(self.metrics))
+                      if "tokens_per_s" in r]  # the step records (of this version) since the last validation
         avg, records = evaluate(self.model, self.data.eval_loaders["val"], self.accelerator, self.data.esm_model,
                                 "val", epoch, step)
         self.metrics.extend(records)
         self.add_record(avg)
         self.accelerator.print(f"epoch {epoch} step {step}: val loss {avg['avg_val_loss']:.4f} "
                                f"acc {avg['avg_val_acc']:.4f} PTM acc {avg['avg_val_ptm_acc']:.4f}; "
-                               f"kernels: {what_ran()}")
+                               f"{throughput_line(since_last)}; kernels: {what_ran()}")
         if avg["avg_val_loss"] < self.position["best_val_loss"]:
             self.position["best_val_loss"] = avg["avg_val_loss"]
             self.best_weights = cpu_copy(self.accelerator.unwrap_model(self.model).state_dict())
@@ -570,19 +642,21 @@ class Run:
 def train_loop(run: Run, signals: StopSignals, *, progress: bool) -> None:
     """Optimiser steps from the run's position to its last step, epoch after epoch.
 
-    Validates every ``training.log_steps`` steps (and saves the state) and at the last step. Two
+    Validates every ``training.log_steps`` steps (and saves the state) and at the last step; the
+    time spent getting batches is counted as waiting (:class:`Throughput`). Two
     ways out: the last step (returns; a stop signal received by then is let finish the run), or a
     stop signal (saves the state at the step just taken and raises :class:`StopRequested`).
     """
     data, log_steps, total = run.data, run.config["training"]["log_steps"], run.data.total_steps
-    tokens_seen, started = 0.0, time.perf_counter()
+    tokens_seen, started, pace = 0.0, time.perf_counter(), run.throughput
     run.model.train()
     with tqdm(total=total, initial=run.position["step"], disable=not (progress and run.main), unit="step",
               dynamic_ncols=True) as bar:
+        pace.restart()
         while run.position["step"] < total:
-            for batches in data.steps(run.position["epoch"], start=run.position["batch_in_epoch"]):
-                sums, stop = run.backward_step(batches, signals)
-                record = run.optimizer_step(sums)
+            for batches in pace.timed(data.steps(run.position["epoch"], start=run.position["batch_in_epoch"])):
+                sums, stop, ranks = run.backward_step(pace.timed(batches), signals)
+                record = run.optimizer_step(sums, ranks)
                 tokens_seen += record["tokens"]
                 bar.update(1)
                 bar.set_postfix(loss=f"{record['train_loss']:.3f}",
@@ -597,6 +671,7 @@ def train_loop(run: Run, signals: StopSignals, *, progress: bool) -> None:
                     run.save_progress()
                 if stop:
                     raise StopRequested(int(signals.received or signal.SIGTERM), step, run.state_path)
+                pace.restart()
             run.next_epoch()
 
 

@@ -15,6 +15,7 @@ import pytest
 from conftest import run_cli
 from ptm_mamba import report  # module import: its test_results_table must not be collected as a test
 from ptm_mamba.errors import PipelineError
+from ptm_mamba.train import without_throughput
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 BY_TYPE = {"<Phosphoserine>": {"sites": 40, "acc": 0.25}, "<N6-acetyllysine>": {"sites": 7, "acc": 0.5},
@@ -22,7 +23,7 @@ BY_TYPE = {"<Phosphoserine>": {"sites": 40, "acc": 0.25}, "<N6-acetyllysine>": {
 
 
 def synthetic_metrics(steps: int = 300, steps_per_epoch: int = 100, val_every: int = 50,
-                      with_test: bool = True, by_type: dict | None = None) -> list[dict]:
+                      with_test: bool = True, by_type: dict | None = None, gpu: bool = True) -> list[dict]:
     """Records shaped like train.py's: header, train steps, per-batch + average val, then test."""
     rng = np.random.default_rng(0)
     records: list[dict] = [{"split_sizes": {"train": 800, "val": 100, "test": 100}, "num_parameters": 123456}]
@@ -30,7 +31,9 @@ def synthetic_metrics(steps: int = 300, steps_per_epoch: int = 100, val_every: i
         loss = 4.0 * math.exp(-step / 150) + 1.0 + 0.1 * rng.standard_normal()
         records.append({"Epoch": (step - 1) // steps_per_epoch, "Step": step, "train_loss": loss,
                         "train_acc": 1 - loss / 5, "train_ptm_acc": 0.5 - loss / 10,
-                        "train_perplexity": math.exp(loss), "lr": 1e-3 * min(1.0, step / 20), "tokens": 4000})
+                        "train_perplexity": math.exp(loss), "lr": 1e-3 * min(1.0, step / 20), "tokens": 4000,
+                        "tokens_per_s": 9000 + 500 * rng.standard_normal(), "loader_wait_fraction": rng.uniform(0, 0.3),
+                        "peak_memory_gib": 2.5 + step / steps if gpu else None})
         if step % val_every == 0:
             val = 4.0 * math.exp(-step / 150) + 1.1
             for batch in range(2):
@@ -112,7 +115,7 @@ def test_moving_average_is_the_trailing_mean():
 
 # ----------------------------------------------------------------------------- figures
 
-def test_plot_metrics_writes_four_readable_pngs(tmp_path):
+def test_plot_metrics_writes_readable_pngs(tmp_path):
     metrics = write_metrics(tmp_path / "metrics.json", synthetic_metrics())
     paths = report.plot_metrics(metrics, tmp_path / "out")
     assert set(paths) == set(report.FIGURES)
@@ -123,6 +126,22 @@ def test_plot_metrics_writes_four_readable_pngs(tmp_path):
         assert 300 <= height <= 2000, name
         assert path.stat().st_size > 15_000, f"{name} looks empty"
     assert not list((tmp_path / "out").glob(".*tmp*")), "temp files left behind"
+
+
+def test_the_throughput_figure_shows_what_was_recorded(tmp_path):
+    """tokens/s, loader wait and GPU memory per step; a CPU run (memory null) and a run of an earlier
+    version (no throughput fields) still get the figure, with a note in place of the missing curves."""
+    gpu = report.plot_metrics(write_metrics(tmp_path / "gpu.json", synthetic_metrics()), tmp_path / "gpu")
+    cpu = report.plot_metrics(write_metrics(tmp_path / "cpu.json", synthetic_metrics(gpu=False)), tmp_path / "cpu")
+    old = without_throughput(synthetic_metrics())
+    earlier = report.plot_metrics(write_metrics(tmp_path / "old.json", old), tmp_path / "old")
+    m = report.load_metrics(tmp_path / "cpu.json")
+    assert m.series("train", "loader_wait_fraction")[0].size == 300
+    assert m.series("train", "peak_memory_gib")[0].size == 0  # null on the CPU
+    sizes = [run["throughput"].stat().st_size for run in (gpu, cpu, earlier)]
+    assert sizes[0] > sizes[1] > sizes[2], sizes  # three curves, two and a note, notes only
+    for run in (gpu, cpu, earlier):
+        png_shape(run["throughput"])
 
 
 def test_the_figures_show_the_test_results_when_there_are_some(tmp_path):

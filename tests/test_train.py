@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -18,8 +19,10 @@ from conftest import REPO, run_cli, write_config
 from ptm_mamba.data import BatchBuilder
 from ptm_mamba.embedding_store import EmbeddingReader
 from ptm_mamba.split import read_split
+from ptm_mamba import train as train_module
 from ptm_mamba.tokenizer import PTMTokenizer
-from ptm_mamba.train import lr_factor
+from ptm_mamba.train import THROUGHPUT_FIELDS, lr_factor, without_throughput
+from test_train_features import train_here
 
 TOK = PTMTokenizer()
 
@@ -96,6 +99,16 @@ def records(path: Path) -> list[dict]:
     return json.loads(path.read_text())
 
 
+def assert_sane_throughput(steps: list[dict]) -> None:
+    """Every step record says how fast training went and whether it was fed."""
+    for m in steps:
+        assert m["tokens_per_s"] > 0 and 0.0 <= m["loader_wait_fraction"] <= 1.0, m
+        if torch.cuda.is_available():
+            assert m["peak_memory_gib"] > 0, m
+        else:
+            assert m["peak_memory_gib"] is None, m  # null on the CPU, never left out
+
+
 def test_train_outputs_metrics_and_weights_only_checkpoints(embedded_project):
     root, config = embedded_project
     result = run_cli("train", "--config", root / "config.yaml", "--split_dir", root / "split",
@@ -110,8 +123,12 @@ def test_train_outputs_metrics_and_weights_only_checkpoints(embedded_project):
     assert [m["Step"] for m in steps] == [1, 2, 3, 4, 5, 6]
     for m in steps:
         assert {"train_loss", "train_acc", "train_ptm_acc", "train_perplexity", "lr", "Epoch", "Step",
-                "tokens"} <= set(m)
+                "tokens", *THROUGHPUT_FIELDS} <= set(m)
         assert m["train_perplexity"] == pytest.approx(np.exp(m["train_loss"]))
+    assert_sane_throughput(steps)
+    logged = re.findall(r"step (\d+): val loss .*; train [\d,]+ tokens/s, \d+% of it waiting for data[;,]",
+                        result.stdout)
+    assert logged == ["3", "6"], result.stdout  # every validation's log line
     val_avgs = [m for m in metrics if "avg_val_loss" in m]
     assert [m["Step"] for m in val_avgs] == [3, 6]
     assert any("val_loss" in m and "batch" in m for m in metrics)
@@ -161,8 +178,8 @@ def test_killed_run_resumes_to_identical_metrics(embedded_project, tmp_path):
     output = resumed.communicate(timeout=300)[0]
     assert resumed.returncode == 0, output
     assert "resumed from" in output
-    a = records(root / "outputs" / "ptm-mamba-uninterrupted" / "metrics.json")
-    b = records(out / "metrics.json")
+    a = without_throughput(records(root / "outputs" / "ptm-mamba-uninterrupted" / "metrics.json"))
+    b = without_throughput(records(out / "metrics.json"))
     assert len(a) == len(b)
     for x, y in zip(a, b):
         assert x.keys() == y.keys()
@@ -215,6 +232,7 @@ def test_two_process_cpu_run_completes(embedded_project, tmp_path):
     metrics = records(root / "outputs" / "ptm-mamba-ddp" / "metrics.json")
     steps = [m for m in metrics if "train_loss" in m]
     assert [m["Step"] for m in steps] == [1, 2, 3, 4]
+    assert_sane_throughput(steps)
     # step 1 counts the tokens of both processes' first batches (batches 0 and 1 of the epoch)
     train = BatchBuilder(read_split(root / "split" / "train.csv"), max_sequence_length=1024, mask_prob=0.15,
                          random_mask_only_prob=0.2)
@@ -226,3 +244,31 @@ def test_two_process_cpu_run_completes(embedded_project, tmp_path):
     n_val = len(plan_batches(val.lengths, 3000, 3))
     val_batches = [m["batch"] for m in metrics if "val_loss" in m and m["Step"] == 2]
     assert sorted(val_batches) == list(range(n_val)) and n_val >= 2
+
+
+def test_a_slow_data_loader_shows_as_waiting(embedded_project, monkeypatch, capsys):
+    """Training batches that take 0.3 s each to make: most of every step is spent waiting for them,
+    far more than in the same run fed at full speed, and only the throughput fields differ."""
+    root, config = embedded_project
+    cfg = dict(config, training=dict(config["training"], max_steps=4, log_steps=2))
+    fed = train_here(cfg, root / "split", "fed")
+
+    class SlowBatches(train_module.EpochBatches):
+        def __getitem__(self, j):
+            time.sleep(0.3)
+            return super().__getitem__(j)
+
+    monkeypatch.setattr(train_module, "EpochBatches", SlowBatches)
+    capsys.readouterr()
+    starved = train_here(cfg, root / "split", "starved")
+    waits = {}
+    for run in (fed, starved):
+        steps = [m for m in records(run / "metrics.json") if "train_loss" in m]
+        assert_sane_throughput(steps)
+        waits[run.name] = [m["loader_wait_fraction"] for m in steps]
+    assert min(waits["ptm-mamba-starved"]) > 0.7, waits
+    assert max(waits["ptm-mamba-fed"]) < min(waits["ptm-mamba-starved"]) - 0.3, waits
+    logged = [int(p) for p in re.findall(r"(\d+)% of it waiting for data", capsys.readouterr().out)]
+    assert len(logged) == 2 and min(logged) >= 70, logged  # the log line at each validation says so too
+    same = [without_throughput(records(run / "metrics.json")) for run in (fed, starved)]
+    assert same[0] == same[1]  # the same model results, however fast it was fed

@@ -36,6 +36,11 @@ rule plots:
             caption="../report/learning_rate.rst",
             category="Training",
         ),
+        throughput=report(
+            f"{REPORT_DIR}/throughput.png",
+            caption="../report/throughput.rst",
+            category="Training",
+        ),
         test_ptm_accuracy=report(
             f"{REPORT_DIR}/test_ptm_accuracy.png",
             caption="../report/test_ptm_accuracy.rst",

@@ -1,0 +1,158 @@
+"""Nothing a user points at is lost: no output replaces or deletes a file that an input names.
+
+One rule for every command and every rule. :func:`refuse_overwrite` compares what a command is
+about to write (files, and folders it owns whole, such as a run folder that Snakemake clears
+before a rerun) with every file it reads: the files named on its command line and the files its
+config names (:func:`config_inputs`: the dataset or its source, the ESM-2 weights, the checkpoints
+a run starts from, predict inputs). Paths are compared resolved (symlinks, ``..``) and by inode
+(hard links). The Snakefile runs the same check on the workflow's outputs when it starts, before
+Snakemake deletes anything.
+
+:func:`check_run_owner` keeps a run folder shared by two projects (the same ``output_dir`` and
+``run_name``) from being adopted or replaced by the other: ``provenance.json`` records the project
+that wrote it and the settings of every stage behind the run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Iterable, Mapping
+
+from .errors import PipelineError
+
+PathLike = str | os.PathLike
+
+
+def _resolved(path: PathLike) -> Path:
+    return Path(path).expanduser().resolve()
+
+
+def same_file(a: PathLike, b: PathLike) -> bool:
+    """Whether ``a`` and ``b`` are one file: the same resolved path, or the same inode."""
+    if _resolved(a) == _resolved(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet)
+        return False
+
+
+def within(path: PathLike, folder: PathLike) -> bool:
+    """Whether ``path`` is ``folder`` or lies under it (resolved)."""
+    path, folder = _resolved(path), _resolved(folder)
+    return path == folder or folder in path.parents
+
+
+def config_inputs(config: dict) -> dict[str, Path]:
+    """The files ``config`` names as inputs, by config key (the ESM-2 weights by their files)."""
+    from .esm import weight_files
+
+    dataset, training = config["dataset"], config["training"]
+    found: dict[str, Path] = {}
+    if dataset.get("source"):
+        found["dataset.source.path"] = Path(dataset["source"]["path"])
+    else:  # with a source, dataset_location is what the prepare stage writes
+        found["dataset.dataset_location"] = Path(dataset["dataset_location"])
+    for i, file in enumerate(weight_files(config["esm"]["model"])):
+        found["esm.model" if i == 0 else f"esm.model ({file.name})"] = file
+    for key in ("init_from", "resume_from_checkpoint"):
+        if training.get(key):
+            found[f"training.{key}"] = Path(training[key])
+    for path in config.get("predict", {}).get("inputs", []):
+        found[f"predict.inputs ({Path(path).name})"] = Path(path)
+    return found
+
+
+def refuse_overwrite(outputs: Mapping[str, PathLike] | Iterable[tuple[str, PathLike]],
+                     inputs: Mapping[str, PathLike], folders: Mapping[str, PathLike] | None = None,
+                     reader: str = "this command", fix: str = "write it elsewhere") -> None:
+    """A one-line :class:`PipelineError` if an output file is an input, or an input lies in a folder
+    the command writes whole (``folders``: label -> folder, e.g. the run folder).
+
+    ``outputs`` (label, path) pairs or a mapping, and ``inputs`` map labels (an option or config
+    key) to paths.
+    """
+    for out_label, out in outputs.items() if isinstance(outputs, Mapping) else outputs:
+        for in_label, path in inputs.items():
+            if same_file(out, path):
+                raise PipelineError(f"{out_label} {out} is {in_label} ({path}), which {reader} reads: {fix}; "
+                                    "nothing was written")
+    for folder_label, folder in (folders or {}).items():
+        for in_label, path in inputs.items():
+            if within(path, folder):
+                raise PipelineError(f"{in_label} {path} lies in {folder_label} {folder}/, which this run writes "
+                                    f"and a rerun clears first: copy it out of that folder, or use a new run_name; "
+                                    "nothing was changed")
+
+
+def refuse_files_in_the_way(folders: Mapping[str, PathLike]) -> None:
+    """A one-line :class:`PipelineError` if a folder a stage writes into, or one above it, is a file."""
+    for label, folder in folders.items():
+        for path in (Path(folder), *Path(folder).parents):
+            if path.exists() and not path.is_dir():
+                raise PipelineError(f"{label}: {path} is a file, not a folder: the pipeline writes into {folder}/")
+
+
+def check_workflow(config: dict, run_name: str, prediction_files: list[PathLike]) -> None:
+    """The Snakefile's check when it starts, before Snakemake deletes any output: no input the config
+    names is one of the workflow's outputs or lies in the run folder, no output folder is a file,
+    and the run folder is this project's (or holds the same computation)."""
+    from . import layout
+
+    emb, run_dir = config["training"]["embeddings_dir"], layout.run_dir(config["training"]["output_dir"], run_name)
+    outputs = [*(("the split stage's output", p) for p in layout.split_paths(layout.SPLIT_DIR).values()),
+               *(("the embed stage's output", layout.split_store_path(emb, s)) for s in layout.SPLITS),
+               *(("the predict stage's output", p) for p in prediction_files)]
+    if config["dataset"]["split_by"] == "cluster":
+        outputs.append(("the cluster stage's output", layout.CLUSTERS_FILE))
+    if config["dataset"]["source"]:  # the prepare stage writes the CSV
+        outputs.append(("the prepare stage's output", config["dataset"]["dataset_location"]))
+    refuse_files_in_the_way({"training.output_dir": run_dir, "training.embeddings_dir": Path(emb) / "shards",
+                             "the split folder": layout.SPLIT_DIR, "the report folder": layout.report_dir(run_name)})
+    refuse_overwrite(outputs, config_inputs(config), folders={"the run folder": run_dir}, reader="the workflow",
+                     fix="keep your inputs out of the workflow's outputs (copy it elsewhere and point the config there)")
+    check_run_owner(config, run_dir)
+
+
+# ----------------------------------------------------------------------------- whose run folder
+
+def run_record(config: dict) -> dict:
+    """What ``provenance.json`` records of who made a run: the project folder (the working
+    directory: Snakemake's, or the CLI's) and the settings of every stage behind the run."""
+    from .stages import run_settings
+
+    return {"project": str(Path.cwd().resolve()), "settings": run_settings(config)}
+
+
+def _first_difference(recorded: dict, ours: dict) -> str | None:
+    for stage in sorted(set(recorded) | set(ours)):
+        theirs, mine = recorded.get(stage) or {}, ours.get(stage) or {}
+        for key in sorted(set(theirs) | set(mine)):
+            if theirs.get(key) != mine.get(key):
+                return f"{stage} {key}: {theirs.get(key)!r} there, {mine.get(key)!r} here"
+    return None
+
+
+def check_run_owner(config: dict, run_dir: PathLike, provenance_file: str = "provenance.json") -> None:
+    """Refuse a run folder that another project wrote from other data, split or settings.
+
+    A folder this project wrote (the same working directory) is its own to rerun; one from another
+    project with the very same settings is the same computation and may be shared.
+    """
+    path = Path(run_dir) / provenance_file
+    try:
+        recorded = json.loads(path.read_text())
+    except (OSError, ValueError):  # no finished run there, or none that says whose it is
+        return
+    if not isinstance(recorded, dict) or not isinstance(recorded.get("project"), str):
+        return
+    ours = run_record(config)
+    if recorded["project"] == ours["project"]:
+        return
+    differs = _first_difference(recorded.get("settings") or {}, ours["settings"])
+    if differs is not None:
+        raise PipelineError(f"{run_dir} holds a run of the project in {recorded['project']}, made with other "
+                            f"settings ({differs}); this project ({ours['project']}) will neither adopt nor "
+                            "replace it: use another run_name or training.output_dir")
