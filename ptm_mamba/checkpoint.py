@@ -20,9 +20,35 @@ from .fileio import atomic_path
 FORMAT_VERSION = 1
 
 
+class _Writes:
+    """A file for ``torch.save`` that keeps the OSError of a failed write: torch reports a full
+    disk as ``RuntimeError: [enforce fail at inline_container.cc] . unexpected pos ...``."""
+
+    def __init__(self, fh):
+        self.fh, self.error = fh, None
+
+    def write(self, data) -> int:
+        try:
+            return self.fh.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def flush(self) -> None:
+        self.fh.flush()
+
+
 def save(state: dict[str, Any], path: str | os.PathLike) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    """Write ``state`` to ``path`` atomically; a failed write (a full disk) is one line naming ``path``
+    and its file system's free space (:class:`ptm_mamba.fileio.WriteError`), with no file left."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        out = _Writes(fh)
+        try:
+            torch.save(state, out)
+        except RuntimeError:
+            if out.error is None:
+                raise
+            raise out.error from None  # the OSError: atomic_path names the target and the free space
 
 
 def one_line(message: object, limit: int = 200) -> str:
@@ -49,7 +75,22 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> d
         raise PipelineError(f"{path}: damaged checkpoint: 'model' is not a mapping of names to tensors")
     if not isinstance(state.get("model_config"), dict):
         raise PipelineError(f"{path}: damaged checkpoint: 'model_config' is missing or not a mapping")
+    _refuse_non_finite(path, state)
     return state
+
+
+def _refuse_non_finite(path: Path, state: dict[str, Any]) -> None:
+    """Refuse NaN/Inf weights (the model's, and the best weights a last.ckpt keeps), naming the first
+    bad tensor: every reader (predict, training.init_from, resuming) loads through :func:`load`."""
+    for part in ("model", "best_model"):
+        weights = state.get(part)
+        if not isinstance(weights, dict):  # best_model: None before the first validation
+            continue
+        for name, tensor in weights.items():
+            if isinstance(tensor, torch.Tensor) and (tensor.is_floating_point() or tensor.is_complex()) \
+                    and not bool(torch.isfinite(tensor).all()):
+                where = name if part == "model" else f"{name} (of {part!r})"
+                raise PipelineError(f"{path}: damaged checkpoint: weight {where} holds NaN/Inf values")
 
 
 def load_weights(module: torch.nn.Module, state_dict: dict[str, torch.Tensor], path: str | os.PathLike,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 from typing import Callable
 
 from .config import schema_default
@@ -22,13 +23,39 @@ def _add_config(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="pipeline config YAML (see config/config.yaml)")
 
 
+def _reads(args: argparse.Namespace, config: dict | None = None, **options) -> dict:
+    """Every file a command reads, by the option or config key that names it: ``--config`` and
+    the files the config names (ptm_mamba.guard.config_inputs), and ``options`` (a path, or a list
+    of paths; None when not given)."""
+    from .guard import config_inputs
+
+    found = {"--config": args.config} if getattr(args, "config", None) else {}
+    found.update(config_inputs(config) if config is not None else {})
+    for name, value in options.items():
+        paths = value if isinstance(value, (list, tuple)) else [value]
+        found.update({f"--{name}" + (f" ({p})" if len(paths) > 1 else ""): p for p in paths if p})
+    return found
+
+
+def _split_unit(split_dir) -> list:
+    """The split stage's files in ``split_dir`` (read together as one unit)."""
+    from .layout import split_paths
+
+    return list(split_paths(split_dir).values()) if split_dir else []
+
+
 def cmd_split(args: argparse.Namespace) -> None:
     from .config import load_config
     from .split import run_split
 
+    from .guard import refuse_overwrite
+    from .layout import split_paths
+
     config = load_config(args.config)
     if args.clusters and config["dataset"]["split_by"] != "cluster":
         raise PipelineError("--clusters is read only with dataset.split_by: cluster")
+    writes = {f"--output_dir ({path.name})": path for path in split_paths(args.output_dir).values()}
+    refuse_overwrite(writes, _reads(args, config, clusters=args.clusters))
     summary = run_split(config, args.output_dir, clusters_file=args.clusters, threads=args.threads)
     for name, s in summary["splits"].items():
         clusters = f" in {s['clusters']} clusters" if "clusters" in s else ""
@@ -49,7 +76,11 @@ def cmd_cluster(args: argparse.Namespace) -> None:
     from .cluster import run_cluster
     from .config import load_config
 
-    clusters = run_cluster(load_config(args.config), args.output, threads=args.threads)
+    from .guard import refuse_overwrite
+
+    config = load_config(args.config)
+    refuse_overwrite({"--output": args.output}, _reads(args, config))
+    clusters = run_cluster(config, args.output, threads=args.threads)
     sizes = sorted(Counter(clusters.values()).values(), reverse=True)
     print(f"{len(clusters)} proteins in {len(sizes)} clusters (largest {sizes[0]}, {sizes.count(1)} singletons) "
           f"-> {args.output}")
@@ -58,6 +89,9 @@ def cmd_cluster(args: argparse.Namespace) -> None:
 def cmd_prepare(args: argparse.Namespace) -> None:
     from .prepare import prepare, report_lines, summary_path
 
+    from .guard import refuse_overwrite
+
+    refuse_overwrite({"--output": args.output, "its summary": summary_path(args.output)}, _reads(args, input=args.input))
     summary = prepare(args.format, args.input, args.output)
     print("\n".join(report_lines(summary)))
     print(f"-> {args.output} (summary: {summary_path(args.output)})")
@@ -67,7 +101,11 @@ def cmd_embed_shard(args: argparse.Namespace) -> None:
     from .config import load_config
     from .embed import embed_shard
 
+    from .guard import refuse_overwrite
+
     config = load_config(args.config)
+    refuse_overwrite({"--output": args.output},
+                     _reads(args, config, split_file=args.split_file, split_unit=_split_unit(Path(args.split_file).parent)))
     n = embed_shard(config, args.split, args.shard, args.num_shards, args.split_file, args.output)
     print(f"{args.split} shard {args.shard}/{args.num_shards}: {n} proteins -> {args.output}")
 
@@ -76,7 +114,10 @@ def cmd_gather(args: argparse.Namespace) -> None:
     from .config import load_config
     from .embed import gather_split
 
+    from .guard import refuse_overwrite
+
     config = load_config(args.config)
+    refuse_overwrite({"--output": args.output}, _reads(args, config, split_file=args.split_file, shards=args.shards))
     gather_split(config, args.split, args.split_file, args.shards, args.output)
     print(f"{args.split}: {len(args.shards)} shards -> {args.output}")
 
@@ -87,8 +128,17 @@ def cmd_embed(args: argparse.Namespace) -> None:
     from .embed import embed_all
     from .split import run_split
 
+    from .guard import refuse_overwrite
+    from .layout import shard_path, split_store_path
+
     config = load_config(args.config)
     split_dir = args.split_dir or f"{args.output_dir}/split"
+    n = config["embedding"]["shards"]
+    writes = [split_store_path(args.output_dir, s) for s in SPLITS]
+    writes += [shard_path(args.output_dir, s, i, n) for s in SPLITS for i in range(n)]
+    writes += [] if args.split_dir else _split_unit(split_dir)
+    refuse_overwrite({f"--output_dir ({w})": w for w in writes},
+                     _reads(args, config, split_dir=_split_unit(args.split_dir)))
     with process_group() as (rank, world_size, barrier):
         if rank == 0 and not args.split_dir:
             run_split(config, split_dir)
@@ -101,9 +151,19 @@ def cmd_train(args: argparse.Namespace) -> None:
     from .config import load_config, validate
     from .train import train
 
+    from .guard import check_run_owner, refuse_overwrite
+    from .layout import run_dir, split_store_path
+
     config = load_config(args.config)
     if args.run_name is not None:  # the schema's rule for run_name (a plain folder name) holds here too
         validate({**config, "run_name": args.run_name}, source="--run_name")
+    name = args.run_name or config["run_name"]  # none: a new folder named by the time
+    stores = [split_store_path(config["training"]["embeddings_dir"], s) for s in SPLITS]
+    reads = _reads(args, config, split_dir=_split_unit(args.split_dir), embeddings=stores)
+    if name is not None:
+        out = run_dir(config["training"]["output_dir"], name)
+        refuse_overwrite({}, reads, folders={"the run folder": out})
+        check_run_owner(config, out)
     out = train(config, split_dir=args.split_dir, run_name=args.run_name, progress=not args.no_progress)
     print(f"outputs in {out}")
 
@@ -135,7 +195,12 @@ def cmd_doctor(args: argparse.Namespace) -> None:
 
 
 def cmd_import_original(args: argparse.Namespace) -> None:
+    from .esm import weight_files
+    from .guard import refuse_overwrite
     from .original import import_original
+
+    esm = {f"--esm_model ({f.name})": f for f in weight_files(args.esm_model)}
+    refuse_overwrite({"--output": args.output}, _reads(args, checkpoint=args.checkpoint) | esm)
 
     summary = import_original(args.checkpoint, args.output, esm_model=args.esm_model,
                               esm_repr_layer=args.esm_repr_layer)
@@ -291,8 +356,9 @@ def main(argv: list[str] | None = None) -> int:
         print("error: interrupted", file=sys.stderr)
         return 130
     except OSError as exc:  # the file system refused: a path under a file, no permission, disk full ...
-        where = f"{exc.filename}: " if exc.filename else ""
-        print(f"error: {where}{exc.strerror or exc}", file=sys.stderr)
+        from .fileio import os_error_line  # one line; a full disk or quota with the free space there
+
+        print(f"error: {os_error_line(exc)}", file=sys.stderr)
         return 2
     except StopRequested as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -15,9 +15,10 @@ what remains, searching the test set against the training set (:func:`identity_t
 Proteins with the same residue sequence are one sequence for MMseqs2, so they share a cluster.
 
 ``clusters.tsv``: a first line ``# ptm-mamba clusters {json}`` records the settings the clusters
-were made with (:func:`stages.stage_settings` of the cluster stage), then ``cluster<TAB>unique_id``
+were made with (:func:`stages.stage_settings` of the cluster stage), the number of proteins and
+clusters and the content hash of the lines below it (``rows_sha256``), then ``cluster<TAB>unique_id``
 rows, where a cluster is named by its smallest id. :func:`read_clusters` refuses a file made from
-other data or settings.
+other data or settings, or edited (a row moved, added or removed), or without the hash (an older file).
 """
 
 from __future__ import annotations
@@ -37,10 +38,11 @@ from .errors import PipelineError
 from .fileio import atomic_write_text
 from .prepare import check_prepared
 from .split import residue_key
-from .stages import CLUSTER, check_settings, stage_settings
+from .stages import CLUSTER, check_settings, sha256_of, stage_settings
 
 HEADER = "# ptm-mamba clusters "
 COLUMNS = "cluster\tunique_id"
+HASH_KEY = "rows_sha256"  # in the first line's record: the hash of the lines below it
 MAX_SEARCHED = 1000  # test proteins searched against the training set for the summary
 INSTALL_HINT = "apt-get install mmseqs2, conda install -c bioconda mmseqs2, or scripts/install_mmseqs.sh"
 
@@ -115,11 +117,18 @@ def cluster_proteins(proteins: list[Protein], identity: float, coverage: float,
     return {pid: min(ids) for ids in members.values() for pid in ids}
 
 
+def _body(lines: list[str]) -> str:
+    """The part of a clusters file below its first line, as :data:`HASH_KEY` hashes it."""
+    return "\n".join(lines) + "\n"
+
+
 def clusters_text(clusters: dict[str, str], settings: dict) -> str:
-    record = {"settings": settings, "method": "mmseqs easy-search all vs all, single linkage",
-              "mmseqs_version": mmseqs_version()}
     rows = sorted((c, pid) for pid, c in clusters.items())
-    return "\n".join([HEADER + json.dumps(record, sort_keys=True), COLUMNS, *(f"{c}\t{p}" for c, p in rows)]) + "\n"
+    body = [COLUMNS, *(f"{c}\t{p}" for c, p in rows)]
+    record = {"settings": settings, "method": "mmseqs easy-search all vs all, single linkage",
+              "mmseqs_version": mmseqs_version(), "proteins": len(rows), "clusters": len(set(clusters.values())),
+              HASH_KEY: sha256_of(_body(body).encode())}
+    return "\n".join([HEADER + json.dumps(record, sort_keys=True), *body]) + "\n"
 
 
 def run_cluster(config: dict, output: str | os.PathLike, threads: int | None = None) -> dict[str, str]:
@@ -132,30 +141,59 @@ def run_cluster(config: dict, output: str | os.PathLike, threads: int | None = N
 
 
 def read_clusters(path: str | os.PathLike, config: dict, proteins: list[Protein]) -> dict[str, str]:
-    """The cluster stage's file, checked: made with this config's data and settings, naming every
-    protein once, duplicates in one cluster. Returns id -> cluster."""
+    """The cluster stage's file, checked as it is read: made with this config's data and settings
+    (the first line's record), naming each protein of the dataset once and nothing else, as many
+    rows as the record says, the rows as the cluster stage wrote them (their hash, in the record:
+    a protein moved to another cluster is refused too), duplicates in one cluster. Returns id -> cluster."""
     path, fix = Path(path), "rerun the cluster stage (ptm-mamba cluster)"
+    edited = f"(an edited file); {fix}"
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except FileNotFoundError:
         raise PipelineError(f"{path} not found: {fix}") from None
+    except UnicodeDecodeError:
+        lines = []
     if len(lines) < 2 or not lines[0].startswith(HEADER) or lines[1] != COLUMNS:
         raise PipelineError(f"{path}: not a clusters file of the cluster stage; {fix}")
     try:
-        recorded = json.loads(lines[0][len(HEADER):]).get("settings")
-    except (ValueError, AttributeError):
-        recorded = None
-    check_settings(recorded, config, CLUSTER, str(path), fix)
-    rows = [line.split("\t") for line in lines[2:]]
-    clusters = {row[1]: row[0] for row in rows if len(row) == 2}
-    if len(clusters) != len(rows) or set(clusters) != {p.id for p in proteins}:
-        raise PipelineError(f"{path}: does not name each protein of the dataset once (an edited file); {fix}")
+        record = json.loads(lines[0][len(HEADER):])
+    except ValueError:
+        record = None
+    record = record if isinstance(record, dict) else {}
+    check_settings(record.get("settings"), config, CLUSTER, str(path), fix)
+    if not isinstance(record.get(HASH_KEY), str) or not isinstance(record.get("proteins"), int):
+        raise PipelineError(f"{path}: records no content hash (written by an older version of the cluster stage, "
+                            f"or an edited first line); {fix}")
+    clusters: dict[str, str] = {}
+    for number, line in enumerate(lines[2:], start=3):
+        row = line.split("\t")
+        if len(row) != 2 or not all(row):
+            raise PipelineError(f"{path} line {number}: {line[:60]!r} is not 'cluster<TAB>unique_id' {edited}")
+        if row[1] in clusters:
+            raise PipelineError(f"{path} line {number}: does not name each protein of the dataset once: {row[1]!r} "
+                                f"again {edited}")
+        clusters[row[1]] = row[0]
+    missing = [p.id for p in proteins if p.id not in clusters]
+    if missing:
+        raise PipelineError(f"{path}: does not name each protein of the dataset once: {missing[0]!r} is missing"
+                            f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''} {edited}")
+    if len(clusters) != len(proteins):
+        known = {p.id for p in proteins}
+        extra = [pid for pid in clusters if pid not in known]
+        raise PipelineError(f"{path}: names {extra[0]!r}, which the dataset lacks"
+                            f"{f' (and {len(extra) - 1} more)' if len(extra) > 1 else ''} {edited}")
     first: dict[str, Protein] = {}
     for p in proteins:
         other = first.setdefault(residue_key(p), p)
         if clusters[other.id] != clusters[p.id]:
             raise PipelineError(f"{path}: {other.id!r} and {p.id!r} have the same sequence but are in different "
-                                f"clusters (an edited file); {fix}")
+                                f"clusters {edited}")
+    if record["proteins"] != len(clusters):
+        raise PipelineError(f"{path}: records {record['proteins']} proteins but its rows name {len(clusters)} "
+                            f"{edited}")
+    if sha256_of(_body(lines[1:]).encode()) != record[HASH_KEY]:
+        raise PipelineError(f"{path}: its rows are not those the cluster stage wrote (their hash differs from the "
+                            f"one its first line records; a protein moved to another cluster?) {edited}")
     return clusters
 
 

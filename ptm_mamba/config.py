@@ -8,7 +8,8 @@ value. The schema is also the one place of defaults (:func:`schema_default`).
 Config files are read strictly (a key given twice is an error), and values that
 arrive as strings where the schema wants numbers, booleans, null, lists or
 sections (``--config 'training={lr: 0.1}'``, YAML 1.1's ``lr: 1e-3``) are
-converted first.
+converted first. Where the schema wants an integer, an integral float (``seed: 7.0``,
+``"7.0"``, ``1e3``) is that integer, and any other number is refused.
 """
 
 from __future__ import annotations
@@ -163,6 +164,11 @@ def _coerce(value: Any, schema: dict) -> Any:
             value = parsed
     if isinstance(value, str):
         return _parse_scalar(value, types)
+    if isinstance(value, float) and "integer" in types and "number" not in types and value.is_integer():
+        # 7.0 (YAML, a hand-edited file) is the integer 7: the same validated config, so the same
+        # settings, fingerprints and results (jsonschema takes 7.0 as an integer and would pass it on
+        # as a float; numpy's SeedSequence refuses one). 7.5 stays, for validation to refuse.
+        return int(value)
     if isinstance(value, list) and "items" in schema:
         return [_coerce(item, schema["items"]) for item in value]
     if isinstance(value, dict):
@@ -237,10 +243,15 @@ def _check_sizes(config: dict, source: str) -> None:
 
 def load_config(path: str | os.PathLike) -> dict:
     """Read (strictly), convert, default-fill and validate a config file."""
+    from .layout import edited_invocation_config
+
     path = Path(path)
     config = load_yaml_strict(path)
     if config is None:
         raise PipelineError(f"{path}: the config file is empty")
+    if edited_invocation_config(path, path.read_text(encoding="utf-8")):
+        raise PipelineError(f"{path}: edited after the workflow wrote it (its name is the hash of the settings its "
+                            "jobs run with); change settings in your config file and run snakemake again")
     return validate(config, source=str(path))
 
 

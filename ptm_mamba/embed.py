@@ -23,7 +23,7 @@ from typing import Iterator
 import numpy as np
 
 from .dataset import Protein
-from .embedding_store import EmbeddingReader, ShardWriter, gather
+from .embedding_store import EmbeddingReader, ShardWriter, check_store_ids, gather
 from .errors import PipelineError
 from .fileio import leftover_temp_files
 from .layout import SPLITS, shard_path, split_store_path
@@ -143,7 +143,7 @@ def load_esm_for(config: dict, device=None):
     _check_overlap(config)
     if device is None:
         device = choose_device(config["device"], [], "embed")
-        log.info("ESM-2 runs on %s", summary(describe(device)))
+        print(f"ESM-2 runs on {summary(describe(device))}", flush=True)  # stdout: stderr is for what went wrong
     return load_esm(config["esm"]["model"], config["esm"]["repr_layer"], device=device)
 
 
@@ -170,6 +170,7 @@ def gather_split(config: dict, split: str, split_file: str | os.PathLike, shard_
     proteins = split_proteins_of(config, split, split_file)
     for shard in shard_files:
         check_store_settings(shard, config)
+        check_store_ids(shard, proteins)  # its part of the split, each id on its own protein's rows
     from .esm import model_name
 
     attrs = store_attrs(config, model_name(config["esm"]["model"]), config["esm"]["repr_layer"] or 0,
@@ -205,6 +206,7 @@ def embed_all(config: dict, split_dir: str | os.PathLike, output_dir: str | os.P
                 validate_shard(out, expected_ids=[p.id for p in plan_shards(proteins, num_shards)[i]],
                                expected_attrs={"split_fingerprint": split_fingerprint(proteins)})
                 check_store_settings(out, config)
+                check_store_ids(out, proteins)  # a shard whose ids were swapped is recomputed, not kept
                 log.info("shard %s is complete, skipping", out)
                 continue
             except PipelineError as err:

@@ -44,7 +44,7 @@ import h5py
 import numpy as np
 
 from ptm_mamba.errors import PipelineError
-from ptm_mamba.fileio import AtomicFile
+from ptm_mamba.fileio import AtomicFile, write_error
 from ptm_mamba.stages import EMBED, FORMATS
 
 FORMAT_VERSION = FORMATS[EMBED]  # 2: rows <cls>, residues, <eos> per protein (1: residues only)
@@ -89,27 +89,81 @@ def _damaged(where: str, e: OSError) -> PipelineError:
                          f"rerun the embed stage): {detail}")
 
 
+# What h5py raises for a write that failed: OSError, or RuntimeError for some (a flush: "Can't flush
+# cache (file write failed: ... errno = 28, error message = 'No space left on device' ...)").
+_H5_WRITE_ERRORS = (OSError, RuntimeError)
+
+
+def _failure(exc: BaseException) -> BaseException:
+    """An HDF5 write's exception as the OSError it stands for (a RuntimeError's message kept)."""
+    return OSError(None, str(exc)) if isinstance(exc, RuntimeError) else exc
+
+
+def _discard(f: h5py.File) -> None:
+    """Close ``f`` without writing anything more to its file.
+
+    HDF5 writes its caches on close. After a failed write (a full disk) that write fails again,
+    and HDF5 is left with half-closed objects that crash the process later (a segfault at exit,
+    the original ``predict`` onto a full disk). So the file's descriptor is first pointed at an
+    in-memory file that takes every write; the temp file itself is then removed by the caller.
+    """
+    if not f.id.valid:
+        return
+    try:
+        fd = f.id.get_vfd_handle()
+        sink = os.memfd_create("ptm-mamba-discard") if hasattr(os, "memfd_create") else \
+            os.open(os.devnull, os.O_RDWR)
+        try:
+            os.dup2(sink, fd)
+        finally:
+            os.close(sink)
+    except (OSError, ValueError, TypeError):  # not a POSIX file driver: close it as it is
+        pass
+    try:
+        f.close()
+    except Exception:  # noqa: BLE001 - the file is being thrown away; the write's error is reported
+        pass
+
+
 class _AtomicH5:
     """An HDF5 file written under a temp name beside its target (:class:`AtomicFile`), renamed
     into place on commit. A crash leaves only the hidden temp file, which has no ``complete``
-    attribute and is never at the final path, so nothing downstream accepts it.
+    attribute and is never at the final path, so nothing downstream accepts it. A failed write
+    (a full disk) removes the temp file and reads as one line naming the target (:meth:`error`).
     """
 
     def __init__(self, path: str | os.PathLike):
         self._out = AtomicFile(path)
         self.path, self.tmp = self._out.path, self._out.tmp
-        self.file = h5py.File(self.tmp, "w", locking=False)  # see _open
+        # Every dataset made is held here until the file is flushed: HDF5 writes a dataset's cached
+        # chunks when its last handle goes, and a failure there (a full disk) is lost in h5py's
+        # __dealloc__ and leaves the library broken (the later segfault).
+        self.kept: list[h5py.Dataset] = []
+        try:
+            self.file = h5py.File(self.tmp, "w", locking=False)  # see _open
+        except _H5_WRITE_ERRORS as exc:
+            raise self._out.error(_failure(exc)) from None
+        except BaseException:
+            self._out.abort()
+            raise
 
     def commit(self) -> None:
-        self.file.attrs["complete"] = True
-        self.file.close()
-        self._out.commit()
+        try:
+            self.file.attrs["complete"] = True
+            self.file.flush()  # a full disk fails here, with every object still open, not mid-close
+            self.file.close()
+        except _H5_WRITE_ERRORS as exc:
+            raise self.error(exc) from None
+        self._out.commit()  # removes the temp file itself if the rename fails
+
+    def error(self, exc: BaseException) -> BaseException:
+        """Abort; ``exc``, raised while writing, as the error to raise (see :meth:`AtomicFile.error`)."""
+        _discard(self.file)
+        return self._out.error(_failure(exc))
 
     def abort(self) -> None:
-        try:
-            self.file.close()
-        finally:
-            self._out.abort()
+        _discard(self.file)
+        self._out.abort()
 
 
 class ShardWriter:
@@ -169,7 +223,11 @@ class ShardWriter:
                                  fletcher32=True)
                 for k in range(self.replicates)
             ]
+        except _H5_WRITE_ERRORS as exc:
+            self._out = None
+            raise out.error(exc) from None
         except BaseException:
+            self._out = None
             out.abort()
             raise
         self._ids: list[str] = []
@@ -182,21 +240,40 @@ class ShardWriter:
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         out, self._out = self._out, None
-        if exc_type is not None:
+        if exc_type is not None:  # a write that failed in add() is a WriteError already
             out.abort()
             return False
         try:
             self._flush()
             f = out.file
-            f.create_dataset("ids", data=np.array(self._ids, dtype=object), dtype=h5py.string_dtype("utf-8"))
-            f.create_dataset("offsets", data=np.array(self._offsets, dtype=np.int64), fletcher32=True)
+            out.kept += [
+                f.create_dataset("ids", data=np.array(self._ids, dtype=object), dtype=h5py.string_dtype("utf-8")),
+                f.create_dataset("offsets", data=np.array(self._offsets, dtype=np.int64), fletcher32=True),
+            ]
             for k, v in self.attrs.items():
                 f.attrs[k] = v
-            out.commit()
+        except _H5_WRITE_ERRORS as exc:
+            raise out.error(exc) from None
         except BaseException:
             out.abort()
             raise
+        out.commit()
         return False
+
+    def add_dataset(self, name: str, data: np.ndarray, **attrs: Any) -> None:
+        """Store one more array (with checksums) in the file, committed with it: e.g. ``predict``'s
+        pooled hidden states, which appear together with the store or not at all."""
+        if self._out is None:
+            raise RuntimeError("ShardWriter.add_dataset outside of its `with` block")
+        if name.split("/")[0] in ("ids", "offsets", "embeddings", "masks"):
+            raise ValueError(f"{name!r} is a dataset of the store layout")
+        try:
+            dset = self._out.file.create_dataset(name, data=data, fletcher32=True)
+            self._out.kept.append(dset)
+            for k, v in attrs.items():
+                dset.attrs[k] = v
+        except _H5_WRITE_ERRORS as exc:
+            raise write_error(self.path, _failure(exc)) from None
 
     @property
     def rows_written(self) -> int:
@@ -244,13 +321,16 @@ class ShardWriter:
             return
         start = self.rows_written
         end = start + self.buffered_rows
-        for k in range(self.replicates):
-            self._emb[k].resize(end, axis=0)
-            self._emb[k][start:end] = np.concatenate(self._buf_feat[k])
-            self._mask[k].resize((end,))
-            self._mask[k][start:end] = np.concatenate(self._buf_mask[k])
-            self._buf_feat[k].clear()
-            self._buf_mask[k].clear()
+        try:
+            for k in range(self.replicates):
+                self._emb[k].resize(end, axis=0)
+                self._emb[k][start:end] = np.concatenate(self._buf_feat[k])
+                self._mask[k].resize((end,))
+                self._mask[k][start:end] = np.concatenate(self._buf_mask[k])
+                self._buf_feat[k].clear()
+                self._buf_mask[k].clear()
+        except _H5_WRITE_ERRORS as exc:  # a full disk: one line naming the shard (the `with` removes the temp file)
+            raise write_error(self.path, _failure(exc)) from None
         self.buffered_rows = 0
 
 
@@ -489,8 +569,8 @@ def gather(
     out = _AtomicH5(out_path)
     try:
         f = out.file
-        f.create_dataset("ids", data=np.array(all_ids, dtype=object), dtype=h5py.string_dtype("utf-8"))
-        f.create_dataset("offsets", data=offsets.astype(np.int64))
+        out.kept += [f.create_dataset("ids", data=np.array(all_ids, dtype=object), dtype=h5py.string_dtype("utf-8")),
+                     f.create_dataset("offsets", data=offsets.astype(np.int64))]
         for k in range(K):
             for group, shape, dtype, fill in (
                 ("embeddings", (total, dim), np.float16, np.nan),  # NaN marks rows whose source went missing
@@ -502,17 +582,19 @@ def gather(
                     if r:
                         layout[start:start + r] = h5py.VirtualSource(src, name, shape=(r,) + shape[1:], dtype=dtype)
                 if total:
-                    f.create_virtual_dataset(name, layout, fillvalue=fill)
+                    out.kept.append(f.create_virtual_dataset(name, layout, fillvalue=fill))
                 else:  # HDF5 cannot map an empty extent; an empty real dataset reads the same
-                    f.create_dataset(name, shape=shape, dtype=dtype)
+                    out.kept.append(f.create_dataset(name, shape=shape, dtype=dtype))
         for k, v in content.items():
             f.attrs[k] = v
         f.attrs["num_shards"] = len(shards)
         f.attrs["shard_files"] = sources
-        out.commit()
+    except _H5_WRITE_ERRORS as exc:
+        raise out.error(exc) from None
     except BaseException:
         out.abort()
         raise
+    out.commit()
 
 
 class EmbeddingReader:
@@ -648,3 +730,98 @@ class EmbeddingReader:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+_MASK_BLOCK_ROWS = 2**22  # rows of a mask read at once by check_store_ids (bools: 4 MiB)
+
+
+def check_store_ids(store: "EmbeddingReader | str | os.PathLike", proteins: Sequence, *, masks: bool = True) -> None:
+    """Refuse embeddings whose ids do not name their own rows, in one line naming the file and the
+    first protein (its position in ``ids``) that is wrong.
+
+    ``proteins`` are the split's (``Protein`` s); the store is one shard (``shard_index``: that
+    shard's part of the split, :func:`ptm_mamba.embed.plan_shards`), a gathered file or a store
+    written whole (the whole split). The store must be made for this split (``split_fingerprint``)
+    and hold exactly its proteins; and the rows at each position must be those of the protein
+    named there: as many as its residues + 2, and, with ``masks``, its stored random masks the
+    ones the embed stage draws from its id (:func:`ptm_mamba.masking.replicate_mask`). So ids
+    edited into another order, two ids swapped, or two proteins' rows swapped are refused
+    (proteins are stored in the order ESM-2 finished them, so the order itself proves nothing).
+    The ``split_fingerprint`` alone sees none of these: it is a hash of the split file, recorded
+    when the store is written, not of the store's ids or rows.
+
+    Limits: a swap of two proteins of the same length whose masks agree (likely only for a few
+    residues) passes, and with ``training.mask_prob`` 0 (every mask empty) masks tell nothing.
+    Cost: ~25 us per protein and replicate (the masks are drawn again), ~5 s for 100k proteins.
+    """
+    from .embed import plan_shards  # the embed stage's layout (it imports this module)
+    from .split import split_fingerprint
+
+    reader = store if isinstance(store, EmbeddingReader) else EmbeddingReader(store)
+    try:
+        ids, _, offsets, attrs = reader._metadata()
+        where, proteins, split = str(reader.path), list(proteins), attrs.get("split")
+        recorded, fingerprint = attrs.get("split_fingerprint"), split_fingerprint(proteins)
+        if recorded != fingerprint:
+            raise PipelineError(f"{where}: made for another {split} split than the one given (split_fingerprint "
+                                f"{recorded!r}, the split's {fingerprint!r}); the embeddings are stale, rerun the "
+                                "embed stage")
+        what, expected = f"the {split} split", proteins
+        num_shards, index = attrs.get("num_shards"), attrs.get("shard_index")
+        if index is not None:
+            if not (isinstance(num_shards, int) and isinstance(index, int) and 0 <= index < num_shards):
+                raise PipelineError(f"{where}: shard_index {index!r} of num_shards {num_shards!r} is not a shard")
+            what, expected = f"shard {index} of {num_shards} of the {split} split", \
+                plan_shards(proteins, num_shards)[index]
+        length = {p.id: p.length for p in expected}
+        stray = next((i for i, x in enumerate(ids) if x not in length), None)
+        if stray is not None:
+            raise PipelineError(f"{where}: position {stray} holds {ids[stray]!r}, not a protein of {what} (ids of "
+                                "another split or shard, or edited); rerun the embed stage")
+        if len(ids) != len(length):  # ids are unique (checked on opening), so some are missing
+            missing = [p.id for p in expected if p.id not in set(ids)]
+            raise PipelineError(f"{where}: {len(missing)} proteins of {what} missing (e.g. {missing[0]!r}); "
+                                "rerun the embed stage")
+        rows = np.diff(offsets)
+        want = np.array([length[x] + 2 for x in ids], dtype=np.int64)
+        bad = np.flatnonzero(rows != want)
+        if bad.size:
+            i = int(bad[0])
+            raise PipelineError(f"{where}: position {i} ({ids[i]!r}) has {rows[i]} rows of embeddings, but "
+                                f"{ids[i]!r} has {want[i] - 2} residues (+ <cls>, <eos>): the rows of another "
+                                "protein (ids reordered or swapped?) or stale embeddings; rerun the embed stage")
+        if masks:
+            _check_masks(reader, ids, offsets, attrs, where)
+    finally:
+        if reader is not store:
+            reader.close()
+
+
+def _check_masks(reader: EmbeddingReader, ids: list[str], offsets: np.ndarray, attrs: dict, where: str) -> None:
+    """Every protein's stored masks, replicate by replicate, against the ones drawn for its id."""
+    from .masking import replicate_mask
+
+    mask_prob = attrs.get("mask_prob")
+    if not isinstance(mask_prob, (int, float)) or not 0 < mask_prob < 1:
+        return  # all False or all True: nothing tells one protein's masks from another's
+    for k in range(int(attrs["mask_replicates"])):
+        dset = reader._datasets(k)[1]
+        i = 0
+        while i < len(ids):
+            j = i + 1  # proteins i..j-1 in one read
+            while j < len(ids) and offsets[j + 1] - offsets[i] <= _MASK_BLOCK_ROWS:
+                j += 1
+            a, b = int(offsets[i]), int(offsets[j])
+            try:
+                block = dset[a:b]
+            except OSError as e:
+                raise _damaged(f"{where}: masks/{k} of proteins {ids[i]!r}..{ids[j - 1]!r}"
+                               f"{_shards_note(dset, a, b, reader.path)}", e) from None
+            for r in range(i, j):
+                stored = block[int(offsets[r]) - a:int(offsets[r + 1]) - a]
+                if len(stored) < 2 or stored[0] or stored[-1] or \
+                        not np.array_equal(stored[1:-1], replicate_mask(ids[r], k, len(stored) - 2, mask_prob)):
+                    raise PipelineError(f"{where}: position {r} ({ids[r]!r}) replicate {k}: the stored mask is not "
+                                        f"the one the embed stage draws for {ids[r]!r}: the rows of another protein "
+                                        "(ids reordered or swapped?); rerun the embed stage")
+            i = j

@@ -147,6 +147,23 @@ def _cached_pretrained(name: str) -> Path:
     return folder / model_file
 
 
+def weight_files(model: str) -> list[Path]:
+    """The local files that hold ``esm.model``'s weights, without downloading anything: a fair-esm
+    name's files in the hub cache, a ``.pt`` path (and its contact-regression file), a Hub-layout
+    folder's files. A Hub id's files live in the Hugging Face cache and are not listed."""
+    from ptm_mamba.stages import hub_model_files
+
+    model = str(model)
+    if model in ESM2_NAMES:
+        return [hub_checkpoint_dir() / file for file in _checkpoint_files(model)]
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return hub_model_files(path)
+    if _is_hub_id(model):
+        return []
+    return [path, path.with_name(_checkpoint_files(path.stem)[1])]
+
+
 def _load_local(path: Path) -> tuple[ESM2, fair_esm.Alphabet]:
     """fair-esm's local loader under weights_only=True, allowing only argparse.Namespace."""
     if not path.is_file():

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import re
+import shutil
 import tempfile
+import urllib.error
 from pathlib import Path
 from typing import Iterator
+
+from .errors import PipelineError
 
 
 def _umask() -> int:
@@ -22,6 +28,114 @@ def fsync_path(path: str | os.PathLike) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+class WriteError(PipelineError, OSError):
+    """A file that could not be written (disk full, quota, no permission, I/O error), as one line
+    naming the file and the free space of its file system (the CLI prints it, exit 2). Also an
+    OSError: code that tolerates an optional file it cannot write (``except OSError``) still does."""
+
+    reason = ""  # "no space left on device"
+    free = ""  # "12.0 KiB free on /scratch", when the write failed
+
+
+# errno -> how a write error reads; other errnos read as the OS words them
+_FULL = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded"}
+_HDF5_ERRNO = re.compile(r"\berrno = (\d+)")  # HDF5 reports the system error inside its message
+_LOW_SPACE = 2**20  # an unexplained write failure with less free space than this is a full disk
+# OSErrors raised inside a writer that are not about the file written (a download's network)
+_NOT_WRITING = (urllib.error.URLError, TimeoutError, ConnectionError)
+
+
+def _human(n: float) -> str:
+    if n < 1024:
+        return f"{int(n)} B"
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
+        n /= 1024
+        if n < 1024:
+            break
+    return f"{n:.1f} {unit}"
+
+
+def free_space(path: str | os.PathLike) -> tuple[int, Path] | None:
+    """(free bytes, mount point) of the file system ``path`` is (or would be) on; None if unknown."""
+    try:
+        where = Path(os.path.abspath(path))
+        while not where.exists() and where != where.parent:
+            where = where.parent
+        free = shutil.disk_usage(where).free
+        mount = where
+        while not os.path.ismount(mount) and mount != mount.parent:
+            mount = mount.parent
+        return free, mount
+    except OSError:
+        return None
+
+
+def _describe_free(path: str | os.PathLike) -> str:
+    free = free_space(path)
+    return "free space unknown" if free is None else f"{_human(free[0])} free on {free[1]}"
+
+
+def _errno_of(exc: OSError) -> int | None:
+    if exc.errno:
+        return exc.errno
+    found = _HDF5_ERRNO.search(str(exc))
+    return int(found.group(1)) if found else None
+
+
+def _flat(text: str, limit: int = 200) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _reason(exc: OSError, path: str | os.PathLike | None) -> str:
+    """How ``exc`` reads in a one-line error: "no space left on device", "Permission denied" ...
+    An error without errno or OS words (HDF5's) while ``path``'s file system is all but full is a
+    full disk."""
+    if isinstance(exc, WriteError):
+        return exc.reason
+    code = _errno_of(exc)
+    words = os.strerror(code) if code else ""
+    raw = exc.strerror if isinstance(exc.strerror, str) else None
+    text = raw if raw and "\n" not in raw else None  # the OS's words, not a library's report
+    if text is None and code is None and path is not None:  # HDF5 may leave errno unset: look at the disk
+        free = free_space(path)
+        if free is not None and free[0] < _LOW_SPACE:
+            code, words = errno.ENOSPC, os.strerror(errno.ENOSPC)
+    if code in _FULL:  # "No space left on device (injected)" -> "no space left on device (injected)"
+        reason = _FULL[code] + (text[len(words):] if text and text.startswith(words) else "")
+    elif text:
+        reason = text
+    elif words:
+        reason = words
+    else:
+        reason = raw or str(exc) or type(exc).__name__
+    return _flat(reason)
+
+
+def write_error(path: str | os.PathLike, exc: OSError) -> WriteError:
+    """``exc``, raised while writing ``path``, as one line: ``PATH: REASON (N KiB free on MOUNT)``."""
+    if isinstance(exc, WriteError) and str(exc).startswith(f"{path}: "):
+        return exc
+    reason = _reason(exc, path)
+    free = exc.free if isinstance(exc, WriteError) else _describe_free(path)
+    err = WriteError(f"{path}: {reason} ({free})")
+    err.reason, err.free = reason, free
+    err.errno = _errno_of(exc) or (errno.ENOSPC if reason.startswith(_FULL[errno.ENOSPC]) else None)
+    return err
+
+
+def os_error_line(exc: OSError) -> str:
+    """An OSError that reached the CLI as one line: the file, the reason, and for a full disk or
+    quota the free space there."""
+    if isinstance(exc, WriteError):
+        return str(exc)
+    where = exc.filename
+    reason = _reason(exc, where)
+    if where is not None and (_errno_of(exc) in _FULL or reason.startswith(tuple(_FULL.values()))):
+        reason += f" ({_describe_free(where)})"
+    return f"{where}: {reason}" if where is not None else reason
 
 
 def _temp_prefix(path: Path) -> str:
@@ -42,16 +156,35 @@ class AtomicFile:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(self.path), dir=self.path.parent)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(self.path), dir=self.path.parent)
+        except OSError as exc:
+            raise write_error(self.path, exc) from None
         os.close(fd)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files
         self.tmp = Path(tmp)
+        try:
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files
+        except OSError as exc:
+            self.abort()
+            raise write_error(self.path, exc) from None
+
+    def error(self, exc: BaseException) -> BaseException:
+        """Remove the temp file; return ``exc``, raised while writing it, as the error to raise: an
+        OSError about the file as a :class:`WriteError` naming the target (other errors as they are)."""
+        if isinstance(exc, OSError) and not isinstance(exc, _NOT_WRITING):
+            exc = write_error(self.path, exc)  # the free space as it was, before the temp file goes
+        self.abort()
+        return exc
 
     def commit(self) -> None:
-        """Sync the temp file, rename it onto the target, and sync the folder (the rename)."""
-        fsync_path(self.tmp)
-        os.replace(self.tmp, self.path)
+        """Sync the temp file, rename it onto the target, and sync the folder (the rename). On a
+        failure the temp file is removed and the target untouched (:class:`WriteError`)."""
+        try:
+            fsync_path(self.tmp)  # a file system that allocates late (NFS, XFS) reports a full disk here
+            os.replace(self.tmp, self.path)
+        except OSError as exc:
+            raise self.error(exc) from None
         try:
             fsync_path(self.path.parent)
         except OSError:  # some filesystems refuse to fsync a folder
@@ -72,6 +205,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     try:
         yield out.tmp
         out.commit()
+    except OSError as exc:  # a full disk, a quota, an I/O error: one line naming ``path``
+        error = out.error(exc)
+        if error is exc:
+            raise
+        raise error from None
     except BaseException:
         out.abort()
         raise
@@ -111,7 +249,10 @@ def write_together(files: dict[str | os.PathLike, str]) -> None:
         for target, text in files.items():
             out = AtomicFile(target)
             staged.append((out, _link_aside(out.path)))
-            out.tmp.write_text(text, encoding="utf-8", newline="")
+            try:
+                out.tmp.write_text(text, encoding="utf-8", newline="")
+            except OSError as exc:
+                raise out.error(exc) from None
         for out, backup in staged:
             out.commit()
             done.append((out.path, backup))

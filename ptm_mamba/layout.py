@@ -18,7 +18,9 @@ reads. Snakemake passes wildcard patterns through the same functions, e.g.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import os
+import re
 from pathlib import Path
 
 SPLITS = ("train", "val", "test")
@@ -55,6 +57,19 @@ def split_store_path(embeddings_dir: str | os.PathLike, split: str) -> Path:
 
 def shard_path(embeddings_dir: str | os.PathLike, split: str, index: int | str, num_shards: int) -> Path:
     return Path(embeddings_dir) / "shards" / split / f"{index}-of-{num_shards}.h5"
+
+
+def invocation_config(text: str) -> Path:
+    """Where a Snakemake invocation puts the config its jobs read: named by its content's hash."""
+    return Path(CONFIGS_DIR) / f"{hashlib.sha256(text.encode()).hexdigest()[:16]}.yaml"
+
+
+def edited_invocation_config(path: str | os.PathLike, text: str) -> bool:
+    """Whether ``path`` is an invocation's config (:func:`invocation_config`) whose ``text`` no longer
+    has the hash its name says (edited after the workflow wrote it, e.g. between a job's segments)."""
+    path = Path(path)
+    named = path.parent.name == Path(CONFIGS_DIR).name and re.fullmatch(r"[0-9a-f]{16}\.yaml", path.name)
+    return bool(named) and invocation_config(text).name != path.name
 
 
 def timestamp_run_name() -> str:

@@ -13,7 +13,6 @@ its residues, in float32: dataset ``pooled`` (n, d_model), row i for ``ids[i]``;
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
 from pathlib import Path
 
@@ -27,10 +26,7 @@ from .dataset import Protein, _read_text, read_dataset
 from .device import choose_device, describe, summary
 from .embedding_store import EmbeddingReader, ShardWriter
 from .errors import PipelineError
-from .fileio import atomic_path
 from .tokenizer import PTMTokenizer
-
-log = logging.getLogger(__name__)
 
 
 def _proteins(sequences: list[str]) -> list[Protein]:
@@ -133,12 +129,20 @@ def read_fasta(path: Path) -> list[Protein]:
 
 def _check_output(output: Path, **inputs: Path) -> None:
     """Refuse an output path that is a folder or one of the inputs (it would be replaced)."""
+    from .guard import refuse_overwrite
+
     if output.is_dir():
         raise PipelineError(f"output {output} is a directory; give a file name")
-    for what, path in inputs.items():
-        both = output.exists() and path.exists()
-        if os.path.samefile(output, path) if both else output.resolve() == path.resolve():
-            raise PipelineError(f"output {output} is the {what} file; writing it would destroy the {what}")
+    refuse_overwrite({"output": output}, {f"the {what}": path for what, path in inputs.items()})
+
+
+def _check_esm_output(output: Path, model) -> None:
+    """Refuse an output that is a file of the ESM-2 weights the model runs with."""
+    from .esm import weight_files
+
+    esm = (getattr(model, "run_config", None) or {}).get("esm", {}).get("model") if model.config.use_esm else None
+    if esm:
+        _check_output(output, **{f"ESM-2 weights ({f.name})": f for f in weight_files(esm)})
 
 
 POOLED = "pooled"
@@ -149,34 +153,33 @@ def write_predictions(checkpoint_path: str | os.PathLike, input_path: str | os.P
                       pooled: bool = True, progress: bool = True) -> int:
     """Hidden states of every protein of ``input_path`` into ``output`` (HDF5, atomic), and with
     ``pooled`` their means over residues (dataset ``pooled``)."""
-    import h5py
-
     from .model import PTMMamba
 
     _check_output(Path(output), input=Path(input_path), checkpoint=Path(checkpoint_path))
     device = choose_device(device, [], "predict", cpu_option="use --device cpu")
-    log.info("predict runs on %s", summary(describe(device)))
     model = PTMMamba.from_checkpoint(checkpoint_path, device=device)
+    _check_esm_output(Path(output), model)
     proteins = read_sequences(input_path)
+    print(f"predict runs on {summary(describe(device))}", flush=True)  # stdout: stderr is for what went wrong
     digest = hashlib.sha256("".join(p.id + p.sequence for p in proteins).encode()).hexdigest()[:24]
     attrs = {"esm_model": f"ptm-mamba:{Path(checkpoint_path).resolve()}", "repr_layer": -1, "split": "predict",
              "split_fingerprint": digest, "mask_prob": 0.0, "mask_seed": 0}
     means = np.zeros((len(proteins), model.config.d_model), dtype=np.float32)  # rows in writing order
-    with atomic_path(output) as tmp:  # the store and its pooled rows appear together or not at all
-        with ShardWriter(tmp, dim=model.config.d_model, replicates=1, attrs=attrs) as writer:
-            batches = predict_batches(model, proteins, None, max_tokens_per_batch, progress)
-            written = 0
-            for indices, _, hidden, lengths in batches:
-                for row, i in enumerate(indices):  # rows <cls>, residues 1..L, <eos>
-                    states = hidden[row, :int(lengths[row])].float().cpu().numpy()
-                    writer.add(proteins[i].id, [states], [np.zeros(len(states), dtype=bool)])
-                    if len(states) > 2:
-                        means[written] = states[1:-1].mean(axis=0)
-                    written += 1
+    # one atomic HDF5 file: the store and its pooled rows appear together or not at all; a failed
+    # write (a full disk) is one line naming the output, and leaves neither it nor a temp file
+    with ShardWriter(output, dim=model.config.d_model, replicates=1, attrs=attrs) as writer:
+        batches = predict_batches(model, proteins, None, max_tokens_per_batch, progress)
+        written = 0
+        for indices, _, hidden, lengths in batches:
+            for row, i in enumerate(indices):  # rows <cls>, residues 1..L, <eos>
+                states = hidden[row, :int(lengths[row])].float().cpu().numpy()
+                writer.add(proteins[i].id, [states], [np.zeros(len(states), dtype=bool)])
+                if len(states) > 2:
+                    means[written] = states[1:-1].mean(axis=0)
+                written += 1
         if pooled:
-            with h5py.File(tmp, "r+", locking=False) as f:
-                f.create_dataset(POOLED, data=means, fletcher32=True)
-                f[POOLED].attrs["about"] = "mean over residues of the final hidden states, row i for ids[i]"
+            writer.add_dataset(POOLED, means,
+                               about="mean over residues of the final hidden states, row i for ids[i]")
     return len(proteins)
 
 

@@ -31,8 +31,10 @@ import csv
 import gzip
 import io
 import json
+import math
 import os
 import re
+import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -107,9 +109,10 @@ def _open_text(path: Path) -> io.TextIOBase:
     return opener(path, "rt", encoding="utf-8-sig", newline="")
 
 
-def _rows(path: Path, delimiter: str, required: tuple[str, ...], what: str) -> Iterator[dict]:
-    """The rows of a delimited file, after checking that its header has ``required``. UniProt's TSV
-    quotes nothing (its notes hold quotes), the per-site table is an ordinary CSV."""
+def _rows(path: Path, delimiter: str, required: tuple[str, ...], what: str) -> Iterator[tuple[int, dict]]:
+    """The rows of a delimited file, with the line each ends on, after checking that its header has
+    ``required``. UniProt's TSV quotes nothing (its notes hold quotes), the per-site table is an
+    ordinary CSV."""
     quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
     with _open_text(path) as fh:
         reader = csv.DictReader(fh, delimiter=delimiter, quoting=quoting)
@@ -119,41 +122,77 @@ def _rows(path: Path, delimiter: str, required: tuple[str, ...], what: str) -> I
             if missing:
                 raise PipelineError(f"{path}: no column {missing[0]!r}; {what} has the columns "
                                     f"{', '.join(required)} (the file has: {', '.join(map(repr, header))})")
-            yield from reader
+            for row in reader:
+                yield reader.line_num, row
         except UnicodeDecodeError as exc:
             raise PipelineError(f"{path}: not UTF-8 text ({exc.reason})") from None
         except (csv.Error, EOFError, OSError) as exc:  # a broken .gz, an unreadable line
             raise PipelineError(f"{path}: unreadable ({exc})") from None
 
 
+class PositionError(ValueError):
+    """A position written with a digit other than 0-9 (``²``, ``٣``, ``３``): Python's ``int`` and
+    ``float`` read some of them (``int("٣") == 3``) and fail on others (``int("²")``); either way it
+    is a damaged file, not a position to guess."""
+
+    def __init__(self, text: str, char: str):
+        super().__init__(f"position {text!r} holds {char!r} ({unicodedata.name(char, 'a non-ASCII character')}), "
+                         "not a digit 0-9")
+        self.text, self.char = text, char
+
+
+def _ascii_position(text: str) -> str:
+    """``text``, refused (:class:`PositionError`) when it holds a non-ASCII digit or number."""
+    bad = next((ch for ch in text if not ch.isascii() and ch.isnumeric()), None)
+    if bad is not None:
+        raise PositionError(text, bad)
+    return text
+
+
+# A number in ASCII (what the per-site table's pos column holds: "7", "7.0"); float() also takes
+# "1_0", " ٣ ", "nan", which are not positions.
+ASCII_NUMBER = re.compile(r"\s*[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?\s*", re.ASCII)
+
+
 def uniprot_sites(cell: str) -> list[tuple[int | None, str | None]]:
-    """(0-based position or None when uncertain, token or None without a note) per feature of a cell."""
+    """(0-based position or None when uncertain, token or None without a note) per feature of a cell.
+    A position with a non-ASCII digit raises :class:`PositionError`."""
     found = list(FEATURE.finditer(cell))
     sites = []
     for m, after in zip(found, [*found[1:], None]):
         note = NOTE.search(cell, m.end(), after.start() if after else len(cell))
-        location = m.group(1)
-        sites.append((int(location) - 1 if location.isdigit() else None,
+        location = _ascii_position(m.group(1))
+        readable = location.isascii() and location.isdigit() and len(location) <= 18  # int() refuses 4300+ digits
+        sites.append((int(location) - 1 if readable else None,
                       f"<{note.group(1).split(';')[0].strip()}>" if note else None))
     return sites
 
 
 def read_uniprot_tsv(path: Path) -> Iterator[Entry]:
-    for row in _rows(path, "\t", UNIPROT_COLUMNS, "a UniProtKB TSV export"):
-        sites = [site for column in UNIPROT_COLUMNS[2:] for site in uniprot_sites(row[column] or "")]
+    for line, row in _rows(path, "\t", UNIPROT_COLUMNS, "a UniProtKB TSV export"):
+        sites = []
+        for column in UNIPROT_COLUMNS[2:]:
+            try:
+                sites += uniprot_sites(row[column] or "")
+            except PositionError as exc:
+                raise PipelineError(f"{path} line {line}: entry {row['Entry'].strip()!r}, column {column!r}: {exc}; "
+                                    "write positions with the digits 0-9") from None
         yield Entry(row["Entry"].strip(), (row["Sequence"] or "").strip(), sites)
 
 
 def read_ptm_mamba_sites(path: Path) -> Iterator[Entry]:
     entries: dict[str, Entry] = {}  # ori_seq -> entry, in order of first appearance
-    for row in _rows(path, ",", SITE_COLUMNS, "the PTM-Mamba per-site table"):
+    for line, row in _rows(path, ",", SITE_COLUMNS, "the PTM-Mamba per-site table"):
         seq = (row["ori_seq"] or "").strip().upper()
         entry = entries.setdefault(seq, Entry((row.get("AC_ID") or "").strip() or None, seq))
+        text = row["pos"] or ""
         try:
-            pos = float(row["pos"])
-            pos = int(pos) if pos.is_integer() else None
-        except (TypeError, ValueError):
-            pos = None
+            _ascii_position(text)
+        except PositionError as exc:
+            raise PipelineError(f"{path} line {line}: column 'pos': {exc}; write positions with the digits 0-9") \
+                from None
+        pos = float(text) if ASCII_NUMBER.fullmatch(text) else math.nan
+        pos = int(pos) if pos.is_integer() else None
         token = (row["token"] or "").strip()
         entry.sites.append((pos, token if token.startswith("<") else f"<{token}>" if token else None))
     yield from entries.values()

@@ -17,6 +17,7 @@ from importlib import metadata
 from pathlib import Path
 
 from .fileio import atomic_write_json
+from .guard import run_record
 from .stages import esm_identity, file_sha256
 
 PACKAGES = ("ptm-mamba", "torch", "mamba-ssm", "fair-esm", "snakemake", "accelerate")
@@ -79,6 +80,7 @@ def provenance(config: dict, runtime: dict | None = None) -> dict:
         "gpus": gpu_names(),
         "processes": int(os.environ.get("WORLD_SIZE", "1")),
         "runtime": runtime,
+        **run_record(config),  # whose run this is: the project folder and every stage's settings
     }
 
 

@@ -454,7 +454,14 @@ def embedding_stats(h5_paths: Sequence[str | Path], out_tsv: str | Path, max_val
 
 def cmd_plots(args: argparse.Namespace) -> None:
     """``ptm-mamba plots``: the figures and tables of one run into ``--output_dir``."""
+    from .guard import refuse_overwrite
+
     out = Path(args.output_dir)
+    writes = [f"{name}.png" for name in FIGURES] + ["test_results.tsv", "splits.tsv", "embeddings.tsv", "provenance.tsv"]
+    reads = {"--metrics": args.metrics, "--summary": args.summary, "--provenance": args.provenance,
+             **{f"--embeddings ({e})": e for e in args.embeddings or []}}
+    refuse_overwrite({f"--output_dir ({name})": out / name for name in writes},
+                     {label: path for label, path in reads.items() if path})
     written = list(plot_metrics(args.metrics, out).values())
     written.append(test_results_table(args.metrics, out / "test_results.tsv"))
     if args.summary:

@@ -190,7 +190,8 @@ DEPENDS_ON: dict[str, tuple[Dep, ...]] = {
 # Versions of what a stage writes, for changes no config key shows: files of another version are
 # stale (rerun and refused like a changed setting). embed 2: the stored rows are <cls>, the
 # residues, <eos> (version 1 had the residues only); embedding_store.FORMAT_VERSION is this.
-FORMATS: dict[str, int] = {EMBED: 2}
+# cluster 2: the clusters file records its protein count and the hash of its rows.
+FORMATS: dict[str, int] = {EMBED: 2, CLUSTER: 2}
 FORMAT_KEY = "format"
 # Not listed, on purpose: run_name and the folders (where results go, not what they are),
 # embedding.shards / max_tokens_per_batch / batch_size (how the embedding work is cut up),
@@ -217,6 +218,12 @@ def stage_settings(config: dict, stage: str) -> dict[str, Any]:
     if stage in FORMATS:
         settings[FORMAT_KEY] = FORMATS[stage]
     return json.loads(json.dumps(settings, sort_keys=True))  # tuples -> lists, as read back from a file
+
+
+def run_settings(config: dict) -> dict[str, dict[str, Any]]:
+    """The settings of every stage behind a training run (split, embed when precomputed, train)."""
+    stages = [SPLIT, *([EMBED] if _precomputed(config) else []), TRAIN]
+    return {stage: stage_settings(config, stage) for stage in stages}
 
 
 def fingerprint_of(settings: dict[str, Any]) -> str:

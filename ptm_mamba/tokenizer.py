@@ -15,7 +15,8 @@ marker never comes from text. On other text they differ: the original also reads
 special tokens (``<mask>``, ``.``, ``-`` ...) from text, and for the ``<`` of an
 unknown ``<...>`` it emits ``<unk>`` and reads the rest of the name character by
 character (residue letters as residues, others as ``<unk>``); here that is an
-error, or one ``<unk>`` with ``unknown_ptm="unk"``.
+error, or one ``<unk>`` with ``unknown_ptm="unk"``. Brackets that make no token (an unclosed
+``<``, ``<a<b>``, ``<>``, a ``>`` alone) are an error in either mode, never ``<unk>``.
 
 What a position is, by token id (:func:`is_residue`, :func:`is_ptm`, :func:`is_unknown_ptm`,
 :func:`in_sequence`, :func:`is_target`, :func:`esm_hidden`; each works on an int,
@@ -194,7 +195,9 @@ class PTMTokenizer:
         are never produced from text: ``PTM`` in a sequence is Pro-Thr-Met.
         ``unknown_ptm`` decides what happens to a bracketed token not in the
         vocabulary: ``"error"`` raises :class:`TokenizeError`, ``"unk"`` maps
-        it to ``<unk>``.
+        it to ``<unk>``. Brackets that make no token are an error in both modes:
+        a ``<`` without a ``>`` before the next ``<`` or the end (``MK<PhosphoserineLLV``,
+        ``<a<b>``), an empty ``<>``, a ``>`` without its ``<``.
         """
         tokens: list[str] = []
         i, n = 0, len(sequence)
@@ -202,8 +205,13 @@ class PTMTokenizer:
             ch = sequence[i]
             if ch == "<":
                 end = sequence.find(">", i + 1)
-                if end == -1:
-                    raise TokenizeError(f"unclosed '<' at position {i}", i, sequence[i:i + 20])
+                inner = sequence.find("<", i + 1, None if end == -1 else end)
+                if end == -1 or inner != -1:  # never swallow residues up to a later token's '>'
+                    after = "the end of the sequence" if end == -1 else "the next '<'"
+                    raise TokenizeError(f"unclosed '<' (no '>' before {after}): {sequence[i:i + 20]!r}", i,
+                                        sequence[i:i + 20])
+                if end == i + 1:
+                    raise TokenizeError("empty PTM token '<>'", i, "<>")
                 token = sequence[i:end + 1]
                 if token not in self._ptm_tokens:
                     if unknown_ptm != "unk":
@@ -214,6 +222,8 @@ class PTMTokenizer:
             elif ch in self._residues:
                 tokens.append(ch)
                 i += 1
+            elif ch == ">":
+                raise TokenizeError("'>' without a '<' before it", i, ch)
             else:
                 raise TokenizeError(f"character {ch!r} is not a residue", i, ch)
         return tokens
@@ -238,7 +248,9 @@ class PTMTokenizer:
 
 
 def unknown_ptm_counts(sequences: Iterable[str], tokenizer: PTMTokenizer) -> Counter:
-    """Count bracketed tokens that the vocabulary lacks."""
+    """Count bracketed tokens that the vocabulary lacks, in each sequence up to its first bracket
+    that makes no token (an unclosed ``<``, ``<>``): :meth:`PTMTokenizer.split` refuses that one,
+    naming the position."""
     counts: Counter = Counter()
     for seq in sequences:
         i = 0
@@ -250,6 +262,8 @@ def unknown_ptm_counts(sequences: Iterable[str], tokenizer: PTMTokenizer) -> Cou
             if end == -1:
                 break
             tok = seq[start:end + 1]
+            if "<" in tok[1:] or tok == "<>":
+                break
             if tok not in tokenizer._ptm_tokens:
                 counts[tok] += 1
             i = end + 1

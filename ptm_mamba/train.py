@@ -46,7 +46,7 @@ from .config import dump_config
 from .data import Batch, BatchBuilder, EpochBatches, EvalBatches, collate_single
 from .device import choose_device, config_gpu_requests, describe, summary
 from .embed import check_store_settings
-from .embedding_store import EmbeddingReader
+from .embedding_store import EmbeddingReader, check_store_ids
 from .errors import PipelineError, StopRequested
 from .fileio import atomic_write_json, atomic_write_text
 from .guard import refuse_files_in_the_way
@@ -132,6 +132,7 @@ def open_store(config: dict, name: str, proteins) -> EmbeddingReader:
     if store.attrs.get("split_fingerprint") != split_fingerprint(proteins):
         raise PipelineError(f"{path}: made for another {name} split than {name}.csv holds; "
                             "the embeddings are stale, rerun the embed stage")
+    check_store_ids(store, proteins)  # each id on its own protein's rows (swapped/reordered ids or rows)
     return store
 
 

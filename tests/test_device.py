@@ -72,7 +72,7 @@ def test_device_cpu_runs_on_the_cpu_in_a_gpu_job(slurm_gpu_job, embedded_project
     result = run_cli("embed-shard", "--config", cfg, "--split", "val", "--split_file", root / "split" / "val.csv",
                      "--shard", "0", "--num_shards", "1", "--output", shard)
     assert result.returncode == 0, result.stderr
-    assert "ESM-2 runs on cpu" in result.stderr and shard.exists()
+    assert "ESM-2 runs on cpu" in result.stdout and shard.exists()
 
 
 def test_without_a_request_the_stages_run_on_the_cpu_and_say_so(no_gpu_request, checkpoint, tmp_path):
@@ -81,7 +81,7 @@ def test_without_a_request_the_stages_run_on_the_cpu_and_say_so(no_gpu_request, 
     result = run_cli("predict", "--checkpoint", checkpoint, "--input", fasta, "--output", tmp_path / "h.h5",
                      "--no-progress")
     assert result.returncode == 0, result.stderr
-    assert f"predict runs on cpu (torch {torch.__version__})" in result.stderr
+    assert f"predict runs on cpu (torch {torch.__version__})" in result.stdout
     provenance = json.loads((checkpoint.parent / "provenance.json").read_text())
     assert provenance["runtime"]["device"] == "cpu" and provenance["runtime"]["precision"] == "no"
     assert provenance["runtime"]["kernels"].startswith("torch")

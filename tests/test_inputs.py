@@ -147,16 +147,16 @@ def predict(checkpoint: Path, input: Path, output: Path):
 def test_predict_refuses_to_overwrite_its_input(checkpoint: Path, tmp_path: Path):
     data = fasta(tmp_path / "in.fasta")
     before = data.read_bytes()
-    error_line(predict(checkpoint, data, data), "is the input file")
-    error_line(predict(checkpoint, data, tmp_path / "." / "in.fasta"), "is the input file")
+    error_line(predict(checkpoint, data, data), "is the input (", "which this command reads")
+    error_line(predict(checkpoint, data, tmp_path / "." / "in.fasta"), "is the input (", "which this command reads")
     (tmp_path / "link.h5").symlink_to(data)
-    error_line(predict(checkpoint, data, tmp_path / "link.h5"), "is the input file")
+    error_line(predict(checkpoint, data, tmp_path / "link.h5"), "is the input (", "which this command reads")
     assert data.read_bytes() == before
 
 
 def test_predict_refuses_to_overwrite_its_checkpoint(checkpoint: Path, tmp_path: Path):
     before = checkpoint.read_bytes()
-    error_line(predict(checkpoint, fasta(tmp_path / "in.fasta"), checkpoint), "is the checkpoint file")
+    error_line(predict(checkpoint, fasta(tmp_path / "in.fasta"), checkpoint), "is the checkpoint (", "which this command reads")
     assert checkpoint.read_bytes() == before
     assert not list(checkpoint.parent.glob(".best.ckpt.tmp-*"))
 

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from conftest import REPO, tiny_config, write_config
+from ptm_mamba.train import without_throughput
 
 pytestmark = pytest.mark.slow
 SNAKEMAKE = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--cores", "2"]
@@ -74,7 +75,7 @@ def outputs(root: Path) -> dict:
                                    for i in store.ids for k in range(store.attrs["mask_replicates"])]
     for n in ("config.yaml", "split_mapping.json"):
         out[f"run/{n}"] = (root / RUN / n).read_bytes()
-    out["run/metrics"] = json.loads((root / RUN / "metrics.json").read_text())
+    out["run/metrics"] = without_throughput(json.loads((root / RUN / "metrics.json").read_text()))
     for n in ("best.ckpt", "last.ckpt"):
         out[f"run/{n}"] = torch.load(root / RUN / n, weights_only=True)["model"]
     for n in ("splits.tsv", "test_results.tsv"):
@@ -199,7 +200,7 @@ def test_a_deleted_output_is_rebuilt_with_what_depends_on_it(workdir, tmp_path, 
 def test_a_deleted_metrics_file_comes_back(workdir, reference):
     (workdir / RUN / "metrics.json").unlink()
     snakemake(workdir)
-    assert json.loads((workdir / RUN / "metrics.json").read_text()) == reference["run/metrics"]
+    assert without_throughput(json.loads((workdir / RUN / "metrics.json").read_text())) == reference["run/metrics"]
     assert "Nothing to be done" in (lambda r: r.stdout + r.stderr)(snakemake(workdir, "-n"))
 
 
@@ -282,3 +283,56 @@ def test_other_invocations_and_kills_during_a_run_change_nothing(workdir, refere
     assert len(list((root / "results" / "configs").iterdir())) == 1  # the seed=7 invocations wrote none
     assert_same_outputs(outputs(root), reference)
     assert "Nothing to be done" in (lambda r: r.stdout + r.stderr)(snakemake(root, "-n"))
+
+
+def one_error_line(result: subprocess.CompletedProcess) -> str:
+    """Snakemake's refusal of a config: exit non-zero, one line ``error: ...`` (Snakemake's own notes aside)."""
+    lines = [line for line in result.stderr.splitlines() if line.strip()
+             and not line.startswith(("Using workflow specific profile", "Config file"))]
+    assert result.returncode != 0 and len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    return lines[0]
+
+
+def run_folder_bytes(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root / RUN)): p.read_bytes() for p in (root / RUN).rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("key, file", [("init_from", "best.ckpt"), ("resume_from_checkpoint", "last.ckpt"),
+                                       ("init_from", "link to best.ckpt")])
+def test_a_fine_tune_from_its_own_run_folder_is_refused_before_anything_is_deleted(workdir, key, file):
+    """The same run_name, starting from a checkpoint of that run: Snakemake would rerun train and delete
+    the run first. Refused when the workflow starts; the finished run intact byte for byte."""
+    before = run_folder_bytes(workdir)
+    link = workdir / "link to best.ckpt"
+    link.unlink(missing_ok=True)
+    link.symlink_to(workdir / RUN / "best.ckpt")  # a symlink into the run folder counts as the folder
+    path = link if file.startswith("link") else workdir / RUN / file
+    for args in (("-n",), ()):
+        line = one_error_line(snakemake(workdir, *args, "--config", f"training={{{key}: '{path}'}}", check=False))
+        assert f"training.{key} {path} lies in the run folder {RUN}/" in line and "new run_name" in line, line
+    assert run_folder_bytes(workdir) == before
+    link.unlink()
+
+
+def test_another_project_sharing_the_run_folder_neither_adopts_nor_replaces_it(workdir, tmp_path):
+    """Project B shares output_dir and run_name with the finished run of project A (workdir)."""
+    before = run_folder_bytes(workdir)
+    config = yaml_config(workdir)
+    config["training"]["output_dir"] = str(workdir / "out dir")
+    b = tmp_path / "project b"
+    b.mkdir()
+    write_config(b / "config.yaml", **{**config, "dataset": {**config["dataset"], "split_seed": 7}})
+    for args in (("-n",), (), ("--report", str(b / "report.html"))):
+        line = one_error_line(snakemake(b, *args, check=False))
+        assert f"{workdir / RUN} holds a run of the project in {workdir.resolve()}" in line, line
+        assert "dataset.split_seed: 42 there, 7 here" in line and "neither adopt nor replace" in line, line
+    assert run_folder_bytes(workdir) == before and not (b / "results").exists()
+    # the same settings in another folder: the same computation, which it may share
+    write_config(b / "config.yaml", **config)
+    snakemake(b, "-n")
+
+
+def yaml_config(workdir: Path) -> dict:
+    import yaml
+
+    return yaml.safe_load((workdir / "config.yaml").read_text())

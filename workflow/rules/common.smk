@@ -1,14 +1,13 @@
 # Shared set-up: config validation, the config file the rules pass to the ptm-mamba CLI,
 # and the target list. All real work lives in ptm_mamba/.
 
-import hashlib
 import shlex
 import sys
 
 from ptm_mamba.config import dump_config, load_yaml_strict, validate as validate_config
 from ptm_mamba.errors import PipelineError
 from ptm_mamba.fileio import atomic_write_text
-from ptm_mamba import layout
+from ptm_mamba import guard, layout
 from ptm_mamba.launch import launch_command, slurm_resources
 from ptm_mamba.stages import EMBED, SPLIT, TRAIN, stage_fingerprint
 
@@ -36,9 +35,7 @@ except PipelineError as err:
 # invocation (a dry run with other --config, a locked-out run) writes another file, never this
 # one. What reruns a stage is its settings param (ptm_mamba/stages.py), not this file.
 CONFIG_TEXT = dump_config(config)
-CONFIG_FILE = (
-    f"{layout.CONFIGS_DIR}/{hashlib.sha256(CONFIG_TEXT.encode()).hexdigest()[:16]}.yaml"
-)
+CONFIG_FILE = str(layout.invocation_config(CONFIG_TEXT))
 
 
 onstart:
@@ -146,3 +143,14 @@ def prediction_inputs():
 
 
 PREDICT_INPUTS = prediction_inputs()
+
+# Nothing a user points at is lost (ptm_mamba/guard.py), checked now, before Snakemake deletes any
+# output: no input the config names (dataset, ESM-2 weights, init_from, resume_from_checkpoint,
+# predict inputs) is an output or lies in the run folder; no output folder is a file; a finished run
+# folder of another project made with other settings is neither adopted nor replaced.
+try:
+    guard.check_workflow(
+        config, RUN_NAME, [prediction_file(name) for name in PREDICT_INPUTS]
+    )
+except PipelineError as err:
+    refuse(err)
