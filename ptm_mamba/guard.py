@@ -65,6 +65,18 @@ def config_inputs(config: dict) -> dict[str, Path]:
     return found
 
 
+def refuse_missing_inputs(config: dict) -> None:
+    """A one-line :class:`PipelineError` naming the key and the path of an input the config names
+    that is not there (a pretrained ESM-2 name's files are fetched by the stage that needs them)."""
+    from .esm import ESM2_NAMES
+
+    named = str(config["esm"]["model"]) in ESM2_NAMES
+    for key, path in config_inputs(config).items():
+        if not (named and key.startswith("esm.model")) and not Path(path).expanduser().is_file():
+            hint = " (datasets/README.md says how to build one, or set dataset.source)" if key.startswith("dataset.") else ""
+            raise PipelineError(f"{key}: {path} not found" + (" (a folder, not a file)" if Path(path).is_dir() else hint))
+
+
 def refuse_overwrite(outputs: Mapping[str, PathLike] | Iterable[tuple[str, PathLike]],
                      inputs: Mapping[str, PathLike], folders: Mapping[str, PathLike] | None = None,
                      reader: str = "this command", fix: str = "write it elsewhere") -> None:
@@ -96,9 +108,10 @@ def refuse_files_in_the_way(folders: Mapping[str, PathLike]) -> None:
 
 
 def check_workflow(config: dict, run_name: str, prediction_files: list[PathLike]) -> None:
-    """The Snakefile's check when it starts, before Snakemake deletes any output: no input the config
-    names is one of the workflow's outputs or lies in the run folder, no output folder is a file,
-    and the run folder is this project's (or holds the same computation)."""
+    """The Snakefile's check when it starts, before Snakemake deletes any output: every input the
+    config names is there (a missing dataset is an error, never "nothing to be done"), none is one
+    of the workflow's outputs or lies in the run folder, no output folder is a file, and the run
+    folder is this project's (or holds the same computation)."""
     from . import layout
 
     emb, run_dir = config["training"]["embeddings_dir"], layout.run_dir(config["training"]["output_dir"], run_name)
@@ -109,6 +122,7 @@ def check_workflow(config: dict, run_name: str, prediction_files: list[PathLike]
         outputs.append(("the cluster stage's output", layout.CLUSTERS_FILE))
     if config["dataset"]["source"]:  # the prepare stage writes the CSV
         outputs.append(("the prepare stage's output", config["dataset"]["dataset_location"]))
+    refuse_missing_inputs(config)
     refuse_files_in_the_way({"training.output_dir": run_dir, "training.embeddings_dir": Path(emb) / "shards",
                              "the split folder": layout.SPLIT_DIR, "the report folder": layout.report_dir(run_name)})
     refuse_overwrite(outputs, config_inputs(config), folders={"the run folder": run_dir}, reader="the workflow",

@@ -336,3 +336,15 @@ def yaml_config(workdir: Path) -> dict:
     import yaml
 
     return yaml.safe_load((workdir / "config.yaml").read_text())
+
+
+@pytest.mark.parametrize("override, says", [
+    ("dataset={dataset_location: nonexistent.csv}", "dataset.dataset_location: nonexistent.csv not found"),
+    ("esm={model: missing/esm2_t2_tiny.pt}", "esm.model: missing/esm2_t2_tiny.pt not found"),
+    ("training={init_from: missing.ckpt}", "training.init_from: missing.ckpt not found"),
+    ("predict={inputs: [missing.fasta]}", "predict.inputs (missing.fasta): missing.fasta not found"),
+])
+def test_a_missing_input_is_one_line_never_nothing_to_be_done(workdir, override, says):
+    for args in (("-n",), ()) if override.startswith("dataset") else (("-n",),):  # parsing refuses, run or not
+        line = one_error_line(snakemake(workdir, *args, "--config", override, check=False))
+        assert says in line, line
