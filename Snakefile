@@ -4,7 +4,11 @@
 #   snakemake --report report.html             # HTML report of the last run
 # Settings: config/config.yaml (schema: workflow/schemas/config.schema.yaml).
 
+import time
+
 from snakemake.utils import min_version
+
+from ptm_mamba import summary
 
 min_version("8.20")
 
@@ -23,6 +27,19 @@ include: "workflow/rules/embed.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/report.smk"
 include: "workflow/rules/predict.smk"
+
+
+# When the workflow ends: how the run did and where its outputs are, or each failed job's one-line error.
+WORKFLOW_STARTED = time.time()
+
+
+onsuccess:
+    print(summary.run_summary(RUN_DIR, layout.report_dir(RUN_NAME)))
+
+
+onerror:
+    for line in summary.failed_job_errors("logs", WORKFLOW_STARTED):
+        print(line, file=sys.stderr)
 
 
 # Light rules run where Snakemake runs, not as cluster jobs.

@@ -142,7 +142,7 @@ def _cached_pretrained(name: str) -> Path:
             raise PipelineError(
                 f"ESM weights {name} are not cached and could not be downloaded ({reason}): "
                 f"place {model_file} and {regression_file} in {folder}, "
-                f"or set esm.model: /path/to/{model_file}"
+                f"or name the file itself (esm.model in a config, --esm-model for import-original)"
             ) from None
     return folder / model_file
 

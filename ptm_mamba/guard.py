@@ -140,13 +140,37 @@ def run_record(config: dict) -> dict:
     return {"project": str(Path.cwd().resolve()), "settings": run_settings(config)}
 
 
-def _first_difference(recorded: dict, ours: dict) -> str | None:
+def _differences(recorded: dict, ours: dict) -> list[tuple[str, str, object, object]]:
+    """(stage, key, recorded value, our value) for every setting that differs."""
+    found = []
     for stage in sorted(set(recorded) | set(ours)):
         theirs, mine = recorded.get(stage) or {}, ours.get(stage) or {}
-        for key in sorted(set(theirs) | set(mine)):
-            if theirs.get(key) != mine.get(key):
-                return f"{stage} {key}: {theirs.get(key)!r} there, {mine.get(key)!r} here"
-    return None
+        found += [(stage, key, theirs.get(key), mine.get(key)) for key in sorted(set(theirs) | set(mine))
+                  if theirs.get(key) != mine.get(key)]
+    return found
+
+
+def _first_difference(recorded: dict, ours: dict) -> str | None:
+    found = _differences(recorded, ours)
+    return f"{found[0][0]} {found[0][1]}: {found[0][2]!r} there, {found[0][3]!r} here" if found else None
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def settings_changes(config: dict, run_dir: PathLike, provenance_file: str = "provenance.json") -> list[str]:
+    """What changed since the run in ``run_dir`` was made, by stage and key ("train training.lr:
+    0.0004 -> 0.001"): why Snakemake reruns those stages, said with the keys' names."""
+    try:
+        recorded = json.loads((Path(run_dir) / provenance_file).read_text()).get("settings")
+    except (OSError, ValueError, AttributeError):
+        return []
+    if not isinstance(recorded, dict):
+        return []
+    return [f"{stage} {key}: {_short(old)} -> {_short(new)}"
+            for stage, key, old, new in _differences(recorded, run_record(config)["settings"])]
 
 
 def check_run_owner(config: dict, run_dir: PathLike, provenance_file: str = "provenance.json") -> None:

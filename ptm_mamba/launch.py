@@ -27,11 +27,17 @@ SLURM profiles.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import signal
+import socket
 import subprocess
 import sys
+import threading
+import time
+from pathlib import Path
+from typing import Iterator
 
 from .errors import PipelineError
 
@@ -41,13 +47,16 @@ AGENT_SIGNALS = "SIGINT,SIGHUP,SIGQUIT"
 WAIT_FOR_TRAINING = (signal.SIGTERM, signal.SIGUSR1)
 
 
-def launch_command(num_machines: int, num_processes: int) -> str:
+def launch_command(num_machines: int, num_processes: int, log: str | None = None) -> str:
     """The shell prefix of the train rule's command (``-m ptm_mamba train ...`` follows it).
 
     ``num_processes`` is per machine (one per GPU). Several machines need a SLURM job with
-    ``num_machines`` nodes and one task per node (the rule's resources ask for it).
+    ``num_machines`` nodes and one task per node (the rule's resources ask for it). With ``log``,
+    the training's output goes to the terminal (or the SLURM job's output) and is appended to
+    ``log``, each segment of a resumed run under a header of its own.
     """
-    args = f"--num_machines {num_machines} --num_processes {num_processes} --"
+    logging = f" --log {shlex.quote(log)}" if log else ""
+    args = f"--num_machines {num_machines} --num_processes {num_processes}{logging} --"
     if num_machines == 1:
         return f"exec python -m ptm_mamba.launch {args}"
     # One task per node; each task gets the job's CPUs per task (srun does not pass them on
@@ -110,7 +119,10 @@ def rendezvous(num_machines: int, env: dict) -> list[str]:
 def accelerate_args(num_machines: int, num_processes: int, env: dict) -> list[str]:
     """``accelerate launch`` options (without the command): ``num_processes`` per machine."""
     total = num_machines * num_processes
-    args = ["--num_machines", str(num_machines), "--num_processes", str(total), "--dynamo_backend", "no"]
+    # --mixed_precision no: only the launcher's default (accelerate warns when it has to pick one); the
+    # training sets its precision from training.mixed_precision, which wins over it
+    args = ["--num_machines", str(num_machines), "--num_processes", str(total), "--dynamo_backend", "no",
+            "--mixed_precision", "no"]
     if num_machines > 1:
         args += rendezvous(num_machines, env)
     elif env.get("MASTER_PORT"):  # else torch's default, 29500
@@ -118,6 +130,48 @@ def accelerate_args(num_machines: int, num_processes: int, env: dict) -> list[st
     if total > 1:  # a process group (gloo on CPU, NCCL on GPU) across all processes
         args.append("--multi_gpu")
     return args
+
+
+@contextlib.contextmanager
+def output_to_log(log: str | None, machine_rank: int) -> Iterator[None]:
+    """Copy everything this process and its children write (stdout and stderr) to the terminal as
+    before and, on the first machine, to the end of ``log``: the tee lives in the launcher, which
+    outlives the training processes on SIGTERM, so their last words (the saved state) are kept."""
+    if log is None:
+        yield
+        return
+    sys.stdout.flush(), sys.stderr.flush()
+    terminal = os.dup(1)
+    read_end, write_end = os.pipe()
+    saved = (os.dup(1), os.dup(2))
+    os.dup2(write_end, 1), os.dup2(write_end, 2)
+    os.close(write_end)
+    sink = None
+    if machine_rank == 0:
+        Path(log).parent.mkdir(parents=True, exist_ok=True)
+        sink = open(log, "ab", buffering=0)
+        sink.write(f"==== {time.strftime('%Y-%m-%d %H:%M:%S')} on {socket.gethostname()}: "
+                   f"{os.environ.get('SLURM_JOB_ID', 'local')} job, a segment of this run ====\n".encode())
+
+    def copy() -> None:
+        while chunk := os.read(read_end, 1 << 16):
+            for fd in (terminal, sink.fileno() if sink else None):
+                if fd is not None:
+                    with contextlib.suppress(OSError):  # a closed terminal must not stop the log
+                        os.write(fd, chunk)
+
+    thread = threading.Thread(target=copy, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        sys.stdout.flush(), sys.stderr.flush()
+        os.dup2(saved[0], 1), os.dup2(saved[1], 2)  # the pipe's last writer closes: the copy ends
+        thread.join(timeout=30)
+        for fd in (*saved, terminal, read_end):
+            os.close(fd)
+        if sink:
+            sink.close()
 
 
 def _wait_for_training(signum, frame) -> None:
@@ -135,8 +189,10 @@ def run(argv: list[str]) -> int:
     split = argv.index("--")
     own, command = argv[:split], argv[split + 1:]
     opts = dict(zip(own[::2], own[1::2]))
-    if len(own) % 2 or set(opts) != {"--num_machines", "--num_processes"}:
-        raise PipelineError(f"expected --num_machines N --num_processes P before --, got {shlex.join(own)!r}")
+    if len(own) % 2 or not {"--num_machines", "--num_processes"} <= set(opts) <= {"--num_machines",
+                                                                                 "--num_processes", "--log"}:
+        raise PipelineError(f"expected --num_machines N --num_processes P [--log FILE] before --, "
+                            f"got {shlex.join(own)!r}")
     try:
         machines, processes = int(opts["--num_machines"]), int(opts["--num_processes"])
     except ValueError:
@@ -146,18 +202,20 @@ def run(argv: list[str]) -> int:
     args = accelerate_args(machines, processes, os.environ)
     for sig in WAIT_FOR_TRAINING:  # a handler, not SIG_IGN: the training processes start with the defaults
         signal.signal(sig, _wait_for_training)
-    print(f"ptm_mamba.launch: accelerate launch {shlex.join(args)} {shlex.join(command)}", file=sys.stderr,
-          flush=True)
     parsed = launch_command_parser().parse_args(args + command)
     parsed.signals_to_handle = AGENT_SIGNALS  # torchrun's --signals-to-handle (accelerate passes it on)
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
-    try:
-        accelerate_launch(parsed)
-    except subprocess.CalledProcessError as exc:  # one process, which failed: pass its status on
-        return exit_status(exc.returncode)
-    except ChildFailedError as exc:  # several processes (torch elastic has printed which failed)
-        return exit_status(exc.get_first_failure()[1].exitcode)
+    rank = int(args[args.index("--machine_rank") + 1]) if "--machine_rank" in args else 0
+    with output_to_log(opts.get("--log"), rank):
+        print(f"ptm_mamba.launch: accelerate launch {shlex.join(args)} {shlex.join(command)}", file=sys.stderr,
+              flush=True)
+        try:
+            accelerate_launch(parsed)
+        except subprocess.CalledProcessError as exc:  # one process, which failed: pass its status on
+            return exit_status(exc.returncode)
+        except ChildFailedError as exc:  # several processes (torch elastic has printed which failed)
+            return exit_status(exc.get_first_failure()[1].exitcode)
     return 0
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +35,11 @@ def _proteins(sequences: list[str]) -> list[Protein]:
     return [Protein(f"seq{i}", s, tuple(tok.split(s))) for i, s in enumerate(sequences)]
 
 
+def _short_identity(identity: str) -> str:
+    """An ESM-2 identity with its content hash cut to 12 hex digits (name@sha256:abc..., sha256:abc...)."""
+    return re.sub(r"(sha256:[0-9a-f]{12})[0-9a-f]+", r"\1", identity)
+
+
 def _esm_for(model, esm_model):
     if not model.config.use_esm or esm_model is not None:
         return esm_model
@@ -49,7 +55,7 @@ def _esm_for(model, esm_model):
     trained_with = (getattr(model, "run_settings", None) or {}).get("esm.model")
     if trained_with is not None and esm_identity(name) != trained_with:
         raise PipelineError(f"ESM model {name}: not the weights this model was trained with "
-                            f"({esm_identity(name)[:19]}, trained with {trained_with[:19]}); "
+                            f"({_short_identity(esm_identity(name))}, trained with {_short_identity(trained_with)}); "
                             "put the training's ESM-2 file back at that path")
     device = next(model.parameters()).device
     return load_esm(name, layer, device=device)

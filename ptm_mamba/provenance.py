@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .fileio import atomic_write_json
 from .guard import run_record
-from .stages import esm_identity, file_sha256
+from .stages import esm_identity, esm_sha256, file_sha256
 
 PACKAGES = ("ptm-mamba", "torch", "mamba-ssm", "fair-esm", "snakemake", "accelerate")
 FILE = "provenance.json"
@@ -71,7 +71,8 @@ def provenance(config: dict, runtime: dict | None = None) -> dict:
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "dataset": {"path": str(data), "sha256": file_sha256(data), "rows": count_rows(data),
                     "source": config["dataset"].get("source")},
-        "esm": {"model": config["esm"]["model"], "identity": esm_identity(config["esm"]["model"])},
+        "esm": {"model": config["esm"]["model"], "identity": esm_identity(config["esm"]["model"]),
+                "sha256": esm_sha256(config["esm"]["model"])},
         "code": git_commit(),
         "packages": package_versions(),
         "python": platform.python_version(),

@@ -115,15 +115,110 @@ def hub_model_files(folder: str | os.PathLike) -> list[Path]:
     return files + [index] + [folder / s for s in shards if isinstance(s, str) and Path(s).name == s]
 
 
+def pretrained_weights(model: str) -> Path | None:
+    """Where fair-esm caches the weights of a pretrained ESM-2 name (``<torch hub>/checkpoints/<name>.pt``,
+    there or not yet); None when ``model`` is not such a name (a path, a folder, a Hub id)."""
+    import re
+
+    model = str(model)
+    if not re.fullmatch(r"esm2_t\w+", model):  # not a name: no need to import torch and fair-esm
+        return None
+    from .esm import ESM2_NAMES, weight_files
+
+    return weight_files(model)[0] if model in ESM2_NAMES else None
+
+
+def _first_seen_path() -> Path:
+    return _hash_cache_path().with_name("esm-first-seen.json")
+
+
+def _lock(path: Path):
+    """An advisory lock held on ``path``.lock until the returned file is closed (None, and no lock,
+    where locks are unavailable)."""
+    try:
+        import fcntl
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fh = open(path.with_name(f"{path.name}.lock"), "a")
+    except (ImportError, OSError):
+        return None
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+    except OSError:
+        pass
+    return fh
+
+
+def first_seen_sha256(name: str, path: str | os.PathLike, sha256: str) -> str | None:
+    """The content hash first seen in the cached weights file ``path`` of the pretrained name ``name``;
+    when none is recorded, ``sha256`` (the file's bytes now) is recorded and returned.
+
+    The record (``esm-first-seen.json`` beside the hash cache, one entry per name and resolved path,
+    shared by every project using that torch hub cache) is what lets a name keep its identity when its
+    weights are downloaded: before, the identity is the name (no file); after, it is still the name,
+    as long as the bytes stay those first seen. None when the record can be neither read nor written
+    (then the name is all that can be said)."""
+    import datetime as dt
+
+    from .fileio import atomic_write_json
+
+    record = _first_seen_path()
+    key = f"{name} {Path(path).expanduser().resolve()}"
+    lock = _lock(record)  # read, then write: two processes seeing no record record the same bytes
+    try:
+        try:
+            seen = json.loads(record.read_text())
+        except (FileNotFoundError, ValueError):  # none yet, or not JSON (then what is there now counts)
+            seen = {}
+        except OSError:
+            return None
+        if not isinstance(seen, dict):
+            seen = {}
+        entry = seen.get(key)
+        if isinstance(entry, dict) and isinstance(entry.get("sha256"), str):
+            return entry["sha256"]
+        now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+        try:
+            atomic_write_json(record, {**seen, key: {"sha256": sha256, "first_seen": now}})
+        except OSError:
+            return None
+        return sha256
+    finally:
+        if lock is not None:
+            lock.close()
+
+
 def esm_identity(model: str) -> str:
     """Which ESM-2 weights ``esm.model`` means: the content hash of a local checkpoint file or of
-    a local Hugging Face model folder (its :func:`hub_model_files`), else the name (fair-esm's
-    pretrained weights are fixed per name; a Hub id is taken to be too)."""
-    folder = Path(str(model)).expanduser()
+    a local Hugging Face model folder (its :func:`hub_model_files`); for a fair-esm pretrained
+    name, the name while its cached weights are not there yet or hold the bytes first seen there
+    (:func:`first_seen_sha256`), else ``<name>@sha256:<hex>`` of the bytes they hold (other weights
+    under the same name: another identity); a Hub id is its name."""
+    model = str(model)
+    weights = pretrained_weights(model)
+    if weights is not None:
+        sha256 = file_sha256(weights)
+        if sha256 is None:  # not downloaded yet: the stage that needs the weights fetches them
+            return model
+        return model if first_seen_sha256(model, weights, sha256) in (None, sha256) else f"{model}@{sha256}"
+    folder = Path(model).expanduser()
     if folder.is_dir():
         listing = "\n".join(f"{p.name} {file_sha256(p)}" for p in hub_model_files(folder))
         return sha256_of(listing.encode())
-    return file_sha256(model) or str(model)
+    return file_sha256(model) or model
+
+
+def esm_sha256(model: str) -> str | None:
+    """The content hash of the ESM-2 weights ``esm.model`` names, as they are now: of the cached
+    checkpoint of a pretrained name, of a ``.pt`` file, or of a local Hugging Face folder (its
+    files' hashes, as :func:`esm_identity`); None for a Hub id or weights that are not there."""
+    model = str(model)
+    weights = pretrained_weights(model)
+    if weights is not None:
+        return file_sha256(weights)
+    if Path(model).expanduser().is_dir():
+        return esm_identity(model)
+    return file_sha256(model)
 
 
 @dataclass(frozen=True)

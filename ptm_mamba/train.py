@@ -640,6 +640,36 @@ class Run:
                              step=entry["Step"])
 
 
+class ProgressLines:
+    """Without a progress bar (a log, a job's output): a line every ``EVERY_S`` seconds with the step,
+    the loss, tokens/s and the time left, so a person watching the log sees training move."""
+
+    EVERY_S = 30.0
+
+    def __init__(self, run: Run):
+        self.run, self.every, self.first = run, self.EVERY_S, run.position["step"]
+        self.started = self.last = time.perf_counter()
+
+    def step(self, record: dict) -> None:
+        now = time.perf_counter()
+        if not self.run.main or now - self.last < self.every:
+            return
+        self.last = now
+        done, total = self.run.position["step"], self.run.data.total_steps
+        rate = (done - self.first) / (now - self.started)
+        left = (total - done) / rate if rate > 0 else float("inf")
+        self.run.accelerator.print(f"step {done}/{total} ({100 * done / total:.0f}%): loss {record['train_loss']:.4f}, "
+                                   f"{record['tokens_per_s']:,.0f} tokens/s, {_duration(left)} left", flush=True)
+
+
+def _duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {secs:02d} s"
+
+
 def train_loop(run: Run, signals: StopSignals, *, progress: bool) -> None:
     """Optimiser steps from the run's position to its last step, epoch after epoch.
 
@@ -650,6 +680,7 @@ def train_loop(run: Run, signals: StopSignals, *, progress: bool) -> None:
     """
     data, log_steps, total = run.data, run.config["training"]["log_steps"], run.data.total_steps
     tokens_seen, started, pace = 0.0, time.perf_counter(), run.throughput
+    lines = ProgressLines(run) if not progress else None
     run.model.train()
     with tqdm(total=total, initial=run.position["step"], disable=not (progress and run.main), unit="step",
               dynamic_ncols=True) as bar:
@@ -662,6 +693,8 @@ def train_loop(run: Run, signals: StopSignals, *, progress: bool) -> None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{record['train_loss']:.3f}",
                                 tok_s=f"{tokens_seen / (time.perf_counter() - started):.0f}")
+                if lines:
+                    lines.step(record)
                 step = run.position["step"]
                 if step == total:
                     run.validate()

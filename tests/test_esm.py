@@ -119,7 +119,7 @@ def test_offline_and_not_cached(hub):
     msg = str(err.value)
     assert "\n" not in msg
     for part in (str(folder), "esm2_t6_8M_UR50D.pt", "esm2_t6_8M_UR50D-contact-regression.pt",
-                 "esm.model: /path/to/esm2_t6_8M_UR50D.pt", "name resolution"):
+                 "or name the file itself (esm.model in a config, --esm-model for import-original)", "name resolution"):
         assert part in msg
     assert requested == ["https://dl.fbaipublicfiles.com/fair-esm/models/esm2_t6_8M_UR50D.pt"]
     assert list(folder.iterdir()) == []  # no partial download left behind

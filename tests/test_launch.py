@@ -53,9 +53,12 @@ def env(**extra: str) -> dict[str, str]:
 
 def test_one_machine_is_accelerate_launch_as_before():
     assert launch_command(1, 4) == "exec python -m ptm_mamba.launch --num_machines 1 --num_processes 4 --"
-    assert accelerate_args(1, 1, {}) == ["--num_machines", "1", "--num_processes", "1", "--dynamo_backend", "no"]
+    assert launch_command(1, 4, log="logs/train/a b.log") == ("exec python -m ptm_mamba.launch --num_machines 1 "
+                                                              "--num_processes 4 --log 'logs/train/a b.log' --")
+    assert accelerate_args(1, 1, {}) == ["--num_machines", "1", "--num_processes", "1", "--dynamo_backend", "no",
+                                         "--mixed_precision", "no"]
     assert accelerate_args(1, 4, {}) == ["--num_machines", "1", "--num_processes", "4", "--dynamo_backend", "no",
-                                         "--multi_gpu"]
+                                         "--mixed_precision", "no", "--multi_gpu"]
     assert slurm_resources(1, 4) == {"gpu": 4}
 
 
@@ -66,7 +69,8 @@ def test_several_machines_are_one_task_per_node_with_the_first_node_as_main():
     assert slurm_resources(3, 4) == {"gpu": 0, "gres": "gpu:4", "nodes": 3, "tasks": 3, "mpi": "srun"}
     slurm = {"SLURM_NODEID": "2", "SLURM_JOB_NUM_NODES": "3", "SLURM_JOB_ID": "4242", "MASTER_ADDR": "gpu01"}
     assert accelerate_args(3, 4, slurm) == [
-        "--num_machines", "3", "--num_processes", "12", "--dynamo_backend", "no", "--machine_rank", "2",
+        "--num_machines", "3", "--num_processes", "12", "--dynamo_backend", "no", "--mixed_precision", "no",
+        "--machine_rank", "2",
         "--main_process_ip", "gpu01", "--main_process_port", str(29500 + 4242), "--multi_gpu"]
 
 
@@ -90,7 +94,8 @@ def test_the_train_rule_runs_the_launch_command_with_the_resources_it_needs(tmp_
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     train = result.stdout[result.stdout.index("rule train:"):]
     assert "gpu=0, gres=gpu:4, nodes=2, tasks=2, mpi=srun" in train.split("Shell command:")[0]
-    assert re.search(rf"Shell command: OMP_NUM_THREADS=\d+ {re.escape(launch_command(2, 4))} -m ptm_mamba train ", train)
+    launch = launch_command(2, 4, log="logs/train/tiny.log")
+    assert re.search(rf"Shell command: OMP_NUM_THREADS=\d+ {re.escape(launch)} -m ptm_mamba train ", train)
 
 
 # ----------------------------------------------------------------------------- two machines on one host
@@ -121,7 +126,7 @@ def test_two_machines_train_like_two_processes_on_one(project):
     outputs = [machine.communicate(timeout=600)[0] for machine in machines]
     for machine, output in zip(machines, outputs):
         assert machine.returncode == 0, output[-4000:]
-    assert "--num_machines 2 --num_processes 2 --dynamo_backend no --machine_rank 1" in outputs[1]
+    assert "--num_machines 2 --num_processes 2 --dynamo_backend no --mixed_precision no --machine_rank 1" in outputs[1]
     assert "on 2 processes" in outputs[0]
 
     one = subprocess.run(launch(1, 2, path, split, "one-machine"), capture_output=True, text=True, timeout=600,
@@ -176,9 +181,12 @@ def test_launcher_outlives_the_training_it_started_when_every_process_gets_sigte
     run = Path(config["training"]["output_dir"]) / f"ptm-mamba-{name}"
     log = path.with_name(f"{name}.log")
     train = shlex.join(launch(1, processes, path, split, name)[-10:])  # -m ptm_mamba train ...
-    shell = subprocess.Popen(["bash", "-c", f"set -euo pipefail; OMP_NUM_THREADS=1 {launch_command(1, processes)} "
-                                            f"{train} > {shlex.quote(str(log))} 2>&1"],
-                             env=env(MASTER_PORT=str(free_port())))
+    log.write_text("the earlier segment's lines\n")
+    # as the train rule runs it: the launcher shows the output and appends it to the log
+    shell = subprocess.Popen(["bash", "-c", f"set -euo pipefail; OMP_NUM_THREADS=1 "
+                                            f"{launch_command(1, processes, log=str(log))} {train}"],
+                             env=env(MASTER_PORT=str(free_port())), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True)
     deadline = time.monotonic() + 300
     while not (run / "resume" / "state.ckpt").exists() and shell.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -189,6 +197,8 @@ def test_launcher_outlives_the_training_it_started_when_every_process_gets_sigte
         os.kill(pid, signal.SIGTERM)
     assert shell.wait(timeout=300) == 128 + signal.SIGTERM, log.read_text()[-3000:]
     assert not [pid for pid in tree[1:] if Path(f"/proc/{pid}").exists()]  # the training ended before it
-    text = log.read_text()
+    text, shown = log.read_text(), shell.stdout.read()
     assert text.count("error: stopped by SIGTERM at step") == processes, text[-3000:]
     assert "Traceback" not in text, text[-3000:]
+    assert text.startswith("the earlier segment's lines\n==== ") and " a segment of this run ====" in text
+    assert text.split(" a segment of this run ====\n", 1)[1] == shown  # the terminal saw what the log holds

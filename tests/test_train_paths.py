@@ -194,3 +194,13 @@ def test_two_processes_without_a_run_name_write_one_timestamped_folder(project, 
     # each process names its folder (the two processes' prints may share a line)
     assert re.findall(r"outputs in (\S+?ptm-mamba-\d{4}(?:-\d\d){5})", result.stdout) == [str(run)] * 2
     assert [m["Step"] for m in train_steps(records(run))] == [1, 2]
+
+
+def test_without_a_progress_bar_the_log_shows_step_loss_speed_and_time_left(project, monkeypatch, capsys):
+    config, split, ref = project
+    monkeypatch.setattr(train_module.ProgressLines, "EVERY_S", 0.0)  # a line every step
+    train_here(config, split, "lines")
+    lines = [line for line in capsys.readouterr().out.splitlines() if re.match(r"step \d+/\d+ \(", line)]
+    assert [line.split(":")[0] for line in lines] == [f"step {s}/{STEPS} ({100 * s / STEPS:.0f}%)"
+                                                      for s in range(1, STEPS + 1)], lines
+    assert all(re.search(r": loss \d+\.\d{4}, [\d,]+ tokens/s, \d+ min \d\d s left$", line) for line in lines), lines

@@ -348,3 +348,25 @@ def test_a_missing_input_is_one_line_never_nothing_to_be_done(workdir, override,
     for args in (("-n",), ()) if override.startswith("dataset") else (("-n",),):  # parsing refuses, run or not
         line = one_error_line(snakemake(workdir, *args, "--config", override, check=False))
         assert says in line, line
+
+
+def test_the_end_of_a_workflow_says_how_the_run_did_or_why_a_job_failed(workdir, tmp_path):
+    out = snakemake(workdir).stdout
+    metrics = json.loads((workdir / RUN / "metrics.json").read_text())
+    test = next(r for r in reversed(metrics) if "avg_test_loss" in r)
+    assert f"PTM-Mamba run ptm-mamba-wf: test loss {test['avg_test_loss']:.4f}" in out, out
+    assert f"outputs: {RUN}/" in out and "snakemake --report report.html" in out, out
+    # a job that fails with a one-line error: that line is on the screen, not only in its log
+    root = same_config_in(workdir, tmp_path / "fails")
+    result = snakemake(root, "--config", "embedding={window: 10, overlap: 20}", check=False)
+    assert result.returncode != 0
+    shown = [line for line in result.stderr.splitlines() if "error: embedding.overlap (20)" in line]
+    assert shown and shown[0].startswith("logs/embed/"), result.stderr[-3000:]
+
+
+def test_the_rerun_reason_names_the_keys_that_changed(workdir):
+    result = snakemake(workdir, "-n", "--config", "training={lr: 0.001}", "seed=7")
+    changes = [line for line in result.stderr.splitlines() if line.startswith("changed since")]
+    assert changes == [f"changed since {RUN} was made: train seed: 42 -> 7",
+                       f"changed since {RUN} was made: train training.lr: 0.003 -> 0.001"], result.stderr
+    assert not [line for line in snakemake(workdir, "-n").stderr.splitlines() if line.startswith("changed since")]

@@ -71,7 +71,8 @@ CLUSTERS_FILE = layout.CLUSTERS_FILE
 NUM_PROCESSES = config["training"]["num_processes"]  # per machine: one per GPU
 NUM_MACHINES = config["training"]["num_machines"]
 # accelerate launch on one machine, or srun + accelerate's multi-node launch (ptm_mamba/launch.py).
-LAUNCH = launch_command(NUM_MACHINES, NUM_PROCESSES)
+TRAIN_LOG = f"logs/train/{RUN_NAME}.log"
+LAUNCH = launch_command(NUM_MACHINES, NUM_PROCESSES, log=TRAIN_LOG)
 TRAIN_RESOURCES = slurm_resources(NUM_MACHINES, NUM_PROCESSES)
 
 
@@ -154,3 +155,7 @@ try:
     )
 except PipelineError as err:
     refuse(err)
+
+# Why stages rerun, by key: the settings that changed since the run folder's run was made.
+for change in guard.settings_changes(config, RUN_DIR):
+    print(f"changed since {RUN_DIR} was made: {change}", file=sys.stderr)

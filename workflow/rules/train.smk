@@ -19,7 +19,7 @@ rule train:
         last=f"{RUN_DIR}/last.ckpt",
         provenance=f"{RUN_DIR}/provenance.json",
     log:
-        f"logs/train/{RUN_NAME}.log",
+        TRAIN_LOG,
     benchmark:
         f"benchmarks/train/{RUN_NAME}.tsv"
     conda:
@@ -34,6 +34,8 @@ rule train:
         # how to start, not what results: a param function of `input` is no rerun trigger
         launch=lambda wildcards, input: LAUNCH,
         settings=stage_fingerprint(config, TRAIN),
+    # the launcher shows training on the terminal (the SLURM job's output) and appends it to the log,
+    # a header per segment of a resumed run
     shell:
         "OMP_NUM_THREADS={threads} {params.launch} -m ptm_mamba train --config {params.config:q}"
-        " --split_dir {params.split_dir:q} --run_name {params.run_name:q} --no_progress > {log:q} 2>&1"
+        " --split_dir {params.split_dir:q} --run_name {params.run_name:q} --no_progress"
