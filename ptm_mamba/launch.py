@@ -135,8 +135,10 @@ def accelerate_args(num_machines: int, num_processes: int, env: dict) -> list[st
 @contextlib.contextmanager
 def output_to_log(log: str | None, machine_rank: int) -> Iterator[None]:
     """Copy everything this process and its children write (stdout and stderr) to the terminal as
-    before and, on the first machine, to the end of ``log``: the tee lives in the launcher, which
-    outlives the training processes on SIGTERM, so their last words (the saved state) are kept."""
+    before and, on the first machine, to the end of ``log`` and of :func:`segments_log` (Snakemake
+    deletes a failed job's log before it resubmits the job: that file keeps every segment of a
+    resumed run). The tee lives in the launcher, which outlives the training processes on SIGTERM,
+    so their last words (the saved state) are kept."""
     if log is None:
         yield
         return
@@ -146,19 +148,19 @@ def output_to_log(log: str | None, machine_rank: int) -> Iterator[None]:
     saved = (os.dup(1), os.dup(2))
     os.dup2(write_end, 1), os.dup2(write_end, 2)
     os.close(write_end)
-    sink = None
+    sinks = []
     if machine_rank == 0:
         Path(log).parent.mkdir(parents=True, exist_ok=True)
-        sink = open(log, "ab", buffering=0)
-        sink.write(f"==== {time.strftime('%Y-%m-%d %H:%M:%S')} on {socket.gethostname()}: "
-                   f"{os.environ.get('SLURM_JOB_ID', 'local')} job, a segment of this run ====\n".encode())
+        sinks = [open(path, "ab", buffering=0) for path in (log, segments_log(log))]
+        for sink in sinks:
+            sink.write(f"==== {time.strftime('%Y-%m-%d %H:%M:%S')} on {socket.gethostname()}: "
+                       f"{os.environ.get('SLURM_JOB_ID', 'local')} job, a segment of this run ====\n".encode())
 
     def copy() -> None:
         while chunk := os.read(read_end, 1 << 16):
-            for fd in (terminal, sink.fileno() if sink else None):
-                if fd is not None:
-                    with contextlib.suppress(OSError):  # a closed terminal must not stop the log
-                        os.write(fd, chunk)
+            for fd in (terminal, *(sink.fileno() for sink in sinks)):
+                with contextlib.suppress(OSError):  # a closed terminal must not stop the log
+                    os.write(fd, chunk)
 
     thread = threading.Thread(target=copy, daemon=True)
     thread.start()
@@ -170,8 +172,13 @@ def output_to_log(log: str | None, machine_rank: int) -> Iterator[None]:
         thread.join(timeout=30)
         for fd in (*saved, terminal, read_end):
             os.close(fd)
-        if sink:
+        for sink in sinks:
             sink.close()
+
+
+def segments_log(log: str | os.PathLike) -> Path:
+    """Where every segment of a resumed training is kept: ``logs/train/x.log`` -> ``x.segments.log``."""
+    return Path(log).with_suffix(".segments.log")
 
 
 def _wait_for_training(signum, frame) -> None:

@@ -202,3 +202,4 @@ def test_launcher_outlives_the_training_it_started_when_every_process_gets_sigte
     assert "Traceback" not in text, text[-3000:]
     assert text.startswith("the earlier segment's lines\n==== ") and " a segment of this run ====" in text
     assert text.split(" a segment of this run ====\n", 1)[1] == shown  # the terminal saw what the log holds
+    assert log.with_suffix(".segments.log").read_text() == text.removeprefix("the earlier segment's lines\n")

@@ -34,8 +34,8 @@ rule train:
         # how to start, not what results: a param function of `input` is no rerun trigger
         launch=lambda wildcards, input: LAUNCH,
         settings=stage_fingerprint(config, TRAIN),
-    # the launcher shows training on the terminal (the SLURM job's output) and appends it to the log,
-    # a header per segment of a resumed run
+    # the launcher shows training on the terminal (the SLURM job's output) and writes it to the log, and
+    # every segment of a resumed run to logs/train/{run_name}.segments.log
     shell:
         "OMP_NUM_THREADS={threads} {params.launch} -m ptm_mamba train --config {params.config:q}"
         " --split_dir {params.split_dir:q} --run_name {params.run_name:q} --no_progress"
