@@ -47,7 +47,6 @@ def _split_unit(split_dir) -> list:
 def cmd_split(args: argparse.Namespace) -> None:
     from .config import load_config
     from .split import run_split
-
     from .guard import refuse_overwrite
     from .layout import split_paths
 
@@ -75,7 +74,6 @@ def cmd_cluster(args: argparse.Namespace) -> None:
 
     from .cluster import run_cluster
     from .config import load_config
-
     from .guard import refuse_overwrite
 
     config = load_config(args.config)
@@ -88,7 +86,6 @@ def cmd_cluster(args: argparse.Namespace) -> None:
 
 def cmd_prepare(args: argparse.Namespace) -> None:
     from .prepare import prepare, report_lines, summary_path
-
     from .guard import refuse_overwrite
 
     refuse_overwrite({"--output": args.output, "its summary": summary_path(args.output)}, _reads(args, input=args.input))
@@ -100,7 +97,6 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 def cmd_embed_shard(args: argparse.Namespace) -> None:
     from .config import load_config
     from .embed import embed_shard
-
     from .guard import refuse_overwrite
 
     config = load_config(args.config)
@@ -113,7 +109,6 @@ def cmd_embed_shard(args: argparse.Namespace) -> None:
 def cmd_gather(args: argparse.Namespace) -> None:
     from .config import load_config
     from .embed import gather_split
-
     from .guard import refuse_overwrite
 
     config = load_config(args.config)
@@ -127,7 +122,6 @@ def cmd_embed(args: argparse.Namespace) -> None:
     from .distributed import process_group
     from .embed import embed_all
     from .split import run_split
-
     from .guard import refuse_overwrite
     from .layout import shard_path, split_store_path
 
@@ -150,7 +144,6 @@ def cmd_embed(args: argparse.Namespace) -> None:
 def cmd_train(args: argparse.Namespace) -> None:
     from .config import load_config, validate
     from .train import train
-
     from .guard import check_run_owner, refuse_overwrite
     from .layout import run_dir, split_store_path
 

@@ -6,6 +6,10 @@
     split_table(summary.json, tsv)          the split stage's counts per split
     provenance_table(provenance.json, tsv)  data, ESM-2 weights, code, packages and machine of the run
     embedding_stats([*.h5], tsv)            size, ESM model and value statistics of the embedding files
+    run_summary(metrics.json, ...)          [(item, value)]: the run at a glance (data, model, steps, losses)
+    test_results_html / table_html / provenance_html / config_html / summary_html
+                                            the tables (and config.yaml) as self-contained HTML pages:
+                                            Snakemake's report shows .html items inline, .tsv/.yaml as downloads
 
 ``metrics.json`` is the list ``train.py`` writes: a header ``{"split_sizes", "num_parameters"}``,
 one record per training step (``train_*``, ``lr``, ``tokens``, and ``tokens_per_s``,
@@ -450,26 +454,396 @@ def embedding_stats(h5_paths: Sequence[str | Path], out_tsv: str | Path, max_val
     return _write_tsv(out_tsv, EMBEDDING_COLUMNS, rows)
 
 
+# ----------------------------------------------------------------------------- the run at a glance
+
+def _read_yaml(path: Path) -> dict:
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise PipelineError(f"{path}: config not found") from None
+    except yaml.YAMLError as err:
+        raise PipelineError(f"{path}: not valid YAML ({' '.join(str(err).split())})") from None
+    if not isinstance(data, dict):
+        raise PipelineError(f"{path}: expected a YAML mapping, got {type(data).__name__}")
+    return data
+
+
+def _num(v, digits: int = 4) -> str:
+    """A number to read: integers with thousands separators, floats to ``digits`` significant digits."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return str(v)
+    if isinstance(v, int):
+        return f"{v:,}"
+    return "nan" if math.isnan(v) else f"{v:.{digits}g}"
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n:,} {word}" + ("" if n == 1 else "s")
+
+
+def _when(created) -> str:
+    """provenance.json's ISO time, to the minute."""
+    import datetime as dt
+
+    try:
+        t = dt.datetime.fromisoformat(str(created))
+    except ValueError:
+        return str(created)
+    offset = t.utcoffset()
+    return t.strftime("%Y-%m-%d %H:%M") + ("" if offset is None else " UTC" if not offset else t.strftime(" %z"))
+
+
+def run_summary(metrics_path: str | Path, summary_json: str | Path | None = None,
+                config_yaml: str | Path | None = None,
+                provenance_json: str | Path | None = None) -> list[tuple[str, str]]:
+    """What the run was and how it did, as a dozen ``(item, value)`` rows: run, when and where, data
+    and split, split sizes, ESM-2 model, model and size, steps, validation and test results.
+
+    Only ``metrics.json`` is needed: rows whose file is not given are left out, and what an unfinished
+    run lacks yet is said in words. Short enough for the report's front page.
+    """
+    m = load_metrics(metrics_path)
+    config = _read_yaml(Path(config_yaml)) if config_yaml else {}
+    split_summary = _read_json(Path(summary_json), "split summary not found") if summary_json else None
+    splits = split_summary.get("splits") if isinstance(split_summary, dict) else None
+    provenance = {}
+    if provenance_json and Path(provenance_json).exists():  # a run of an earlier version has none
+        provenance = _read_json(Path(provenance_json), "not found")
+        provenance = provenance if isinstance(provenance, dict) else {}
+
+    def section(name: str) -> dict:
+        return config[name] if isinstance(config.get(name), dict) else {}
+
+    dataset, esm, model, training = section("dataset"), section("esm"), section("model"), section("training")
+
+    rows: list[tuple[str, str]] = []
+    if config.get("run_name"):
+        rows.append(("run", str(config["run_name"])))
+    if provenance.get("created"):
+        gpus, device = provenance.get("gpus") or [], (provenance.get("runtime") or {}).get("device")
+        counts: dict[str, int] = {}
+        for name in map(str, gpus):
+            counts[name] = counts.get(name, 0) + 1
+        where = ", ".join(f"{n} × {name}" if n > 1 else name for name, n in counts.items()) if gpus else (
+            "CPU" if device in (None, "cpu") else str(device))
+        procs = provenance.get("processes")
+        rows.append(("trained", f"{_when(provenance['created'])} on {provenance.get('host') or '?'} ({where}"
+                     + (f", {procs} processes" if isinstance(procs, int) and procs > 1 else "") + ")"))
+    data = dataset.get("dataset_location") or (provenance.get("dataset") or {}).get("path")
+    if data:
+        n_rows = (provenance.get("dataset") or {}).get("rows")
+        how = {"random": "at random", "cluster": f"by MMseqs2 clusters at {dataset.get('cluster_identity')} "
+                                                 "identity"}.get(dataset.get("split_by"))
+        rows.append(("dataset", str(data) + (f" ({_plural(n_rows, 'row')})" if isinstance(n_rows, int) else "")
+                     + (f", split {how}" if how else "")))
+    if isinstance(splits, dict) and splits and all(isinstance(v, dict) for v in splits.values()):
+        names = [n for n in ("train", "val", "test") if n in splits] or list(splits)
+        for key, label in (("sequences", "proteins"), ("ptm_sites", "PTM sites")):
+            if all(key in splits[n] for n in names):
+                rows.append((f"{label} ({' / '.join(names)})", " / ".join(_num(splits[n][key]) for n in names)))
+    elif isinstance(m.header.get("split_sizes"), dict):
+        sizes = m.header["split_sizes"]
+        rows.append((f"proteins ({' / '.join(sizes)})", " / ".join(_num(v) for v in sizes.values())))
+    if esm.get("model"):
+        rows.append(("ESM-2 model", str(esm["model"]) + ("" if training.get("use_esm", True) else " (not used)")))
+    layers, params = model.get("n_layer"), m.header.get("num_parameters")
+    described = [model.get("model_type"), f"d_model {model['d_model']}" if "d_model" in model else None,
+                 _plural(layers, "layer") if isinstance(layers, int) else None,
+                 f"{_num(params)} parameters" if isinstance(params, int) else None]
+    if any(described):
+        rows.append(("model", ", ".join(str(x) for x in described if x)))
+    if m.train:
+        last, limit = m.train[-1], training.get("max_steps")
+        rows.append(("optimiser steps", _num(last["Step"]) + (f" of max_steps {_num(limit)}" if limit else "")
+                     + f" ({_plural(int(last.get('Epoch', 0)) + 1, 'epoch')})"))
+    else:
+        rows.append(("optimiser steps", "none recorded yet"))
+    if m.val:
+        last, best = m.val[-1], m.best_val()
+        lowest = f"{_num(best['avg_val_loss'])} at step {best['Step']} (the lowest: best.ckpt)"
+        rows.append(("validation loss", lowest if best is last else
+                     f"{_num(last['avg_val_loss'])} at the last validation (step {last['Step']}); {lowest}"))
+    else:
+        rows.append(("validation loss", "no validation yet"))
+    if m.test is None:
+        rows.append(("test", "not scored yet (training scores the test set with best.ckpt when it ends)"))
+        return rows
+    by_type = m.test.get("test_ptm_acc_by_type") or {}
+    if m.test.get("avg_test_loss") is not None:
+        perplexity = m.test.get("avg_test_perplexity")
+        rows.append(("test loss", f"{_num(m.test['avg_test_loss'])}"
+                     + (f" (perplexity {_num(perplexity)})" if perplexity is not None else "") + " with best.ckpt"))
+    if m.test.get("avg_test_acc") is not None:
+        rows.append(("test accuracy", f"{_num(m.test['avg_test_acc'])} of all masked tokens"))
+    if m.test.get("avg_test_ptm_acc") is not None:
+        sites = sum(v["sites"] for v in by_type.values())
+        of = f" of {_plural(sites, 'masked PTM site')} ({_plural(len(by_type), 'type')})" if by_type else ""
+        rows.append(("test PTM accuracy", f"{_num(m.test['avg_test_ptm_acc'])}{of}"))
+    else:
+        rows.append(("test PTM accuracy", "no PTM sites in the test set"))
+    return rows
+
+
+# ----------------------------------------------------------------------------- tables as HTML pages
+
+# Snakemake's report shows .html items inline (in a frame), while .tsv and .yaml items are downloads.
+# Each table is also written as a small self-contained page: inline CSS, no scripts, nothing fetched.
+PAGE_CSS = """
+body { font-family: ui-sans-serif, system-ui, -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial,
+       "Noto Sans", "DejaVu Sans", sans-serif; color: #1e293b; margin: 0; padding: 1.25rem 1.5rem 3rem;
+       font-size: 14px; line-height: 1.45; background: #fff; }
+h1 { font-size: 1.3rem; margin: 0 0 0.35rem; }
+h2 { font-size: 1.05rem; margin: 1.6rem 0 0.4rem; }
+p.note { color: #475569; margin: 0 0 0.9rem; max-width: 60rem; }
+table { border-collapse: collapse; margin: 0.25rem 0 0.5rem; }
+th, td { border-bottom: 1px solid #e2e8f0; padding: 0.3rem 0.9rem 0.3rem 0.5rem; text-align: left;
+         vertical-align: baseline; }
+thead th { background: #f1f5f9; border-bottom: 2px solid #cbd5e1; font-weight: 600; position: sticky; top: 0; }
+tbody tr:nth-child(even) td { background: #f8fafc; }
+tbody tr:hover td { background: #ecfdf5; }
+td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; }
+td.num { white-space: nowrap; }
+td.key { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, "DejaVu Sans Mono", monospace;
+         font-size: 0.9em; white-space: nowrap; }
+td.label { color: #475569; white-space: nowrap; }
+td.wrap { min-width: 16rem; overflow-wrap: anywhere; }
+tr.total td { font-weight: 600; border-top: 2px solid #cbd5e1; }
+tr.section td { background: #e2e8f0 !important; font-weight: 600; }
+td.bar { width: 12rem; padding-right: 0.5rem; }
+td.bar div { height: 0.8rem; background: #8b5cf6; opacity: 0.8; border-radius: 2px; }
+pre { background: #f8fafc; border: 1px solid #e2e8f0; border-radius: 6px; padding: 0.8rem 1rem;
+      font-size: 13px; line-height: 1.4; overflow-x: auto; }
+pre .k { color: #0f766e; font-weight: 600; }
+pre .c { color: #64748b; }
+"""
+
+
+def _esc(value) -> str:
+    import html
+
+    return html.escape("" if value is None else str(value))
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text.replace(",", ""))
+    except ValueError:
+        return False
+    return True
+
+
+def _words(name: str) -> str:
+    """A column name to read (and to wrap): ``ptm_sites_per_100_residues`` -> ``ptm sites per 100 residues``."""
+    return name.replace("_", " ")
+
+
+def html_page(title: str, body: str) -> str:
+    """A complete HTML document with the report's table style."""
+    return (f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n<title>{_esc(title)}</title>\n'
+            f"<style>{PAGE_CSS}</style>\n</head>\n<body>\n{body}\n</body>\n</html>\n")
+
+
+def html_table(header: Sequence[str] | None, rows: Sequence[Sequence], key_columns: Sequence[int] = (),
+               wrap_columns: Sequence[int] = (), label_columns: Sequence[int] = (), row_class=None,
+               extra=None, numeric_rows: bool = False) -> str:
+    """An HTML table of the cells as they are (the column names with spaces for ``_``, to wrap).
+
+    A column whose non-empty cells are all numbers is right-aligned (``numeric_rows``: a row's cells
+    after the first, for a table with a field per row); ``key_columns`` are set as code,
+    ``label_columns`` as labels, ``wrap_columns`` may break anywhere (paths, hashes). ``row_class(row)``
+    may name a row's CSS class (``total``; ``section``: a heading row of one cell), ``extra(row)`` add
+    raw HTML cells after a row's own; ``header=None``: no header row."""
+    rows = [["" if v is None else str(v) for v in row] for row in rows]
+    classes = [row_class(row) if row_class else None for row in rows]
+    width = len(header) if header else max((len(r) for r in rows), default=0)
+    cells = [[r[i] for r, c in zip(rows, classes) if c != "section" and i < len(r) and r[i]] for i in range(width)]
+    numeric = [not numeric_rows and bool(col) and all(_is_number(c) for c in col) for col in cells]
+
+    def attrs(i: int, row: list[str]) -> str:
+        num = numeric[i] or (numeric_rows and i > 0 and all(_is_number(c) for c in row[1:] if c))
+        names = [n for n, on in (("num", num), ("key", i in key_columns), ("label", i in label_columns),
+                                 ("wrap", i in wrap_columns)) if on]
+        return f' class="{" ".join(names)}"' if names else ""
+
+    lines = ["<table>"]
+    if header:
+        num = ' class="num"'
+        th = "".join(f"<th{num if numeric[i] else ''}>{_esc(_words(h))}</th>" for i, h in enumerate(header))
+        lines.append(f"<thead><tr>{th}{'<th></th>' if extra else ''}</tr></thead>")
+    lines.append("<tbody>")
+    for row, klass in zip(rows, classes):
+        tr = f'<tr class="{klass}">' if klass else "<tr>"
+        if klass == "section":
+            lines.append(f'{tr}<td colspan="{width + bool(extra)}">{_esc(row[0])}</td></tr>')
+            continue
+        tds = "".join(f"<td{attrs(i, row)}>{_esc(v)}</td>" for i, v in enumerate(row))
+        lines.append(f"{tr}{tds}{extra(row) if extra else ''}</tr>")
+    lines += ["</tbody>", "</table>"]
+    return "\n".join(lines)
+
+
+def _read_tsv_rows(path: str | Path) -> tuple[list[str], list[list[str]]]:
+    with open(path, newline="", encoding="utf-8") as fh:
+        rows = list(csv.reader(fh, delimiter="\t"))
+    if not rows:
+        raise PipelineError(f"{path}: empty table (no header)")
+    return rows[0], rows[1:]
+
+
+def _write_page(path: str | Path, title: str, body: str) -> Path:
+    atomic_write_text(path, html_page(title, body))
+    return Path(path)
+
+
+def _heading(title: str, note: str = "") -> str:
+    return f"<h1>{_esc(title)}</h1>\n" + (f'<p class="note">{_esc(note)}</p>\n' if note else "")
+
+
+def summary_html(rows: Sequence[tuple[str, str]], out_html: str | Path) -> Path:
+    """The :func:`run_summary` rows as a page."""
+    run = dict(rows).get("run")
+    title = f"Run {run} at a glance" if run else "The run at a glance"
+    note = ("What was trained on what, and how it did. The test results are those of best.ckpt, the checkpoint "
+            "with the lowest validation loss; the curves, the tables and the settings are in the other categories.")
+    return _write_page(out_html, title, _heading(title, note) + html_table(None, rows, label_columns=(0,)))
+
+
+def test_results_html(tsv: str | Path, out_html: str | Path) -> Path:
+    """test_results.tsv as a page: the overall metrics, then the accuracy per PTM type with a bar each."""
+    header, rows = _read_tsv_rows(tsv)
+    title = "Test results of best.ckpt"
+    if not rows:
+        note = "No test results yet: the test set is scored with best.ckpt when training ends."
+        return _write_page(out_html, title, _heading(title, note))
+    col = {name: i for i, name in enumerate(header)}
+    pick = lambda r, *names: [r[col[n]] for n in names]  # noqa: E731
+    overall = [pick(r, "metric", "sites", "value") for r in rows if r[col["scope"]] == "all"]
+    per_type = [pick(r, "scope", "sites", "value") for r in rows if r[col["scope"]] != "all"]
+
+    def bar(row) -> str:
+        width = max(0.0, min(1.0, float(row[2]))) * 100 if _is_number(row[2]) else 0.0
+        return f'<td class="bar"><div style="width:{width:.1f}%"></div></td>'
+
+    body = _heading(title, "Masked-token prediction on the test set, scored with the checkpoint of the lowest "
+                           "validation loss (the same table is in test_results.tsv).")
+    body += "<h2>All masked tokens</h2>\n" + html_table(("metric", "sites", "value"), overall)
+    if per_type:
+        body += (f"\n<h2>Accuracy per PTM type ({_plural(len(per_type), 'type')}, most frequent first)</h2>\n"
+                 '<p class="note">The fraction of masked sites of each type predicted correctly; types with few '
+                 "sites give noisy accuracies.</p>\n"
+                 + html_table(("PTM type", "sites", "accuracy"), per_type, extra=bar))
+    return _write_page(out_html, title, body)
+
+
+def table_html(tsv: str | Path, out_html: str | Path, title: str, note: str = "",
+               wrap_columns: Sequence[int] = ()) -> Path:
+    """Any of the run's TSV tables as a page; a row named ``total`` is set in bold."""
+    header, rows = _read_tsv_rows(tsv)
+    body = _heading(title, note)
+    if rows:
+        body += html_table(header, rows, wrap_columns=wrap_columns,
+                           row_class=lambda r: "total" if r and r[0] == "total" else None)
+    else:
+        body += '<p class="note">(no rows)</p>'
+    return _write_page(out_html, title, body)
+
+
+EMBEDDINGS_TITLE = "Precomputed ESM-2 embeddings"
+EMBEDDINGS_NOTE = ("Size and settings of each embedding file, and the mean, standard deviation and masked "
+                   "fraction of a sample of its replicate 0 (the same table, a row per file, is in embeddings.tsv).")
+
+
+def embeddings_html(tsv: str | Path, out_html: str | Path) -> Path:
+    """embeddings.tsv as a page: a column per embedding file (a row per file when there are many)."""
+    header, rows = _read_tsv_rows(tsv)
+    if not 0 < len(rows) <= 8:
+        return table_html(tsv, out_html, EMBEDDINGS_TITLE, EMBEDDINGS_NOTE, wrap_columns=(len(header) - 1,))
+    fields = [(_words(name), *(r[i] for r in rows)) for i, name in enumerate(header) if i > 0]
+    table = html_table(("", *(r[0] for r in rows)), fields, label_columns=(0,), numeric_rows=True,
+                       wrap_columns=tuple(range(1, len(rows) + 1)))
+    return _write_page(out_html, EMBEDDINGS_TITLE, _heading(EMBEDDINGS_TITLE, EMBEDDINGS_NOTE) + table)
+
+
+def provenance_html(tsv: str | Path, out_html: str | Path) -> Path:
+    """provenance.tsv as a page: dotted items under a heading row of their first part (of two for
+    ``settings.<stage>``)."""
+    header, rows = _read_tsv_rows(tsv)
+    grouped: list[tuple[str, ...]] = []  # a heading row is one cell
+    current = None
+    for item, *rest in rows:
+        parts = item.split(".")
+        depth = 2 if parts[0] == "settings" and len(parts) > 2 else 1
+        group = ".".join(parts[:depth]) if len(parts) > depth else None
+        if group is not None and group != current:
+            grouped.append((group,))
+        current = group
+        grouped.append((".".join(parts[depth:]) if group else item, *rest))
+    title = "Provenance of the run"
+    body = _heading(title, "Where this run came from, as training recorded it in provenance.json.")
+    body += html_table(header, grouped, key_columns=(0,), wrap_columns=(1,),
+                       row_class=lambda r: "section" if len(r) == 1 else None)
+    return _write_page(out_html, title, body)
+
+
+def config_html(config_yaml: str | Path, out_html: str | Path) -> Path:
+    """The run's config.yaml as it is, preformatted, keys highlighted."""
+    import re
+
+    path = Path(config_yaml)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise PipelineError(f"{path}: config not found") from None
+    lines = []
+    for line in text.splitlines():
+        if line.lstrip().startswith("#"):
+            lines.append(f'<span class="c">{_esc(line)}</span>')
+            continue
+        match = re.match(r"^(\s*(?:- )?)([^\s:#'\"][^:#]*?)(:(?:\s|$).*)$", line)
+        lines.append(f'{_esc(match[1])}<span class="k">{_esc(match[2])}</span>{_esc(match[3])}' if match else
+                     _esc(line))
+    title = "Configuration of the run"
+    note = (f"{path.name} as training saved it (every key, defaults included); pass it to --configfile to run "
+            "the same again.")
+    return _write_page(out_html, title, _heading(title, note) + "<pre>" + "\n".join(lines) + "</pre>")
+
+
 # ----------------------------------------------------------------------------- command line
 
 def cmd_plots(args: argparse.Namespace) -> None:
-    """``ptm-mamba plots``: the figures and tables of one run into ``--output_dir``."""
+    """``ptm-mamba plots``: the figures and tables of one run into ``--output_dir``; each table both as
+    TSV and as an HTML page (which Snakemake's report shows inline)."""
     from .guard import refuse_overwrite
 
     out = Path(args.output_dir)
-    writes = [f"{name}.png" for name in FIGURES] + ["test_results.tsv", "splits.tsv", "embeddings.tsv", "provenance.tsv"]
+    tables = ("test_results", "splits", "embeddings", "provenance", "run_summary")
+    writes = ([f"{name}.png" for name in FIGURES] + [f"{t}.{ext}" for t in tables for ext in ("tsv", "html")]
+              + ["config.html"])
     reads = {"--metrics": args.metrics, "--summary": args.summary, "--provenance": args.provenance,
-             **{f"--embeddings ({e})": e for e in args.embeddings or []}}
+             "--config": args.config, **{f"--embeddings ({e})": e for e in args.embeddings or []}}
     refuse_overwrite({f"--output_dir ({name})": out / name for name in writes},
                      {label: path for label, path in reads.items() if path})
     written = list(plot_metrics(args.metrics, out).values())
     written.append(test_results_table(args.metrics, out / "test_results.tsv"))
+    written.append(test_results_html(written[-1], out / "test_results.html"))
     if args.summary:
         written.append(split_table(args.summary, out / "splits.tsv"))
+        written.append(table_html(written[-1], out / "splits.html", "Split sizes",
+                                  "Proteins, residues and PTM sites per split after the split stage (summary.json); "
+                                  "the fingerprint identifies a split's exact content."))
     if args.embeddings:
         written.append(embedding_stats(args.embeddings, out / "embeddings.tsv"))
+        written.append(embeddings_html(written[-1], out / "embeddings.html"))
     if args.provenance:
         written.append(provenance_table(args.provenance, out / "provenance.tsv"))
+        written.append(provenance_html(written[-1], out / "provenance.html"))
+    if args.config:
+        written.append(config_html(args.config, out / "config.html"))
+    rows = run_summary(args.metrics, args.summary, args.config, args.provenance)
+    written.append(_write_tsv(out / "run_summary.tsv", ("item", "value"), rows))
+    written.append(summary_html(rows, out / "run_summary.html"))
     for path in written:
         print(path)
 
@@ -483,6 +857,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="gathered {split}_embeddings.h5 files (-> embeddings.tsv)")
     p.add_argument("--provenance", default=None,
                    help="the run's provenance.json (-> provenance.tsv; a missing file is noted there)")
-    option(p, "output_dir", required=True, help="folder for the PNGs and TSVs")
+    p.add_argument("--config", default=None, help="the run's config.yaml (-> config.html, and the run summary)")
+    option(p, "output_dir", required=True, help="folder for the PNGs, TSVs and HTML pages")
     p.set_defaults(func=cmd_plots)
     return p

@@ -38,6 +38,8 @@ def failed_job_errors(log_dir: str | os.PathLike, since: float) -> list[str]:
     whose job ended with a one-line error of this package."""
     found = []
     for log in sorted(Path(log_dir).rglob("*.log")):
+        if log.name.endswith(".segments.log"):  # the train log's history: its job's log says the same
+            continue
         try:
             if log.stat().st_mtime < since:
                 continue

@@ -7,6 +7,7 @@ import csv
 import json
 import math
 import struct
+from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
@@ -281,6 +282,195 @@ def test_embedding_stats_refuses_a_broken_file(tmp_path):
         report.embedding_stats([tmp_path / "bad.h5"], tmp_path / "e.tsv")
 
 
+# ----------------------------------------------------------------------------- the run at a glance, HTML pages
+
+class PageParser(HTMLParser):
+    """The parts of an HTML page the tests read: table rows as cell texts (``section``/``total``
+    classes kept), the text of <pre>, tags used, and every attribute that could fetch something."""
+
+    def __init__(self, text: str):
+        super().__init__(convert_charrefs=True)
+        self.rows: list[list[str]] = []
+        self.row_classes: list[str | None] = []
+        self.pre, self.tags, self.links = "", [], []
+        self._cell: list[str] | None = None
+        self._in_pre = False
+        self.feed(text)
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append(tag)
+        attrs = dict(attrs)
+        self.links += [f"{tag} {k}={v}" for k, v in attrs.items() if k in ("src", "href", "action")]
+        if tag == "tr":
+            self.rows.append([])
+            self.row_classes.append(attrs.get("class"))
+        elif tag in ("td", "th"):
+            self._cell = []
+        elif tag == "pre":
+            self._in_pre = True
+
+    def handle_endtag(self, tag):
+        if tag in ("td", "th") and self._cell is not None:
+            self.rows[-1].append("".join(self._cell).strip())
+            self._cell = None
+        elif tag == "pre":
+            self._in_pre = False
+
+    def handle_data(self, data):
+        if self._cell is not None:
+            self._cell.append(data)
+        if self._in_pre:
+            self.pre += data
+
+
+def parse_page(path: Path) -> PageParser:
+    text = path.read_text(encoding="utf-8")
+    assert text.startswith("<!DOCTYPE html>") and text.rstrip().endswith("</html>"), path
+    page = PageParser(text)
+    assert "script" not in page.tags and not page.links, f"{path} is not self-contained: {page.links}"
+    return page
+
+
+def write_run_files(tmp_path: Path, records: list[dict]) -> dict[str, Path]:
+    """metrics.json, the split stage's summary.json, config.yaml and provenance.json of a run."""
+    import yaml
+
+    files = {"metrics": write_metrics(tmp_path / "metrics.json", records),
+             "summary": tmp_path / "summary.json", "config": tmp_path / "config.yaml",
+             "provenance": tmp_path / "provenance.json"}
+    files["summary"].write_text(json.dumps({"splits": {
+        "train": {"sequences": 800, "residues": 90000, "ptm_sites": 2500, "max_length": 1000},
+        "val": {"sequences": 100, "residues": 11000, "ptm_sites": 300, "max_length": 900},
+        "test": {"sequences": 100, "residues": 12000, "ptm_sites": 310, "max_length": 950}}}))
+    files["config"].write_text(yaml.safe_dump({
+        "run_name": "demo", "dataset": {"dataset_location": "datasets/ptm.csv", "split_by": "cluster",
+                                        "cluster_identity": 0.3},
+        "esm": {"model": "esm2_t33_650M_UR50D"}, "model": {"model_type": "bidirectional_mamba", "d_model": 768,
+                                                           "n_layer": 24},
+        "training": {"max_steps": 300, "use_esm": True}}, sort_keys=False))
+    files["provenance"].write_text(json.dumps({
+        "created": "2026-01-02T03:04:05+00:00", "dataset": {"path": "datasets/ptm.csv", "rows": 1000},
+        "host": "node7", "gpus": ["NVIDIA H200"] * 4, "processes": 4, "runtime": {"device": "cuda"},
+        "code": {"commit": "abc", "dirty": False}, "packages": {"torch": "2.13.0", "mamba-ssm": None},
+        "settings": {"train": {"training.lr": 0.001}, "split": {"dataset.split_seed": 42}}}))
+    return files
+
+
+def test_run_summary_says_what_the_run_was_and_how_it_did(tmp_path):
+    files = write_run_files(tmp_path, synthetic_metrics())
+    rows = report.run_summary(files["metrics"], files["summary"], files["config"], files["provenance"])
+    assert dict(rows) == {
+        "run": "demo",
+        "trained": "2026-01-02 03:04 UTC on node7 (4 × NVIDIA H200, 4 processes)",
+        "dataset": "datasets/ptm.csv (1,000 rows), split by MMseqs2 clusters at 0.3 identity",
+        "proteins (train / val / test)": "800 / 100 / 100",
+        "PTM sites (train / val / test)": "2,500 / 300 / 310",
+        "ESM-2 model": "esm2_t33_650M_UR50D",
+        "model": "bidirectional_mamba, d_model 768, 24 layers, 123,456 parameters",
+        "optimiser steps": "300 of max_steps 300 (3 epochs)",
+        "validation loss": f"{4.0 * math.exp(-2) + 1.1:.4g} at step 300 (the lowest: best.ckpt)",
+        "test loss": "1.2 (perplexity 3.32) with best.ckpt",
+        "test accuracy": "0.7 of all masked tokens",
+        "test PTM accuracy": "0.3 of 48 masked PTM sites (3 types)",
+    }
+    assert len(rows) <= 13  # short enough for the report's front page
+
+
+def test_run_summary_of_a_run_in_progress_says_what_is_missing(tmp_path):
+    rising = synthetic_metrics(with_test=False)
+    for r in rising:  # the last validation is not the lowest: both are shown
+        if r.get("Step") == 300 and "avg_val_loss" in r:
+            r["avg_val_loss"] = 9.0
+    rows = dict(report.run_summary(write_metrics(tmp_path / "m.json", rising)))
+    assert rows["proteins (train / val / test)"] == "800 / 100 / 100"  # from the metrics header
+    assert rows["validation loss"].startswith("9 at the last validation (step 300); ")
+    assert "at step 250 (the lowest: best.ckpt)" in rows["validation loss"]
+    assert rows["test"].startswith("not scored yet")
+    assert "run" not in rows and "trained" not in rows  # no config, no provenance given
+    empty = dict(report.run_summary(write_metrics(tmp_path / "e.json", [])))
+    assert empty == {"optimiser steps": "none recorded yet", "validation loss": "no validation yet",
+                     "test": empty["test"]}
+    no_sites = dict(report.run_summary(write_metrics(tmp_path / "n.json", synthetic_metrics(by_type={}))))
+    assert no_sites["test PTM accuracy"] == "0.3"
+
+
+def test_the_run_summary_page_has_every_row(tmp_path):
+    files = write_run_files(tmp_path, synthetic_metrics())
+    rows = report.run_summary(files["metrics"], files["summary"], files["config"], files["provenance"])
+    page = parse_page(report.summary_html(rows, tmp_path / "run_summary.html"))
+    assert page.rows == [list(r) for r in rows]
+    assert "<title>Run demo at a glance</title>" in (tmp_path / "run_summary.html").read_text()
+
+
+def test_test_results_page_shows_every_row_of_the_tsv_as_cells(tmp_path):
+    by_type = {**BY_TYPE, "<A&B <x>>": {"sites": 2, "acc": 0.75}}  # a name that needs escaping
+    metrics = write_metrics(tmp_path / "metrics.json", synthetic_metrics(by_type=by_type))
+    tsv = report.test_results_table(metrics, tmp_path / "test_results.tsv")
+    page = parse_page(report.test_results_html(tsv, tmp_path / "test_results.html"))
+    rows = read_tsv(tsv)
+    overall = [[r["metric"], r["sites"], r["value"]] for r in rows if r["scope"] == "all"]
+    per_type = [[r["scope"], r["sites"], r["value"], ""] for r in rows if r["scope"] != "all"]  # "" : the bar
+    assert page.rows == [["metric", "sites", "value"], *overall, ["PTM type", "sites", "accuracy", ""], *per_type]
+    assert ["A&B <x>", "2", "0.75", ""] in page.rows
+    html = (tmp_path / "test_results.html").read_text()
+    assert "A&amp;B &lt;x&gt;" in html and 'style="width:75.0%"' in html and 'style="width:25.0%"' in html
+
+    empty = write_metrics(tmp_path / "empty.json", synthetic_metrics(with_test=False))
+    tsv = report.test_results_table(empty, tmp_path / "empty.tsv")
+    page = parse_page(report.test_results_html(tsv, tmp_path / "empty.html"))
+    assert page.rows == [] and "No test results yet" in (tmp_path / "empty.html").read_text()
+
+
+def test_table_pages_right_align_numbers_and_bold_the_total(tmp_path):
+    tsv = tmp_path / "splits.tsv"
+    tsv.write_text("split\tptm_sites\tfingerprint\ntrain\t32\tab12\ntest\t8\t\ntotal\t40\t\n")
+    out = report.table_html(tsv, tmp_path / "splits.html", "Split sizes", "a note")
+    page = parse_page(out)
+    assert page.rows == [["split", "ptm sites", "fingerprint"], ["train", "32", "ab12"], ["test", "8", ""],
+                         ["total", "40", ""]]
+    assert page.row_classes == [None, None, None, "total"]
+    html = out.read_text()
+    assert '<th class="num">ptm sites</th>' in html and '<td class="num">32</td>' in html
+    assert "<td>ab12</td>" in html  # text is not a number
+
+
+def test_embeddings_page_has_a_column_per_file(tmp_path):
+    write_store(tmp_path / "val.h5", [30, 12])
+    tsv = report.embedding_stats([tmp_path / "val.h5", tmp_path / "val.h5"], tmp_path / "embeddings.tsv")
+    page = parse_page(report.embeddings_html(tsv, tmp_path / "embeddings.html"))
+    table = [line.split("\t") for line in tsv.read_text().splitlines()]
+    assert page.rows == [["", *(row[0] for row in table[1:])],  # column names to read: "_" as spaces
+                         *[[name.replace("_", " "), *(row[i] for row in table[1:])]
+                           for i, name in enumerate(table[0]) if i > 0]]
+
+
+def test_provenance_page_groups_items_under_their_section(tmp_path):
+    files = write_run_files(tmp_path, [])
+    tsv = report.provenance_table(files["provenance"], tmp_path / "provenance.tsv")
+    page = parse_page(report.provenance_html(tsv, tmp_path / "provenance.html"))
+    assert page.rows[:4] == [["item", "value"], ["created", "2026-01-02T03:04:05+00:00"], ["dataset"],
+                             ["path", "datasets/ptm.csv"]]
+    sections = [row[0] for row, cls in zip(page.rows, page.row_classes) if cls == "section"]
+    assert sections == ["dataset", "runtime", "code", "packages", "settings.train", "settings.split"]
+    assert ["training.lr", "0.001"] in page.rows and ["mamba-ssm", ""] in page.rows
+    values = {row[1] for row in page.rows if len(row) == 2}
+    assert {row["value"] for row in read_tsv(tsv)} <= values
+
+
+def test_config_page_is_the_config_file_as_it_is(tmp_path):
+    config = tmp_path / "config.yaml"
+    config.write_text("# a comment <with> & marks\nrun_name: x\ndataset:\n  dataset_location: a b.csv\n"
+                      "training:\n  adam_betas:\n  - 0.9\n  - 0.98\n")
+    out = report.config_html(config, tmp_path / "config.html")
+    page = parse_page(out)
+    assert page.pre == config.read_text().rstrip("\n")
+    html = out.read_text()
+    assert '<span class="k">dataset_location</span>: a b.csv' in html
+    assert '<span class="c"># a comment &lt;with&gt; &amp; marks</span>' in html
+    with pytest.raises(PipelineError, match="missing.yaml: config not found"):
+        report.config_html(tmp_path / "missing.yaml", tmp_path / "x.html")
+
+
 # ----------------------------------------------------------------------------- command line
 
 def test_plots_subcommand_writes_figures_and_tables(tmp_path):
@@ -294,8 +484,8 @@ def test_plots_subcommand_writes_figures_and_tables(tmp_path):
                               "--embeddings", str(tmp_path / "val_embeddings.h5"), "--output-dir", str(tmp_path / "o")])
     args.func(args)
     written = sorted(p.name for p in (tmp_path / "o").iterdir())
-    assert written == sorted([f"{n}.png" for n in report.FIGURES] + ["test_results.tsv", "splits.tsv",
-                                                                      "embeddings.tsv"])
+    assert written == sorted([f"{n}.png" for n in report.FIGURES] + [
+        f"{t}.{ext}" for t in ("test_results", "splits", "embeddings", "run_summary") for ext in ("tsv", "html")])
 
 
 def test_ptm_mamba_plots_cli(tmp_path):
@@ -304,7 +494,8 @@ def test_ptm_mamba_plots_cli(tmp_path):
     result = run_cli("plots", "--metrics", metrics, "--output_dir", tmp_path / "o")
     assert result.returncode == 0, result.stderr
     assert sorted(p.name for p in (tmp_path / "o").iterdir()) == sorted(
-        [f"{n}.png" for n in report.FIGURES] + ["test_results.tsv"])
+        [f"{n}.png" for n in report.FIGURES] + ["test_results.tsv", "test_results.html", "run_summary.tsv",
+                                                 "run_summary.html"])
     (tmp_path / "broken.json").write_text("{")
     result = run_cli("plots", "--metrics", tmp_path / "broken.json", "--output_dir", tmp_path / "o")
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "broken.json" in result.stderr

@@ -145,6 +145,12 @@ def test_snakemake_report_shows_the_figures_and_tables(workdir):
         png_shape(out / f"{name}.png")
     assert len(read_tsv(out / "embeddings.tsv")) == 3
     html = (workdir / "report.html").read_text(encoding="utf-8")
+    # its tables, rendered, opened as a person does in headless Chromium (tests/test_report_html.py)
+    from test_report_html import assert_report_shows_tables, find_chromium
+
+    if find_chromium() is None:
+        pytest.skip("Chromium is not installed: run `sudo scripts/install_chromium.sh` (Debian's chromium)")
+    assert_report_shows_tables(workdir / "report.html", out, workdir / RUN)
     (workdir / "report.html").unlink()
     for name in report.FIGURES:
         assert f'"results/report/wf/{name}.png"' in html, name
