@@ -181,7 +181,7 @@ def _val_curve(ax, m: RunMetrics, key: str, label: str, color: str) -> None:
 def _test_line(ax, m: RunMetrics, key: str, label: str, color: str) -> None:
     if m.test is not None and m.test.get(key) is not None:
         value = m.test[key]
-        ax.axhline(value, color=color, ls="--", lw=1.3, label=f"{label} = {value:.3g}")
+        ax.axhline(value, color=color, ls="--", lw=1.3, label=f"{label} = {value:.4f}")
 
 
 def _best_step_note(m: RunMetrics) -> str:
@@ -292,7 +292,7 @@ def plot_test_ptm_accuracy(m: RunMetrics, path: Path) -> Path:
         ax.text(acc + 0.01, yi, f"{acc:.2f}", va="center", fontsize=8)
     overall = m.test.get("avg_test_ptm_acc")
     if overall is not None:
-        ax.axvline(overall, color="black", ls="--", lw=1, label=f"all PTM sites = {overall:.3g}")
+        ax.axvline(overall, color="black", ls="--", lw=1, label=f"all PTM sites = {overall:.4f}")
         ax.legend(fontsize=8, loc="lower right")
     ax.set_yticks(y, labels, fontsize=8)
     ax.invert_yaxis()

@@ -499,3 +499,17 @@ def test_ptm_mamba_plots_cli(tmp_path):
     (tmp_path / "broken.json").write_text("{")
     result = run_cli("plots", "--metrics", tmp_path / "broken.json", "--output_dir", tmp_path / "o")
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "broken.json" in result.stderr
+
+
+def test_the_test_line_legend_keeps_four_decimals():
+    """A test loss of 3.026 or 3.0 reads as such in the legend, not rounded to '= 3'."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots()
+    for value in (3.026, 3.0):
+        report._test_line(ax, report.RunMetrics(test={"avg_test_loss": value}), "avg_test_loss", "test loss", "green")
+    assert [line.get_label() for line in ax.lines] == ["test loss = 3.0260", "test loss = 3.0000"]
+    plt.close(fig)
