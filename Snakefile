@@ -46,7 +46,6 @@ onerror:
 localrules:
     all,
     embeddings,
-    gather_embeddings,
     plots,
     predictions,
 

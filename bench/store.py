@@ -2,6 +2,11 @@
 
     python bench/store.py                          # 2,000 proteins x ~350 residues, dim 320, 4 shards
     python bench/store.py --dim 1280 --proteins 500
+    python bench/store.py --gather                 # the gather's cost: CPU seconds per GB, peak memory
+
+``--gather`` runs ``gather`` (which copies the shards into one file) in a child process and
+reports its CPU time (``resource.getrusage``, user + system), wall time and peak RSS per GB of
+shard data, with and without the NaN/Inf scan, beside a plain file copy of the same bytes.
 
 Reads right after writing come mostly from the OS page cache, so they are an
 upper bound for a cold shared filesystem. ``measure_read`` is importable
@@ -11,6 +16,9 @@ upper bound for a cold shared filesystem. ``measure_read`` is importable
 from __future__ import annotations
 
 import argparse
+import multiprocessing
+import os
+import resource
 import shutil
 import tempfile
 import time
@@ -89,6 +97,69 @@ def measure_read(path: str | Path, n_reads: int, *, batch_size: int = 32, replic
     return result
 
 
+def _gather(paths: list[Path], out: Path, check_values: bool) -> None:
+    gather(paths, out, check_values=check_values)
+
+
+def _copy(paths: list[Path], out: Path, check_values: None) -> None:
+    """A plain copy of the shard files' bytes, synced as gather syncs its output: the floor."""
+    out.mkdir()
+    for p in paths:
+        shutil.copyfile(p, out / p.name)
+        with open(out / p.name, "rb+") as fh:
+            os.fsync(fh.fileno())
+
+
+def _status_mib(key: str) -> float:
+    """VmRSS / VmHWM (peak) of this process in MiB, from /proc (Linux)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _measured(queue, target, *args) -> None:
+    """In the child: ``target(*args)``'s own CPU time and wall time; its RSS before and its peak."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM: the peak of the target alone
+    except OSError:
+        pass
+    rss, r0, t0 = _status_mib("VmRSS"), resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+    target(*args)
+    wall, r1 = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF)
+    queue.put({"user": r1.ru_utime - r0.ru_utime, "sys": r1.ru_stime - r0.ru_stime, "wall": wall,
+               "rss_before_mib": rss, "rss_peak_mib": _status_mib("VmHWM")})
+
+
+def measure_in_child(target, *args) -> dict[str, float]:
+    """``target(*args)`` in a fresh (spawned) process, its imports done: its CPU seconds (user,
+    system, ``resource.getrusage``), wall seconds and peak RSS, its own and not this process's."""
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_measured, args=(queue, target, *args))
+    proc.start()
+    result = queue.get()
+    proc.join()
+    if proc.exitcode != 0:
+        raise RuntimeError(f"{target.__name__} failed (exit {proc.exitcode})")
+    return result
+
+
+def bench_gather(folder: Path, paths: list[Path], repeats: int) -> None:
+    data = sum(p.stat().st_size for p in paths)
+    print(f"shards: {len(paths)} files, {data / 1e9:.3f} GB (shards just written: reads from the page cache)")
+    for name, target, check in (("gather, NaN/Inf scan on", _gather, True),
+                                ("gather, no NaN/Inf scan", _gather, False), ("plain copy + fsync", _copy, None)):
+        for _ in range(repeats):
+            out = folder / "out"
+            m = measure_in_child(target, paths, out, check)
+            cpu = m["user"] + m["sys"]
+            print(f"{name:24s} {cpu / (data / 1e9):5.2f} CPU s/GB (user {m['user']:.2f} s, sys {m['sys']:.2f} s), "
+                  f"wall {m['wall']:.2f} s = {data / 1e6 / m['wall']:4.0f} MB/s, peak RSS {m['rss_peak_mib']:.0f} MiB "
+                  f"(+{m['rss_peak_mib'] - m['rss_before_mib']:.0f})")
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--proteins", type=int, default=2000, help="proteins in all shards together")
@@ -97,6 +168,8 @@ def main() -> None:
     ap.add_argument("--replicates", type=int, default=2)
     ap.add_argument("--reads", type=int, default=1000)
     ap.add_argument("--dir", type=Path, default=None, help="work folder (default: a temp folder, removed)")
+    ap.add_argument("--gather", action="store_true", help="measure the gather's cost instead of the reads")
+    ap.add_argument("--repeats", type=int, default=2, help="with --gather: runs of each measurement")
     args = ap.parse_args()
 
     folder = args.dir or Path(tempfile.mkdtemp(prefix="bench_store_"))
@@ -106,14 +179,17 @@ def main() -> None:
         paths = write_synthetic(folder / "shards", args.proteins, args.shards, args.dim, args.replicates)
         t_write = time.perf_counter() - t0
         written = sum(p.stat().st_size for p in paths)
+        if args.gather:
+            bench_gather(folder, paths, args.repeats)
+            return
         out = folder / "bench_embeddings.h5"
         t0 = time.perf_counter()
         gather(paths, out)
         t_gather = time.perf_counter() - t0
         print(f"write: {args.proteins} proteins, dim {args.dim}, K={args.replicates}: {written / 1e6:.0f} MB "
               f"in {t_write:.2f} s ({written / 1e6 / t_write:.0f} MB/s)")
-        print(f"gather (incl. NaN scan of all shards): {t_gather:.2f} s, "
-              f"gathered file {out.stat().st_size / 1e3:.0f} kB")
+        print(f"gather (a copy, incl. NaN scan of all shards): {t_gather:.2f} s, "
+              f"gathered file {out.stat().st_size / 1e6:.0f} MB")
         for name, file in (("shard", paths[0]), ("gathered", out)):
             for mode, r in measure_read(file, args.reads).items():
                 print(f"read {name:8s} {mode:15s} {r['residues_per_s'] / 1e6:6.2f} M residues/s "

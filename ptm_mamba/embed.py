@@ -8,8 +8,9 @@ epoch e uses replicate e mod K, so no residue the model must predict is visible
 through its ESM features.
 
 A split is cut into shards balanced by residues; each shard is an independent
-job (``embed_shard``), and ``gather_split`` joins a split's shards into
-``{embeddings_dir}/{split}_embeddings.h5`` without copying arrays.
+job (``embed_shard``), and ``gather_split`` copies a split's shards into
+``{embeddings_dir}/{split}_embeddings.h5``, a self-contained file (the workflow then
+deletes the shards: they are temporary).
 """
 
 from __future__ import annotations
@@ -166,8 +167,10 @@ def embed_shard(config: dict, split: str, index: int, num_shards: int, split_fil
 
 def gather_split(config: dict, split: str, split_file: str | os.PathLike, shard_files: list[str],
                  output: str | os.PathLike) -> None:
-    """Validate a split's shards against its split file and config, then join them."""
+    """Validate a split's shards against its split file and config, then copy them into one file."""
     proteins = split_proteins_of(config, split, split_file)
+    for stale in leftover_temp_files(output):  # left by a killed earlier try of this job (a split's size)
+        stale.unlink()
     for shard in shard_files:
         check_store_settings(shard, config)
         check_store_ids(shard, proteins)  # its part of the split, each id on its own protein's rows

@@ -4,8 +4,9 @@ The embed stage computes, per protein of L residues and per mask replicate k in
 0..K-1, ESM-2 features (L+2, dim) of a masked input ``<cls> residues <eos>``
 (row 0: ``<cls>``, rows 1..L: the residues, row L+1: ``<eos>``) plus the bool
 random mask (L+2,) that was used (False at ``<cls>``/``<eos>``). One job writes
-one shard file; ``gather`` joins a split's shards into one file whose arrays are
-HDF5 virtual datasets pointing at the shards (no copy). ``ptm-mamba predict``
+one shard file; ``gather`` copies a split's shards, row block by row block, into
+one self-contained file (real datasets: plain h5py reads it, the shards may go;
+the workflow deletes them). ``ptm-mamba predict``
 writes its hidden states in the same layout, with the same L+2 rows per protein;
 the store itself takes any number of rows per protein, and the row count is
 checked where it is read (``BatchBuilder``).
@@ -18,7 +19,7 @@ Layout (a shard and a gathered file look the same to a reader)::
     masks/<k>        (R,) bool
     attrs            esm_model, repr_layer, dim, dtype, split, split_fingerprint,
                      mask_replicates, mask_prob, mask_seed, format_version,
-                     [shard_index, num_shards | num_shards, shard_files], complete
+                     [shard_index, num_shards | num_shards], complete
 
 R is the total row count: for the embed stage, the residues plus 2 per protein
 (a PTM token counts as one residue). ``complete`` is set last, just before the
@@ -28,8 +29,8 @@ is refused with a one-line error: rerun the embed stage.
 
 Every array a writer stores, except ``ids`` (HDF5 cannot filter variable-length
 strings), has HDF5's Fletcher32 checksum per chunk, so flipped bits on disk fail
-the read instead of returning wrong numbers; reads through a gathered file are
-checked by its shards' filters. Such a failure, or a truncated file, is reported
+the read instead of returning wrong numbers; a gathered file has its own (the
+shards' are verified as they are copied). Such a failure, or a truncated file, is reported
 as a one-line PipelineError naming the file (and the protein, when reading).
 A file without the checksums (this version writes none such) still reads, unchecked.
 """
@@ -38,7 +39,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Mapping, NamedTuple, Sequence
+from typing import Any, Iterator, Mapping, NamedTuple, Sequence
 
 import h5py
 import numpy as np
@@ -51,9 +52,9 @@ FORMAT_VERSION = FORMATS[EMBED]  # 2: rows <cls>, residues, <eos> per protein (1
 # Attributes every writer must be given (the others are set by the writer/gather).
 REQUIRED_ATTRS = ("esm_model", "repr_layer", "split", "split_fingerprint", "mask_prob", "mask_seed")
 # Attributes that are bookkeeping, not content: gather does not compare them across shards.
-_BOOKKEEPING_ATTRS = ("complete", "shard_index", "num_shards", "shard_files")
+_BOOKKEEPING_ATTRS = ("complete", "shard_index", "num_shards")
 _BUFFER_BYTES = 64 * 2**20  # default write buffer per shard (all replicates together)
-_CHECK_BLOCK_BYTES = 64 * 2**20  # NaN/Inf scan block size in validate_shard
+_CHECK_BLOCK_BYTES = 64 * 2**20  # NaN/Inf scan block size in validate_shard, and gather's copy block
 _MASK_CHUNK = 16384
 
 
@@ -372,6 +373,10 @@ def _check_layout(f: h5py.File, where: str) -> tuple[list[str], np.ndarray, dict
             raise PipelineError(f"{where}: embeddings/{k} is {emb.dtype}{emb.shape}, expected float16({rows}, {dim})")
         if mask.shape != (rows,):
             raise PipelineError(f"{where}: masks/{k} has shape {mask.shape}, expected ({rows},)")
+        if emb.is_virtual or mask.is_virtual:  # HDF5 reads a missing source as fill values, without error
+            raise PipelineError(f"{where}: a gathered file of an earlier version (HDF5 virtual datasets over "
+                                "shard files, which read as NaN once the shards are gone); delete it and rerun "
+                                "the embed stage")
     return ids, offsets, attrs
 
 
@@ -397,57 +402,54 @@ def _check_attrs(attrs: Mapping[str, Any], expected: Mapping[str, Any], where: s
             raise PipelineError(f"{where}: attribute {key} is {attrs[key]!r}, expected {want!r} (stale file?)")
 
 
+_SCAN_PIECE = 2**20  # values scanned for NaN/Inf at once: temporaries of a few MiB, not a block's size
+
+
+def _first_nonfinite_row(block: np.ndarray) -> int | None:
+    """The first row of a float16 ``block`` holding NaN/Inf (all exponent bits set), or None. Integer
+    ops on the bits, piece by piece: ~10x faster than ``np.isfinite`` on float16, small temporaries."""
+    bits = block.reshape(-1).view(np.uint16)
+    width = max(1, int(np.prod(block.shape[1:])))
+    for a in range(0, bits.size, _SCAN_PIECE):
+        bad = (bits[a:a + _SCAN_PIECE] & 0x7C00) == 0x7C00
+        if bad.any():
+            return (a + int(np.argmax(bad))) // width
+    return None
+
+
+def _blocks(dset: h5py.Dataset, path: Path, name: str, check_values: bool) -> Iterator[np.ndarray]:
+    """The rows of ``dset`` in blocks of whole chunks, about ``_CHECK_BLOCK_BYTES`` each, read into
+    one buffer (bounded memory; a block is valid until the next one is asked for). Reading verifies
+    every chunk's checksum; with ``check_values``, NaN/Inf features are refused."""
+    row_bytes = dset.dtype.itemsize * int(np.prod(dset.shape[1:]))
+    step = max(1, _CHECK_BLOCK_BYTES // max(1, row_bytes))
+    if dset.chunks:
+        step = max(1, step // dset.chunks[0]) * dset.chunks[0]
+    buffer = np.empty((min(step, len(dset)),) + dset.shape[1:], dtype=dset.dtype)
+    for start in range(0, len(dset), step):
+        stop = min(start + step, len(dset))
+        block = buffer[:stop - start]
+        try:
+            dset.read_direct(block, np.s_[start:stop], np.s_[0:stop - start])
+        except OSError as e:
+            raise _damaged(f"{path}: {name} rows {start}..{stop - 1}", e) from None
+        if check_values and block.dtype == np.float16:
+            row = _first_nonfinite_row(block)
+            if row is not None:
+                raise PipelineError(f"{path}: {name} has NaN/Inf at row {start + row}")
+        yield block
+
+
+def _store_datasets(K: int) -> list[str]:
+    return [f"{g}/{k}" for k in range(K) for g in ("embeddings", "masks")]
+
+
 def _check_values(f: h5py.File, K: int, path: Path) -> None:
     """Read every embeddings/<k> and masks/<k> block by block (bounded memory), which verifies
     every chunk's checksum, and refuse NaN/Inf features."""
-    for name in [f"{g}/{k}" for k in range(K) for g in ("embeddings", "masks")]:
-        dset = f[name]
-        row_bytes = dset.dtype.itemsize * int(np.prod(dset.shape[1:]))
-        step = max(1, _CHECK_BLOCK_BYTES // max(1, row_bytes))
-        for start in range(0, len(dset), step):
-            stop = min(start + step, len(dset))
-            try:
-                block = dset[start:stop]
-            except OSError as e:
-                raise _damaged(f"{path}: {name} rows {start}..{stop - 1}{_shards_note(dset, start, stop, path)}",
-                               e) from None
-            if block.dtype == np.float16 and not np.isfinite(block).all():
-                row = start + int(np.argwhere(~np.isfinite(block))[0, 0])
-                raise PipelineError(f"{path}: {name} has NaN/Inf at row {row}")
-
-
-def _source_path(name: str, path: Path) -> Path:
-    """A virtual dataset's source file, resolved like HDF5 does (relative to the file's folder)."""
-    return Path(name) if os.path.isabs(name) else path.parent / name
-
-
-def _virtual_sources(f: h5py.File, path: Path) -> list[Path]:
-    """Source files of the virtual datasets in ``f``."""
-    files: dict[str, None] = {}
-    for group in ("embeddings", "masks"):
-        for dset in f[group].values():
-            if dset.is_virtual:
-                files.update((m.file_name, None) for m in dset.virtual_sources())
-    return [_source_path(n, path) for n in files if n != "."]
-
-
-def _shards_note(dset: h5py.Dataset, start: int, stop: int, path: Path) -> str:
-    """For an error message: " (in shard X)", the source files of rows start..stop-1 of a virtual dataset."""
-    if not dset.is_virtual:
-        return ""
-    names = []
-    for m in dset.virtual_sources():
-        first, last = m.vspace.get_select_bounds()  # inclusive corners of the mapped block
-        if first[0] < stop and last[0] >= start:
-            names.append(str(_source_path(m.file_name, path)))
-    return f" (in shard {', '.join(names)})" if names else ""
-
-
-def _check_sources(f: h5py.File, path: Path) -> None:
-    """A missing VDS source reads as fill values without error in HDF5, so look for it ourselves."""
-    for src in _virtual_sources(f, path):
-        if not src.is_file():
-            raise PipelineError(f"{path}: points at missing shard file {src} (moved or deleted after gather?)")
+    for name in _store_datasets(K):
+        for _ in _blocks(f[name], path, name, check_values=True):
+            pass
 
 
 def _open(path: Path) -> h5py.File:
@@ -455,7 +457,7 @@ def _open(path: Path) -> h5py.File:
         raise PipelineError(f"{path}: embedding file does not exist")
     try:
         # No chunk cache: reads of a protein's rows are partial chunks, and with the cache on
-        # HDF5 first loads each whole chunk (~1.5-2.5x slower, measured; applies to VDS sources too).
+        # HDF5 first loads each whole chunk (~1.5-2.5x slower, measured).
         # No file locks: a file is only read after its atomic rename and a temp has one writer,
         # so locks protect nothing, and they fail on cluster filesystems without flock.
         return h5py.File(path, "r", rdcc_nbytes=0, locking=False)
@@ -473,7 +475,6 @@ def _validate(path: Path, expected_ids, expected_attrs, check_values: bool):
             if expected_ids is not None:
                 _check_ids(ids, expected_ids, str(path))
             _check_attrs(attrs, expected_attrs or {}, str(path))
-            _check_sources(f, path)
             if check_values:
                 _check_values(f, attrs["mask_replicates"], path)
     except OSError as e:  # damage found while reading ids/offsets
@@ -493,7 +494,7 @@ def validate_shard(
     Checks: readable HDF5, ``complete`` set, datasets present with consistent shapes,
     ids equal to ``expected_ids`` (as a set), every ``expected_attrs`` entry equal, and
     (``check_values``) every array readable with valid checksums and no NaN/Inf, scanned in
-    bounded blocks. Also works on a gathered file (then its shards' data is what is read).
+    bounded blocks. Also works on a gathered file.
     """
     _validate(Path(path), expected_ids, expected_attrs, check_values)
 
@@ -509,6 +510,61 @@ class _Shard(NamedTuple):
         return int(self.offsets[-1])
 
 
+class _ChunkAppender:
+    """Appends row blocks to a chunked dataset, writing whole chunks only: the rows short of a
+    chunk wait (copied, less than a chunk) for the next block or :meth:`finish`. Shards start
+    anywhere in a gathered dataset, so without this every chunk across a shard boundary would be
+    written twice, the second time after reading it back."""
+
+    def __init__(self, dset: h5py.Dataset):
+        self.dset, self.chunk = dset, dset.chunks[0]
+        self.written = 0
+        self.waiting: list[np.ndarray] = []
+        self.waiting_rows = 0
+
+    def _write(self, data: np.ndarray) -> None:
+        self.dset[self.written:self.written + len(data)] = data
+        self.written += len(data)
+
+    def add(self, block: np.ndarray) -> None:
+        i = 0
+        if self.waiting_rows:  # complete the waiting chunk first
+            i = min(len(block), self.chunk - self.waiting_rows)
+            self.waiting.append(block[:i].copy())  # ``block`` is a reused buffer: keep nothing of it
+            self.waiting_rows += i
+            if self.waiting_rows < self.chunk:
+                return
+            self._write(np.concatenate(self.waiting))
+            self.waiting, self.waiting_rows = [], 0
+        whole = (len(block) - i) // self.chunk * self.chunk
+        if whole:
+            self._write(block[i:i + whole])  # a view: no copy
+        rest = block[i + whole:]
+        if len(rest):
+            self.waiting, self.waiting_rows = [rest.copy()], len(rest)
+
+    def finish(self) -> None:
+        if self.waiting_rows:
+            self._write(np.concatenate(self.waiting))
+            self.waiting, self.waiting_rows = [], 0
+        if self.written != len(self.dset):  # a shard changed under the gather (checked there): never seen
+            raise PipelineError(f"{self.dset.file.filename}: gather wrote {self.written} rows of "
+                                f"{self.dset.name}, expected {len(self.dset)}")
+
+
+def _create_like(f: h5py.File, name: str, src: h5py.Dataset, rows: int) -> h5py.Dataset:
+    """An empty dataset of ``rows`` rows stored as ``src`` is (dtype, chunk shape, compression,
+    shuffle), with Fletcher32 checksums (also where ``src``, of an older writer, has none)."""
+    shape = (rows,) + src.shape[1:]
+    if src.chunks:
+        chunks = src.chunks
+    else:  # a contiguous source: the writer's chunk shape
+        chunks = (_chunk_rows(shape[1]), shape[1]) if len(shape) == 2 else (_MASK_CHUNK,)
+    return f.create_dataset(name, shape=shape, maxshape=(None,) + shape[1:], dtype=src.dtype, chunks=chunks,
+                            compression=src.compression, compression_opts=src.compression_opts,
+                            shuffle=src.shuffle, fletcher32=True)
+
+
 def gather(
     shard_paths: Sequence[str | os.PathLike],
     out_path: str | os.PathLike,
@@ -517,17 +573,23 @@ def gather(
     expected_attrs: Mapping[str, Any] | None = None,
     check_values: bool = True,
 ) -> None:
-    """Join validated shards into ``out_path`` (atomic) without copying their arrays.
+    """Join validated shards into one self-contained file ``out_path`` (atomic), in
+    ``shard_paths`` order: ``ids``, rebased ``offsets`` and the attributes, and every
+    ``embeddings/<k>`` and ``masks/<k>`` copied into a real dataset stored like the first
+    shard's (dtype, chunk shape, compression) with Fletcher32 checksums. Plain h5py reads the
+    result; the shards may be deleted afterwards.
 
-    ``ids`` and rebased ``offsets`` are real datasets; ``embeddings/<k>`` and ``masks/<k>``
-    are virtual datasets over the shards, in ``shard_paths`` order. Sources in
-    ``out_path``'s folder or below are stored as relative paths, so the folder can be
-    moved as a whole; others are stored absolute. The shards must stay in place.
+    Every shard's layout, ids and attributes are checked before anything is written; its arrays
+    are then read once, shard by shard in blocks of whole chunks (memory bounded by
+    ``_CHECK_BLOCK_BYTES`` plus a chunk per dataset, whatever the split's size), which verifies
+    their checksums and (``check_values``) refuses NaN/Inf, and written as they are read. Any
+    failure removes the temp file: nothing appears at ``out_path``.
     """
     out_path = Path(out_path)
     if not shard_paths:
         raise PipelineError(f"{out_path}: no shards to gather")
-    shards = [_Shard(Path(p), *_validate(Path(p), None, expected_attrs, check_values)) for p in shard_paths]
+    # the layout, ids and attributes of every shard first; their arrays are checked as they are copied
+    shards = [_Shard(Path(p), *_validate(Path(p), None, expected_attrs, False)) for p in shard_paths]
 
     ref = shards[0]
     content = {k: v for k, v in ref.attrs.items() if k not in _BOOKKEEPING_ATTRS}
@@ -555,41 +617,38 @@ def gather(
     if expected_ids is not None:
         _check_ids(all_ids, expected_ids, f"{out_path} (union of {n} shards)")
 
-    base = out_path.parent.resolve()
-    sources = [
-        str(rp.relative_to(base)) if rp.is_relative_to(base) else str(rp)
-        for rp in (s.path.resolve() for s in shards)
-    ]
     rows = [s.rows for s in shards]
     starts = np.concatenate([[0], np.cumsum(rows)]).astype(np.int64)
     total = int(starts[-1])
     offsets = np.concatenate([[0]] + [s.offsets[1:] + st for s, st in zip(shards, starts)])
-    dim, K = ref.attrs["dim"], ref.attrs["mask_replicates"]
+    names = _store_datasets(ref.attrs["mask_replicates"])
 
     out = _AtomicH5(out_path)
     try:
         f = out.file
         out.kept += [f.create_dataset("ids", data=np.array(all_ids, dtype=object), dtype=h5py.string_dtype("utf-8")),
-                     f.create_dataset("offsets", data=offsets.astype(np.int64))]
-        for k in range(K):
-            for group, shape, dtype, fill in (
-                ("embeddings", (total, dim), np.float16, np.nan),  # NaN marks rows whose source went missing
-                ("masks", (total,), np.bool_, False),
-            ):
-                name = f"{group}/{k}"
-                layout = h5py.VirtualLayout(shape=shape, dtype=dtype)
-                for src, start, r in zip(sources, starts, rows):
-                    if r:
-                        layout[start:start + r] = h5py.VirtualSource(src, name, shape=(r,) + shape[1:], dtype=dtype)
-                if total:
-                    out.kept.append(f.create_virtual_dataset(name, layout, fillvalue=fill))
-                else:  # HDF5 cannot map an empty extent; an empty real dataset reads the same
-                    out.kept.append(f.create_dataset(name, shape=shape, dtype=dtype))
+                     f.create_dataset("offsets", data=offsets.astype(np.int64), fletcher32=True)]
+        with _open(ref.path) as first:
+            sinks = {}
+            for name in names:
+                dset = _create_like(f, name, first[name], total)
+                dset.attrs.update(first[name].attrs)
+                out.kept.append(dset)
+                sinks[name] = _ChunkAppender(dset)
+        for s in shards:
+            with _open(s.path) as src:
+                for name in names:
+                    if src[name].shape[0] != s.rows:  # replaced since it was checked above
+                        raise PipelineError(f"{s.path}: changed while being gathered ({name} has "
+                                            f"{src[name].shape[0]} rows, its offsets said {s.rows})")
+                    for block in _blocks(src[name], s.path, name, check_values):
+                        sinks[name].add(block)
+        for sink in sinks.values():
+            sink.finish()
         for k, v in content.items():
             f.attrs[k] = v
         f.attrs["num_shards"] = len(shards)
-        f.attrs["shard_files"] = sources
-    except _H5_WRITE_ERRORS as exc:
+    except _H5_WRITE_ERRORS as exc:  # reading a shard fails as a PipelineError (_blocks, _open)
         raise out.error(exc) from None
     except BaseException:
         out.abort()
@@ -621,7 +680,6 @@ class EmbeddingReader:
                 if self._meta is None:
                     ids, offsets, attrs = _check_layout(f, str(self.path))
                     self._meta = (ids, {i: n for n, i in enumerate(ids)}, offsets, attrs)
-                _check_sources(f, self.path)
             except OSError as e:  # ids/offsets unreadable
                 f.close()
                 raise _damaged(str(self.path), e) from None
@@ -680,8 +738,7 @@ class EmbeddingReader:
         try:
             return emb[a:b], mask[a:b]
         except OSError as e:
-            raise _damaged(f"{self.path}: {what} replicate {replicate}{_shards_note(emb, a, b, self.path)}",
-                           e) from None
+            raise _damaged(f"{self.path}: {what} replicate {replicate}", e) from None
 
     def get(self, id: str, replicate: int) -> tuple[np.ndarray, np.ndarray]:
         """Features (rows, dim) float16 and mask (rows,) bool of protein ``id``, replicate ``replicate``
@@ -815,8 +872,7 @@ def _check_masks(reader: EmbeddingReader, ids: list[str], offsets: np.ndarray, a
             try:
                 block = dset[a:b]
             except OSError as e:
-                raise _damaged(f"{where}: masks/{k} of proteins {ids[i]!r}..{ids[j - 1]!r}"
-                               f"{_shards_note(dset, a, b, reader.path)}", e) from None
+                raise _damaged(f"{where}: masks/{k} of proteins {ids[i]!r}..{ids[j - 1]!r}", e) from None
             for r in range(i, j):
                 stored = block[int(offsets[r]) - a:int(offsets[r + 1]) - a]
                 if len(stored) < 2 or stored[0] or stored[-1] or \

@@ -54,7 +54,7 @@ def copy_project(project, tmp_path):
     """A copy of a project's embeddings to damage: (embeddings dir, train proteins, config, its file)."""
     root, config = project
     emb = tmp_path / "embeddings"
-    shutil.copytree(root / "embeddings", emb)  # the gathered files point at the shards by relative path
+    shutil.copytree(root / "embeddings", emb)  # the gathered files and the shards (embed_all keeps them)
     cfg = copy.deepcopy(config)
     cfg["run_name"] = "ids"
     cfg["training"].update(embeddings_dir=str(emb), output_dir=str(tmp_path / "outputs"))
@@ -87,7 +87,7 @@ def swap_ids(path: Path, i: int, j: int) -> list[str]:
 
 
 def swap_rows(path: Path, i: int, j: int) -> None:
-    """Swap the rows (every replicate's features and masks) of proteins i and j of a shard."""
+    """Swap the rows (every replicate's features and masks) of proteins i and j of a store."""
     with h5py.File(path, "r+") as f:
         off = f["offsets"][()]
         a, b = slice(int(off[i]), int(off[i + 1])), slice(int(off[j]), int(off[j + 1]))
@@ -157,7 +157,7 @@ def test_a_store_of_another_split_is_refused(project):
 # ----------------------------------------------------------------------------- the gathered file, for training
 
 def damage_gathered(emb: Path, how: str) -> tuple[Path, str]:
-    """Edit the gathered train file (or the shard it reads); returns it and a regex of the refusal."""
+    """Edit the gathered train file; returns it and a regex of the refusal."""
     path = gathered(emb)
     ids = ids_of(path)
     mask = r"position {} \('{}'\) replicate 0: the stored mask is not the one the embed stage draws for '{}'"
@@ -170,9 +170,9 @@ def damage_gathered(emb: Path, how: str) -> tuple[Path, str]:
     if how == "an id of another split":
         set_ids(path, ids[:3] + ["NOT_IN_THE_SPLIT"] + ids[4:])
         return path, r"position 3 holds 'NOT_IN_THE_SPLIT', not a protein of the train split"
-    if how == "two proteins' rows swapped":  # in the shard the gathered file reads; ids untouched
-        swap_rows(shard(emb, 1), 0, 3)
+    if how == "two proteins' rows swapped":  # ids untouched
         first = len(ids_of(shard(emb, 0)))  # shard 1's first protein, in the gathered file
+        swap_rows(path, first, first + 3)
         return path, mask.format(first, ids[first], ids[first])
     raise AssertionError(how)
 
@@ -264,7 +264,7 @@ def test_masks_are_checked_block_by_block(copy_of, monkeypatch):
     emb, proteins, _, _ = copy_of
     monkeypatch.setattr(embedding_store, "_MASK_BLOCK_ROWS", 1)
     check_store_ids(gathered(emb), proteins)
-    swap_rows(shard(emb, 1), 2, 3)
     first = len(ids_of(shard(emb, 0))) + 2
+    swap_rows(gathered(emb), first, first + 1)
     with pytest.raises(PipelineError, match=rf"position {first} \('[^']+'\) replicate 0: the stored mask"):
         check_store_ids(gathered(emb), proteins)

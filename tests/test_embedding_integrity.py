@@ -93,6 +93,10 @@ def test_clean_store_has_checksums_and_passes_everything(tmp_path):
             assert f["offsets"].fletcher32
             assert not f["ids"].fletcher32  # variable-length strings cannot be filtered
         validate_shard(path, expected_ids=None, expected_attrs=ATTRS, check_values=True)
+    with h5py.File(out, "r") as f:  # the gathered file has checksums of its own
+        for name in ["offsets"] + [f"{g}/{k}" for g in ("embeddings", "masks") for k in range(K)]:
+            assert f[name].fletcher32 and f[name].chunks, name
+        assert f["embeddings/0"].chunks == (CHUNK, DIM)  # the shards' chunking
     validate_shard(out, expected_ids=list(SEQS), expected_attrs=ATTRS, check_values=True)
     with EmbeddingReader(out) as r:
         assert_reads(r, stored)
@@ -132,13 +136,29 @@ def test_flipped_bytes_fail_the_checksum(tmp_path):
         x, _ = r.get(damaged[0], 1)  # other replicate
         np.testing.assert_array_equal(x, shard0[damaged[0]][0][1].astype(np.float16))
 
-    # through the gathered file the shard's checksums still apply
+    # the file gathered before the damage holds its own copy, intact
     with EmbeddingReader(out) as r:
-        with one_line_error(rf"^{re.escape(str(out))}: protein '{damaged[0]}' replicate 0 "
-                            rf"\(in shard {shard}\): stored data unreadable \(checksum mismatch"):
+        assert_reads(r, shard0 | shard1)
+    validate_shard(out, expected_ids=None, expected_attrs=ATTRS)
+
+
+def test_flipped_bytes_in_the_gathered_file_fail_its_checksum(tmp_path):
+    shard0, shard1 = make_proteins(8, seed=11), make_proteins(4, seed=12)
+    _, out = gathered(tmp_path, [shard0, shard1])
+    with h5py.File(out, "r") as f:
+        offsets = f["offsets"][()]
+    ids = list(shard0) + list(shard1)
+    damaged = [pid for pid, a in zip(ids, offsets[:-1]) if a < CHUNK]
+    intact = [pid for pid, a in zip(ids, offsets[:-1]) if a >= CHUNK]
+    assert damaged and intact
+    flip_bytes(out, "embeddings/0", (0, 0))
+    where = re.escape(str(out))
+    with EmbeddingReader(out) as r:
+        with one_line_error(rf"^{where}: protein '{damaged[0]}' replicate 0: stored data unreadable \(checksum "
+                            "mismatch"):
             r.get(damaged[0], 0)
-        assert_reads(r, {pid: shard0[pid] for pid in intact} | shard1)
-    with one_line_error(rf"^{re.escape(str(out))}: embeddings/0 rows .*\(in shard {shard}"):
+        assert_reads(r, {pid: (shard0 | shard1)[pid] for pid in intact})
+    with one_line_error(rf"^{where}: embeddings/0 rows 0\.\.\d+: stored data unreadable"):
         validate_shard(out, expected_ids=None, expected_attrs=ATTRS)
 
 
@@ -159,19 +179,26 @@ def test_truncated_shard(tmp_path):
         validate_shard(paths[1], expected_ids=None, expected_attrs=ATTRS)
     with one_line_error(rf"^{shard}: not a readable HDF5 file \(truncated or corrupt\)"):
         EmbeddingReader(paths[1]).get(next(iter(shard1)), 0)
-    with EmbeddingReader(out) as r:
-        with one_line_error(rf"^{re.escape(str(out))}: protein '{next(iter(shard1))}' replicate 1 "
-                            rf"\(in shard {shard}\): stored data unreadable.*truncated file"):
-            r.get(next(iter(shard1)), 1)
-        assert_reads(r, shard0)
-    with one_line_error(rf"^{re.escape(str(out))}: embeddings/0 rows .*{shard}"):
-        validate_shard(out, expected_ids=None, expected_attrs=ATTRS)
+    with one_line_error(rf"^{shard}: not a readable HDF5 file \(truncated or corrupt\)"):
+        gather(paths, tmp_path / "again.h5")
+    assert not (tmp_path / "again.h5").exists()
+    with EmbeddingReader(out) as r:  # gathered before: a copy of its own
+        assert_reads(r, shard0 | shard1)
+
+
+def test_truncated_gathered_file(tmp_path):
+    shard0, shard1 = make_proteins(4, seed=14), make_proteins(4, seed=15)
+    _, out = gathered(tmp_path, [shard0, shard1])
+    data = out.read_bytes()
+    out.write_bytes(data[: len(data) - 100])
+    with one_line_error(rf"^{re.escape(str(out))}: not a readable HDF5 file \(truncated or corrupt\)"):
+        EmbeddingReader(out).get(next(iter(shard1)), 0)
 
 
 def test_nan_behind_valid_checksums_is_refused_when_building_batches(tmp_path):
     proteins = split_proteins()
-    paths, out = gathered(tmp_path, [stored_for(proteins)])
-    with h5py.File(paths[0], "r+") as f:  # h5py recomputes the chunk's checksum: only the values are bad
+    _, out = gathered(tmp_path, [stored_for(proteins)])
+    with h5py.File(out, "r+") as f:  # h5py recomputes the chunk's checksum: only the values are bad
         row = int(f["offsets"][1]) + 4  # a residue of P2
         f["embeddings/1"][row, 3] = np.nan
     b = builder(proteins, out)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import pickle
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -174,25 +175,34 @@ def test_killed_writer_leaves_only_an_unusable_temp(tmp_path):
     assert not (tmp_path / "train_embeddings.h5").exists()
 
 
-def test_gather_makes_virtual_datasets_without_copy(tmp_path):
+def concatenated(everything: dict, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Replicate k of every protein, in order: the rows of a gathered file's embeddings/<k>, masks/<k>."""
+    return (np.concatenate([f[k].astype(np.float16) for f, _ in everything.values()]),
+            np.concatenate([m[k] for _, m in everything.values()]))
+
+
+def test_gather_copies_the_shards_into_real_datasets(tmp_path):
     paths, everything = three_shards(tmp_path / "emb" / "shards", n=8, dim=64)
     out = tmp_path / "emb" / "train_embeddings.h5"
     gather(paths, out, expected_ids=list(everything), expected_attrs=ATTRS)
     assert no_temp_files(tmp_path / "emb")
-    with h5py.File(out, "r") as f:
+    with h5py.File(paths[0], "r") as shard, h5py.File(out, "r") as f:
+        for name in ["offsets"] + [f"{g}/{k}" for k in range(K) for g in ("embeddings", "masks")]:
+            assert not f[name].is_virtual and f[name].fletcher32, name  # real data, checksummed
+        for name in [f"{g}/{k}" for k in range(K) for g in ("embeddings", "masks")]:
+            d, s = f[name], shard[name]
+            assert (d.dtype, d.chunks, d.compression, d.maxshape[1:]) == (s.dtype, s.chunks, s.compression,
+                                                                          s.maxshape[1:]), name
         for k in range(K):
-            assert f[f"embeddings/{k}"].is_virtual and f[f"masks/{k}"].is_virtual
-        assert not f["ids"].is_virtual
-        assert sorted(m.file_name for m in f["embeddings/0"].virtual_sources()) == [
-            f"shards/train_{s}.h5" for s in range(3)
-        ]
+            x, m = concatenated(everything, k)
+            np.testing.assert_array_equal(f[f"embeddings/{k}"][()], x)
+            np.testing.assert_array_equal(f[f"masks/{k}"][()], m)
     array_bytes = sum(f[0][k].nbytes // 2 + f[1][k].nbytes for f in everything.values() for k in range(K))
-    assert os.path.getsize(out) < array_bytes / 10, (os.path.getsize(out), array_bytes)
+    assert os.path.getsize(out) > array_bytes, (os.path.getsize(out), array_bytes)  # a copy, not links
     validate_shard(out, expected_ids=list(everything), expected_attrs=ATTRS)
     with EmbeddingReader(out) as r:
         assert r.ids == list(everything)
-        assert r.attrs["num_shards"] == 3 and "shard_index" not in r.attrs
-        assert r.attrs["shard_files"] == [f"shards/train_{s}.h5" for s in range(3)]
+        assert r.attrs["num_shards"] == 3 and "shard_index" not in r.attrs and "shard_files" not in r.attrs
         assert r.attrs["split_fingerprint"] == ATTRS["split_fingerprint"]
         assert_reads(r, everything)
         ids = list(everything)  # a batch crossing shard boundaries, read in merged runs
@@ -201,21 +211,108 @@ def test_gather_makes_virtual_datasets_without_copy(tmp_path):
             np.testing.assert_array_equal(m, everything[pid][1][0])
 
 
-def test_gathered_folder_can_move(tmp_path, monkeypatch):
+def test_the_gathered_file_stands_alone(tmp_path, monkeypatch):
+    """Copied elsewhere, with the shards deleted: plain h5py and EmbeddingReader read the same values
+    (the virtual datasets of before read as NaN there, without error)."""
     paths, everything = three_shards(tmp_path / "emb" / "shards")
     gather(paths, tmp_path / "emb" / "train_embeddings.h5")
-    (tmp_path / "emb").rename(tmp_path / "moved")
-    elsewhere = tmp_path / "cwd"
+    elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    monkeypatch.chdir(elsewhere)  # sources must resolve against the file's folder, not the cwd
-    with EmbeddingReader(tmp_path / "moved" / "train_embeddings.h5") as r:
+    shutil.copy(tmp_path / "emb" / "train_embeddings.h5", elsewhere / "copy.h5")
+    shutil.rmtree(tmp_path / "emb")
+    monkeypatch.chdir(elsewhere)
+    with h5py.File(elsewhere / "copy.h5", "r") as f:
+        offsets = f["offsets"][()]
+        for k in range(K):
+            x, m = concatenated(everything, k)
+            np.testing.assert_array_equal(f[f"embeddings/{k}"][()], x)
+            np.testing.assert_array_equal(f[f"masks/{k}"][()], m)
+            assert np.isfinite(f[f"embeddings/{k}"][()]).all()
+        assert [str(i) for i in f["ids"].asstr()[()]] == list(everything)
+        pid = list(everything)[7]
+        np.testing.assert_array_equal(f["embeddings/1"][offsets[7]:offsets[8]],
+                                      everything[pid][0][1].astype(np.float16))
+    with EmbeddingReader(elsewhere / "copy.h5") as r:
         assert_reads(r, everything)
-    # HDF5 reads a missing source as fill values without error; the reader must refuse instead
-    (tmp_path / "moved" / "shards" / "train_1.h5").unlink()
-    with pytest.raises(PipelineError, match="missing shard file .*train_1.h5"):
-        EmbeddingReader(tmp_path / "moved" / "train_embeddings.h5").get(next(iter(everything)), 0)
-    with pytest.raises(PipelineError, match="train_1.h5"):
-        validate_shard(tmp_path / "moved" / "train_embeddings.h5", expected_ids=None, expected_attrs={})
+    validate_shard(elsewhere / "copy.h5", expected_ids=list(everything), expected_attrs=ATTRS)
+
+
+@pytest.mark.parametrize("block_bytes", [1, 2000, 64 * 2**20])
+def test_gather_streams_in_blocks_of_whole_chunks(tmp_path, monkeypatch, block_bytes):
+    """Blocks of one chunk (the least), of a few, or the default budget, with chunks of 7 rows and
+    gzip: every row lands where it belongs, stored as the shards were (chunks, compression)."""
+    from ptm_mamba import embedding_store
+
+    monkeypatch.setattr(embedding_store, "_CHECK_BLOCK_BYTES", block_bytes)
+    (tmp_path / "shards").mkdir()
+    paths, everything = [], {}
+    for s in range(4):
+        proteins = make_proteins(4 + 3 * s, seed=20 + s) if s != 2 else {}  # an empty shard too
+        with ShardWriter(tmp_path / "shards" / f"{s}.h5", dim=DIM, replicates=K, chunk_rows=7, compression="gzip",
+                         attrs={**ATTRS, "shard_index": s, "num_shards": 4}) as w:
+            for pid, (feats, masks) in proteins.items():
+                w.add(pid, feats, masks)
+        paths.append(tmp_path / "shards" / f"{s}.h5")
+        everything.update(proteins)
+    out = tmp_path / "train_embeddings.h5"
+    gather(paths, out, expected_ids=list(everything), expected_attrs=ATTRS)
+    with h5py.File(out, "r") as f:
+        assert f["embeddings/0"].chunks == (7, DIM) and f["embeddings/0"].compression == "gzip"
+        for k in range(K):
+            x, m = concatenated(everything, k)
+            np.testing.assert_array_equal(f[f"embeddings/{k}"][()], x)
+            np.testing.assert_array_equal(f[f"masks/{k}"][()], m)
+    with EmbeddingReader(out) as r:
+        assert_reads(r, everything)
+
+
+def test_chunk_appender_writes_whole_chunks_in_order(tmp_path):
+    from ptm_mamba.embedding_store import _ChunkAppender
+
+    rng = np.random.default_rng(0)
+    data = rng.standard_normal((1000, 3)).astype(np.float16)
+    cuts = np.sort(rng.choice(np.arange(1, 1000), size=60, replace=False))
+    with h5py.File(tmp_path / "a.h5", "w") as f:
+        dset = f.create_dataset("x", shape=data.shape, dtype=np.float16, chunks=(16, 3))
+        writes = []
+        sink = _ChunkAppender(dset)
+        sink._write = lambda block, write=sink._write: (writes.append(len(block)), write(block))
+        for block in np.split(data, cuts):
+            sink.add(block)
+        sink.finish()
+        np.testing.assert_array_equal(dset[()], data)
+    assert all(n % 16 == 0 for n in writes[:-1]) and sum(writes) == 1000, writes  # whole chunks but the last
+
+
+def test_a_gathered_file_of_virtual_datasets_is_refused(tmp_path):
+    """The earlier gather's layout: virtual datasets over the shards. Refused in one line, shards or not."""
+    paths, everything = three_shards(tmp_path / "shards")
+    old = tmp_path / "train_embeddings.h5"
+    with h5py.File(old, "w") as f:
+        offsets, ids = [0], []
+        for p in paths:
+            with h5py.File(p, "r") as s:
+                ids += [str(i) for i in s["ids"].asstr()[()]]
+                offsets += list(s["offsets"][1:] + offsets[-1])
+                f.attrs.update(s.attrs)
+        total = offsets[-1]
+        for k in range(K):
+            for group, shape, dtype in (("embeddings", (total, DIM), np.float16), ("masks", (total,), np.bool_)):
+                layout, start = h5py.VirtualLayout(shape=shape, dtype=dtype), 0
+                for p in paths:
+                    with h5py.File(p, "r") as s:
+                        r = s[f"{group}/{k}"].shape[0]
+                    layout[start:start + r] = h5py.VirtualSource(str(p), f"{group}/{k}", shape=(r,) + shape[1:])
+                    start += r
+                f.create_virtual_dataset(f"{group}/{k}", layout, fillvalue=0)
+        f.create_dataset("ids", data=np.array(ids, dtype=object), dtype=h5py.string_dtype("utf-8"))
+        f.create_dataset("offsets", data=np.array(offsets, dtype=np.int64))
+        del f.attrs["shard_index"]
+    pattern = rf"^{re.escape(str(old))}: a gathered file of an earlier version .*rerun the embed stage$"
+    for use in (lambda: EmbeddingReader(old).ids,
+                lambda: validate_shard(old, expected_ids=None, expected_attrs={})):
+        with pytest.raises(PipelineError, match=pattern):
+            use()
 
 
 def test_corrupt_shard_names_the_file(tmp_path):

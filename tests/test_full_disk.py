@@ -99,7 +99,7 @@ def test_gather_onto_a_full_disk_is_one_line(embedded_project, disk, leave):
     root, config = embedded_project
     shards = sorted((root / "embeddings" / "shards" / "train").glob("*.h5"))
     assert len(shards) == config["embedding"]["shards"]
-    fill(disk, leave)  # a gathered file is small (ids, offsets, links to the shards)
+    fill(disk, leave)  # the gathered file (a copy of the shards' rows) fails somewhere along its copy
     out = disk / "train_embeddings.h5"
     result = run_cli("gather", "--config", root / "config.yaml", "--split", "train",
                      "--split_file", root / "split" / "train.csv", "--shards", *shards, "--output", out,

@@ -77,8 +77,8 @@ def wait_for_files(paths: list[Path], proc: subprocess.Popen, timeout: float = 6
 
 
 def test_dag_on_slurm_with_a_train_job_past_its_time_limit(cluster, tmp_path):
-    """The tiny DAG through SLURM: split, one embed job per split (the gathers, like the other light
-    rules, run locally), and a train job with runtime 1 (minute, SLURM's unit) for a training of more
+    """The tiny DAG through SLURM: split, one embed job and one gather (it copies the data) per split (the
+    light rules run locally), and a train job with runtime 1 (minute, SLURM's unit) for a training of more
     than a minute. SLURM stops it (the profile's --signal=TERM@5, or the time limit's own SIGTERM),
     the training saves its state, Snakemake resubmits the job (preemptible-retries) and the
     resubmitted job continues; the end result is the uninterrupted run's, to the bit."""
@@ -114,8 +114,9 @@ def test_dag_on_slurm_with_a_train_job_past_its_time_limit(cluster, tmp_path):
     assert snakemake.returncode == 0, output[-6000:]
     submitted = re.findall(r"SLURM jobid (\d+) \(log: \S+/rule_(\w+)/", output)
     by_rule = {rule: [job for job, r in submitted if r == rule] for _, rule in submitted}
-    # split, one embed job per split, train: through SLURM; the light rules are localrules
-    assert sorted(by_rule) == ["embed_shard", "split", "train"] and len(by_rule["embed_shard"]) == 3, submitted
+    # split, one embed job and one gather per split, train: through SLURM; the light rules are localrules
+    assert sorted(by_rule) == ["embed_shard", "gather_embeddings", "split", "train"], submitted
+    assert len(by_rule["embed_shard"]) == len(by_rule["gather_embeddings"]) == 3, submitted
     for name in ("config.yaml", "split_mapping.json", "metrics.json", "best.ckpt", "last.ckpt", "provenance.json"):
         assert (run / name).is_file(), name
     assert (tmp_path / "results" / "report" / "slurm" / "loss.png").is_file()

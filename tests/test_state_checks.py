@@ -284,10 +284,10 @@ def test_a_learning_rate_that_overflows_the_optimiser_is_one_line(embedded_proje
 def test_nan_in_stored_embeddings_stops_training(embedded_project, tmp_path):
     root, config = embedded_project
     copy_dir = tmp_path / "embeddings"
-    shutil.copytree(root / "embeddings", copy_dir)  # the gathered files point at the shards by relative path
-    original = root / "embeddings" / "shards" / "train" / "0-of-2.h5"
+    shutil.copytree(root / "embeddings", copy_dir)
+    original = root / "embeddings" / "train_embeddings.h5"
     original_bytes = original.read_bytes()
-    with h5py.File(copy_dir / "shards" / "train" / "0-of-2.h5", "r+") as f:
+    with h5py.File(copy_dir / "train_embeddings.h5", "r+") as f:  # a self-contained copy of the shards
         ids = [x.decode() for x in f["ids"][()]]
         f["embeddings/0"][:] = np.nan  # replicate 0 is what epoch 0 reads
     _, path = derived(config, tmp_path, "nanemb", training={"embeddings_dir": str(copy_dir)})
@@ -296,7 +296,7 @@ def test_nan_in_stored_embeddings_stops_training(embedded_project, tmp_path):
     named = re.search(r"protein '([^']+)'", line)
     assert named and named.group(1) in ids
     assert finite_checkpoints(tmp_path / "outputs") == []
-    assert original.read_bytes() == original_bytes  # the shared project's shard is untouched
+    assert original.read_bytes() == original_bytes  # the shared project's file is untouched
 
 
 # ----------------------------------------------------------------------------- splits (case 6)

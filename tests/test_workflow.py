@@ -126,6 +126,7 @@ def test_full_dag_runs_and_writes_the_seed_outputs(workdir):
         assert (workdir / RUN / name).is_file(), name
     for split in ("train", "val", "test"):
         assert (workdir / EMB / f"{split}_embeddings.h5").is_file()
+    assert not list((workdir / EMB).rglob("*-of-*.h5"))  # the shards are temp(): gone once gathered
     assert (workdir / "logs" / "split.log").is_file()
     assert (workdir / "logs" / "train" / "wf.log").is_file()
     # the jobs read the config of this invocation, from a file named by its content
@@ -189,7 +190,7 @@ def test_a_setting_reruns_exactly_the_stages_that_read_it(workdir, override, sta
     (f"{RUN}/metrics.json", {"train", "plots", "all"}),
     (f"{RUN}/split_mapping.json", {"train", "plots", "all"}),
     (f"{RUN}/config.yaml", {"train", "plots", "all"}),
-    (f"{EMB}/val_embeddings.h5", {"gather_embeddings", "train", "plots", "all"}),
+    (f"{EMB}/val_embeddings.h5", {"embed_shard", "gather_embeddings", "train", "plots", "all"}),  # temp shards
     ("results/split/split_mapping.json", {"split", "embed_shard", "gather_embeddings", "train", "plots",
                                           "all"}),
     ("results/split/test.csv", {"split", "embed_shard", "gather_embeddings", "train", "plots", "all"}),
@@ -234,13 +235,31 @@ def test_config_mistakes_are_one_line(workdir, tmp_path):
         assert lines[0].startswith("error: ") and words in lines[0], lines[0]
 
 
-def test_deleting_one_shard_reruns_only_that_shard_and_the_gather(workdir):
-    (workdir / EMB / "shards" / "val" / "1-of-2.h5").unlink()
+def test_deleting_one_gathered_file_reruns_only_its_shards_and_its_gather(workdir):
+    """The shards are temporary: a deleted {split}_embeddings.h5 is made again from its split's shards,
+    computed again (and deleted again), nothing else; the same values as before."""
+    from ptm_mamba.embedding_store import EmbeddingReader
+
+    path = workdir / EMB / "val_embeddings.h5"
+    with EmbeddingReader(path) as store:
+        before = [(i, k, *store.get(i, k)) for i in store.ids for k in range(store.attrs["mask_replicates"])]
+    before_bytes = path.read_bytes()
+    path.unlink()
     result = snakemake(workdir, "embeddings")
-    out = result.stdout + result.stderr
-    assert "rule embed_shard:" in out.replace("localrule", "rule")
-    assert out.count("embed_shard:") == 1 and out.count("gather_embeddings:") == 1, out
-    assert "rule split" not in out.replace("localrule", "rule")
+    out = (result.stdout + result.stderr).replace("localrule", "rule")
+    assert out.count("rule embed_shard:") == 2 and out.count("rule gather_embeddings:") == 1, out
+    assert "wildcards: split=val, shard=0" in out and "wildcards: split=val, shard=1" in out, out
+    assert "split=train" not in out and "split=test" not in out, out
+    assert "rule split" not in out and "rule train" not in out, out
+    assert not list((workdir / EMB).rglob("*-of-*.h5"))
+    with EmbeddingReader(path) as store:
+        after = [(i, k, *store.get(i, k)) for i in store.ids for k in range(store.attrs["mask_replicates"])]
+    assert [(i, k) for i, k, _, _ in after] == [(i, k) for i, k, _, _ in before]
+    assert all(np.array_equal(x, y) and np.array_equal(m, n) for (_, _, x, m), (_, _, y, n) in zip(after, before))
+    # the same bytes, even: here train's inputs are small enough for Snakemake to keep their checksums
+    # (--max-checksum-file-size, 1 MB), so training does not rerun; larger ones rerun it by their mtime
+    assert path.read_bytes() == before_bytes
+    assert "Nothing to be done" in (lambda r: r.stdout + r.stderr)(snakemake(workdir, "-n"))
 
 
 def wait_for(predicate, proc: subprocess.Popen, timeout: float = 300) -> None:
@@ -357,14 +376,14 @@ def test_a_missing_input_is_one_line_never_nothing_to_be_done(workdir, override,
 
 
 def test_the_end_of_a_workflow_says_how_the_run_did_or_why_a_job_failed(workdir, tmp_path):
-    out = snakemake(workdir).stdout
+    out = snakemake(workdir, "--forcerun", "plots").stdout  # a run with a job (none: no onsuccess)
     metrics = json.loads((workdir / RUN / "metrics.json").read_text())
     test = next(r for r in reversed(metrics) if "avg_test_loss" in r)
     assert f"PTM-Mamba run ptm-mamba-wf: test loss {test['avg_test_loss']:.4f}" in out, out
     assert f"outputs: {RUN}/" in out and "snakemake --report report.html" in out, out
     # a job that fails with a one-line error: that line is on the screen, not only in its log
     root = same_config_in(workdir, tmp_path / "fails")
-    result = snakemake(root, "--config", "embedding={window: 10, overlap: 20}", check=False)
+    result = snakemake(root, "--config", "embedding={window: 16, overlap: 20}", check=False)
     assert result.returncode != 0
     shown = [line for line in result.stderr.splitlines() if "error: embedding.overlap (20)" in line]
     assert shown and shown[0].startswith("logs/embed/"), result.stderr[-3000:]

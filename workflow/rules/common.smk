@@ -82,7 +82,8 @@ wildcard_constraints:
 
 
 def embedding_files():
-    """The gathered embeddings training reads (none when ESM runs on the fly or not at all)."""
+    """The gathered embeddings training reads (none when ESM runs on the fly or not at all): each
+    a self-contained copy of its split's shards, which are temp() outputs."""
     return (
         [str(layout.split_store_path(EMBEDDINGS_DIR, split)) for split in SPLITS]
         if PRECOMPUTED
@@ -90,25 +91,11 @@ def embedding_files():
     )
 
 
-def shard_files():
-    """Every shard, requested explicitly: a gathered file only points at its shards, so a
-    deleted shard must be rebuilt (Snakemake does not rerun jobs for a missing input alone).
-    """
-    if not PRECOMPUTED:
-        return []
-    return [
-        str(layout.shard_path(EMBEDDINGS_DIR, split, i, NUM_SHARDS))
-        for split in SPLITS
-        for i in range(NUM_SHARDS)
-    ]
-
-
 def all_targets():
     """Every file a stage promises, so that a deleted one is rebuilt (with what depends on it)."""
     return [
         *SPLIT_FILES,
-        *shard_files(),
-        *embedding_files(),
+        *embedding_files(),  # self-contained: their shards are temporary, deleted once gathered
         *RUN_FILES,
         *rules.plots.output,
     ]

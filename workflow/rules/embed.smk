@@ -1,10 +1,11 @@
-# ESM-2 embeddings: one job per shard of each split (scatter), then one gather per split.
-# `snakemake embeddings` computes them (all splits) without training.
+# ESM-2 embeddings: one job per shard of each split (scatter), then one gather per split, which
+# copies the split's shards into {split}_embeddings.h5, a self-contained HDF5 file. The shards are
+# temporary: Snakemake deletes them once their split is gathered (a deleted gathered file reruns
+# its split's shards and gather). `snakemake embeddings` computes them (all splits) without training.
 
 
 rule embeddings:
     input:
-        shard_files(),
         embedding_files(),
 
 
@@ -13,7 +14,7 @@ rule embed_shard:
         split=str(layout.split_csv(SPLIT_DIR, "{split}")),
         split_unit=SPLIT_FILES,  # read together: the split is checked as one unit
     output:
-        str(layout.shard_path(EMBEDDINGS_DIR, "{split}", "{shard}", NUM_SHARDS)),
+        temp(str(layout.shard_path(EMBEDDINGS_DIR, "{split}", "{shard}", NUM_SHARDS))),
     log:
         f"logs/embed/{{split}}-{{shard}}-of-{NUM_SHARDS}.log",
     benchmark:
@@ -33,6 +34,8 @@ rule embed_shard:
         " --output {output:q} > {log:q} 2>&1"
 
 
+# Reads and writes the whole split (a job of its own on a cluster, not a local rule); memory stays
+# bounded (blocks of 64 MiB), the disk holds the split twice until the shards are deleted.
 rule gather_embeddings:
     input:
         split=str(layout.split_csv(SPLIT_DIR, "{split}")),
