@@ -160,31 +160,36 @@ def _short(value: object) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def settings_changes(config: dict, run_dir: PathLike, provenance_file: str = "provenance.json") -> list[str]:
+def _recorded_run(run_dir: PathLike) -> dict | None:
+    """What the run in ``run_dir`` recorded of who made it (:func:`run_record`), or None: no finished
+    run there, or one that says nothing of it."""
+    from .provenance import FILE
+
+    try:
+        recorded = json.loads((Path(run_dir) / FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return recorded if isinstance(recorded, dict) else None
+
+
+def settings_changes(config: dict, run_dir: PathLike) -> list[str]:
     """What changed since the run in ``run_dir`` was made, by stage and key ("train training.lr:
     0.0004 -> 0.001"): why Snakemake reruns those stages, said with the keys' names."""
-    try:
-        recorded = json.loads((Path(run_dir) / provenance_file).read_text()).get("settings")
-    except (OSError, ValueError, AttributeError):
-        return []
+    recorded = (_recorded_run(run_dir) or {}).get("settings")
     if not isinstance(recorded, dict):
         return []
     return [f"{stage} {key}: {_short(old)} -> {_short(new)}"
             for stage, key, old, new in _differences(recorded, run_record(config)["settings"])]
 
 
-def check_run_owner(config: dict, run_dir: PathLike, provenance_file: str = "provenance.json") -> None:
+def check_run_owner(config: dict, run_dir: PathLike) -> None:
     """Refuse a run folder that another project wrote from other data, split or settings.
 
     A folder this project wrote (the same working directory) is its own to rerun; one from another
     project with the very same settings is the same computation and may be shared.
     """
-    path = Path(run_dir) / provenance_file
-    try:
-        recorded = json.loads(path.read_text())
-    except (OSError, ValueError):  # no finished run there, or none that says whose it is
-        return
-    if not isinstance(recorded, dict) or not isinstance(recorded.get("project"), str):
+    recorded = _recorded_run(run_dir)
+    if recorded is None or not isinstance(recorded.get("project"), str):
         return
     ours = run_record(config)
     if recorded["project"] == ours["project"]:
