@@ -18,6 +18,9 @@ from pathlib import Path
 from .errors import PipelineError
 from .tokenizer import PTMTokenizer, TokenizeError, is_ptm, is_unknown_ptm, token_ids, unknown_ptm_counts
 
+# The columns of every CSV the pipeline writes (the split's, the prepare stage's) and the defaults of
+# dataset.id_column_name / sequence_column_name.
+ID_COLUMN, SEQUENCE_COLUMN = "unique_id", "ptm_seq"
 
 @dataclass(frozen=True)
 class Protein:

@@ -5,6 +5,12 @@ status 2, without a traceback. Anything else is a bug and keeps its traceback.
 """
 
 
+def one_line(message: object, limit: int = 200) -> str:
+    """``str(message)`` (an exception's, say) on one line, cut to ``limit`` characters."""
+    text = " ".join(str(message).split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 class PipelineError(Exception):
     """A user-facing error: the message names the file, row, key or value."""
 

@@ -34,7 +34,10 @@ PREDICTIONS_DIR = "results/predictions"
 REPORTS_DIR = "results/report"
 
 RUN_PREFIX = "ptm-mamba-"
-RUN_FILES = ("config.yaml", "split_mapping.json", "metrics.json", "best.ckpt", "last.ckpt", "provenance.json")
+CONFIG_FILE, METRICS_FILE, BEST_CKPT, LAST_CKPT = "config.yaml", "metrics.json", "best.ckpt", "last.ckpt"
+PROVENANCE_FILE, RESUME_DIR = "provenance.json", "resume"
+# What a finished training run folder holds (its split_mapping.json is the split stage's SPLIT_MAPPING).
+RUN_FILES = (CONFIG_FILE, SPLIT_MAPPING, METRICS_FILE, BEST_CKPT, LAST_CKPT, PROVENANCE_FILE)
 # A workflow run must have a name Snakemake knows before it starts; a standalone
 # `ptm-mamba train` without one is named by its start time (the seed pipeline's folders).
 WORKFLOW_RUN_NAME = "default"
@@ -78,6 +81,11 @@ def timestamp_run_name() -> str:
 
 def run_dir(output_dir: str | os.PathLike, run_name: str) -> Path:
     return Path(output_dir) / f"{RUN_PREFIX}{run_name}"
+
+
+def run_files(folder: str | os.PathLike) -> dict[str, Path]:
+    """A run folder's :data:`RUN_FILES` by name."""
+    return {name: Path(folder) / name for name in RUN_FILES}
 
 
 def report_dir(run_name: str) -> Path:

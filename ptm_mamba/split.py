@@ -28,7 +28,7 @@ from collections import Counter
 
 import numpy as np
 
-from .dataset import Protein, read_dataset, read_from_config
+from .dataset import ID_COLUMN, SEQUENCE_COLUMN, Protein, read_dataset, read_from_config
 from .errors import PipelineError
 from .fileio import write_together
 from .layout import SPLIT_SUMMARY, SPLITS, split_paths
@@ -36,7 +36,6 @@ from .prepare import check_prepared
 from .stages import SPLIT, check_settings, sha256_of, stage_settings
 from .tokenizer import PTMTokenizer
 
-ID_COLUMN, SEQUENCE_COLUMN = "unique_id", "ptm_seq"
 DUPLICATE_CRITERION = "the same residue sequence (PTM tokens read as their residues)"
 
 

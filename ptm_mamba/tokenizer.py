@@ -119,6 +119,21 @@ PTM_RESIDUE = {
 Ids = TypeVar("Ids")
 
 
+# A protein's rows in every per-position array of the pipeline (ESM-2 features, masks, hidden states):
+# <cls>, its L residues, <eos>.
+ROWS_AROUND_RESIDUES = 2
+
+
+def rows_of(residues: int) -> int:
+    """Rows of a protein of ``residues`` residues: <cls>, the residues, <eos>."""
+    return residues + ROWS_AROUND_RESIDUES
+
+
+def residue_rows(residues: int) -> slice:
+    """Where the residues are among a protein's :func:`rows_of` rows (between <cls> and <eos>)."""
+    return slice(1, 1 + residues)
+
+
 def token_ids(tokens: Sequence[str]) -> np.ndarray:
     """Ids (int64 array) of token strings such as ``Protein.tokens``, for the functions below."""
     return np.array([TOKEN_ID[t] for t in tokens], dtype=np.int64)
