@@ -26,7 +26,8 @@ import torch
 from esm import Alphabet, FastaBatchedDataset
 from esm.model.esm2 import ESM2
 
-from ptm_mamba.esm import ESM2_NAMES, EsmModel, embed, load_esm
+from ptm_mamba.esm import EsmModel, embed, load_esm
+from ptm_mamba.esm_weights import ESM2_NAMES
 from ptm_mamba.testing import write_tiny_esm2_checkpoint
 
 # ESM-2 architectures: layers -> (embed_dim, attention_heads)

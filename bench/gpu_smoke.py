@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ptm_mamba.config import _fill_defaults, load_schema  # noqa: E402
 from ptm_mamba.embed import embed_all  # noqa: E402
+from ptm_mamba.settings import Settings  # noqa: E402
 from ptm_mamba.split import run_split  # noqa: E402
 from ptm_mamba.testing import write_tiny_esm2_checkpoint  # noqa: E402
 from ptm_mamba.train import train  # noqa: E402
@@ -39,16 +40,17 @@ def main(root: Path) -> None:
                      "max_tokens_per_batch": 16384, "lr": 2e-3, "warmup_steps": 20},
         "model": {"d_model": 128, "n_layer": 2},
     }
-    _fill_defaults(config, load_schema())
+    _fill_defaults(config, load_schema())  # not validate(): the GPU machines may lack jsonschema
+    settings = Settings.from_config(config)
     times = {}
     t0 = time.perf_counter()
-    run_split(config, root / "split")
+    run_split(settings, root / "split")
     times["split_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    embed_all(config, root / "split", root / "embeddings")
+    embed_all(settings, root / "split", root / "embeddings")
     times["embed_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    out = train(config, split_dir=str(root / "split"), progress=False)
+    out = train(settings, split_dir=str(root / "split"), progress=False)
     times["train_s"] = time.perf_counter() - t0
     metrics = json.loads((out / "metrics.json").read_text())
     vals = [m for m in metrics if "avg_val_loss" in m]

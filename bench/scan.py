@@ -31,7 +31,8 @@ import torch
 
 from ptm_mamba import scan_triton
 from ptm_mamba.mamba_block import check_scan
-from ptm_mamba.scan import selective_scan, selective_scan_ref, what_ran
+from ptm_mamba.kernels import what_ran
+from ptm_mamba.scan import selective_scan, selective_scan_ref
 
 
 def make_inputs(batch: int, dim: int, nstate: int, length: int, device: str) -> dict[str, torch.Tensor]:

@@ -40,7 +40,7 @@ from ptm_mamba.embedding_store import EmbeddingReader, ShardWriter  # noqa: E402
 from ptm_mamba.esm import EsmModel  # noqa: E402
 from ptm_mamba.mamba_block import SCANS  # noqa: E402
 from ptm_mamba.model import ModelConfig, PTMMamba  # noqa: E402
-from ptm_mamba.scan import what_ran  # noqa: E402
+from ptm_mamba.kernels import what_ran  # noqa: E402
 from ptm_mamba.tokenizer import PAD_ID, PTM_TOKENS  # noqa: E402
 from ptm_mamba.forward import batch_sums, forward_batch  # noqa: E402
 

@@ -3,19 +3,23 @@
 ``best.ckpt`` holds the model (weights, its config, the run config);
 ``last.ckpt`` and the resume state add the optimiser, the scheduler, the
 position in training (epoch, batch, step) and the metrics so far. Every file
-loads with ``torch.load(weights_only=True)``.
+loads with ``torch.load(weights_only=True)``. :func:`load_model` makes a trained model of one.
 """
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
-from .errors import PipelineError
+from .config import validate
+from .errors import PipelineError, one_line
 from .fileio import atomic_path
+from .model import ModelConfig, PTMMamba
+from .settings import EsmSettings, Settings
 
 FORMAT_VERSION = 1
 
@@ -49,12 +53,6 @@ def save(state: dict[str, Any], path: str | os.PathLike) -> None:
             if out.error is None:
                 raise
             raise out.error from None  # the OSError: atomic_path names the target and the free space
-
-
-def one_line(message: object, limit: int = 200) -> str:
-    """``str(message)`` (an exception's, say) on one line, cut to ``limit`` characters."""
-    text = " ".join(str(message).split())
-    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -102,3 +100,65 @@ def load_weights(module: torch.nn.Module, state_dict: dict[str, torch.Tensor], p
     except RuntimeError as exc:  # "Error(s) in loading state_dict for PTMMamba:\n\tsize mismatch for ..."
         detail = str(exc).split(":", 1)[-1] if str(exc).startswith("Error(s) in loading") else str(exc)
         raise PipelineError(f"{path}: weights do not fit the model: {one_line(detail)}") from None
+
+
+class TrainedModel(NamedTuple):
+    model: PTMMamba  # in eval mode
+    settings: Settings | None  # the training run's settings; None where its recorded config does not validate
+    stage_settings: dict | None  # the run's recorded train-stage settings, key -> value or file identity (stages.py)
+    esm: EsmSettings | None  # the ESM-2 the model was trained with: settings.esm, or the recorded esm section
+
+    @property
+    def trained_esm(self) -> str | None:
+        """The identity of the ESM-2 weights the model was trained with, as its run recorded it."""
+        return self.stage_settings.get("esm.model") if isinstance(self.stage_settings, dict) else None
+
+
+def recorded_settings(recorded: Any) -> Settings | None:
+    """The settings of a checkpoint's recorded config, with the defaults of keys added since filled
+    in (on a copy); None where it does not validate (a checkpoint of the original pipeline records
+    its ESM-2 alone, see :mod:`ptm_mamba.original`)."""
+    try:
+        return Settings.from_config(validate(copy.deepcopy(recorded), source="the checkpoint's config"))
+    except (PipelineError, TypeError, ValueError, KeyError, AttributeError):
+        return None
+
+
+def _recorded_esm(recorded: Any, settings: Settings | None) -> EsmSettings | None:
+    if settings is not None:
+        return settings.esm
+    try:  # a config that does not validate: its esm section, as recorded
+        esm = recorded["esm"]
+        return EsmSettings(model=esm["model"], repr_layer=esm["repr_layer"])
+    except (AttributeError, KeyError, TypeError):
+        return None
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", scan: str = "auto") -> TrainedModel:
+    """The trained model of a ``best.ckpt``/``last.ckpt``, with the settings of its run.
+
+    ``scan`` picks the kernels here (see :class:`ModelConfig`), whatever the training run used. A
+    checkpoint whose config or weights do not make a model raises :class:`PipelineError`.
+    """
+    state = load(path, map_location=device)
+    try:
+        config = ModelConfig.from_dict({**state["model_config"], "scan": scan})
+        with torch.device("meta"):  # allocates nothing, whatever sizes the config names
+            skeleton = PTMMamba(config)
+    except Exception as exc:  # e.g. a crafted model_config: wrong types, impossible sizes
+        raise PipelineError(f"{path}: cannot build its model: {one_line(exc)}") from None
+    weights = drop_unused_mixer_params(state["model"])
+    load_weights(skeleton, weights, path, assign=True)  # names and shapes first
+    model = PTMMamba(config).to(device)
+    load_weights(model, weights, path)
+    settings = recorded_settings(state.get("config"))
+    return TrainedModel(model.eval(), settings, state.get("settings"), _recorded_esm(state.get("config"), settings))
+
+
+_UNUSED_MIXER = ("A_b_log", "conv1d_b.weight", "conv1d_b.bias", "x_proj_b.weight", "dt_proj_b.weight",
+                 "dt_proj_b.bias", "D_b")
+
+
+def drop_unused_mixer_params(state_dict: dict) -> dict:
+    """The published checkpoint's bundled mamba-ssm fork creates *_b mixer parameters it never uses."""
+    return {k: v for k, v in state_dict.items() if not k.endswith(_UNUSED_MIXER)}

@@ -13,24 +13,30 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from .config import schema_default
+from .config import load_config, schema_default
 from .errors import PipelineError, StopRequested
 from .layout import SPLITS
 from .options import option
+from .settings import Settings
 
 
 def _add_config(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="pipeline config YAML (see config/config.yaml)")
 
 
-def _reads(args: argparse.Namespace, config: dict | None = None, **options) -> dict:
+def _settings(args: argparse.Namespace) -> Settings:
+    """The settings of ``--config``: the file read, validated and typed once per command."""
+    return Settings.from_config(load_config(args.config))
+
+
+def _reads(args: argparse.Namespace, settings: Settings | None = None, **options) -> dict:
     """Every file a command reads, by the option or config key that names it: ``--config`` and
-    the files the config names (ptm_mamba.guard.config_inputs), and ``options`` (a path, or a list
+    the files the settings name (ptm_mamba.guard.config_inputs), and ``options`` (a path, or a list
     of paths; None when not given)."""
     from .guard import config_inputs
 
     found = {"--config": args.config} if getattr(args, "config", None) else {}
-    found.update(config_inputs(config) if config is not None else {})
+    found.update(config_inputs(settings) if settings is not None else {})
     for name, value in options.items():
         paths = value if isinstance(value, (list, tuple)) else [value]
         found.update({f"--{name}" + (f" ({p})" if len(paths) > 1 else ""): p for p in paths if p})
@@ -45,17 +51,16 @@ def _split_unit(split_dir) -> list:
 
 
 def cmd_split(args: argparse.Namespace) -> None:
-    from .config import load_config
     from .split import run_split
     from .guard import refuse_overwrite
     from .layout import split_paths
 
-    config = load_config(args.config)
-    if args.clusters and config["dataset"]["split_by"] != "cluster":
+    settings = _settings(args)
+    if args.clusters and not settings.dataset.by_cluster:
         raise PipelineError("--clusters is read only with dataset.split_by: cluster")
     writes = {f"--output_dir ({path.name})": path for path in split_paths(args.output_dir).values()}
-    refuse_overwrite(writes, _reads(args, config, clusters=args.clusters))
-    summary = run_split(config, args.output_dir, clusters_file=args.clusters, threads=args.threads)
+    refuse_overwrite(writes, _reads(args, settings, clusters=args.clusters))
+    summary = run_split(settings, args.output_dir, clusters_file=args.clusters, threads=args.threads)
     for name, s in summary["splits"].items():
         clusters = f" in {s['clusters']} clusters" if "clusters" in s else ""
         print(f"{name}: {s['sequences']} sequences{clusters}, {s['residues']} residues, {s['ptm_sites']} PTM sites, "
@@ -73,91 +78,90 @@ def cmd_cluster(args: argparse.Namespace) -> None:
     from collections import Counter
 
     from .cluster import run_cluster
-    from .config import load_config
     from .guard import refuse_overwrite
 
-    config = load_config(args.config)
-    refuse_overwrite({"--output": args.output}, _reads(args, config))
-    clusters = run_cluster(config, args.output, threads=args.threads)
+    settings = _settings(args)
+    refuse_overwrite({"--output": args.output}, _reads(args, settings))
+    clusters = run_cluster(settings, args.output, threads=args.threads)
     sizes = sorted(Counter(clusters.values()).values(), reverse=True)
     print(f"{len(clusters)} proteins in {len(sizes)} clusters (largest {sizes[0]}, {sizes.count(1)} singletons) "
           f"-> {args.output}")
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:
-    from .prepare import prepare, report_lines, summary_path
+    from .layout import prepared_summary_path
+    from .prepare import prepare, report_lines
     from .guard import refuse_overwrite
 
-    refuse_overwrite({"--output": args.output, "its summary": summary_path(args.output)}, _reads(args, input=args.input))
+    summary_path = prepared_summary_path(args.output)
+    refuse_overwrite({"--output": args.output, "its summary": summary_path}, _reads(args, input=args.input))
     summary = prepare(args.format, args.input, args.output)
     print("\n".join(report_lines(summary)))
-    print(f"-> {args.output} (summary: {summary_path(args.output)})")
+    print(f"-> {args.output} (summary: {summary_path})")
 
 
 def cmd_embed_shard(args: argparse.Namespace) -> None:
-    from .config import load_config
     from .embed import embed_shard
     from .guard import refuse_overwrite
 
-    config = load_config(args.config)
+    settings = _settings(args)
     refuse_overwrite({"--output": args.output},
-                     _reads(args, config, split_file=args.split_file, split_unit=_split_unit(Path(args.split_file).parent)))
-    n = embed_shard(config, args.split, args.shard, args.num_shards, args.split_file, args.output)
+                     _reads(args, settings, split_file=args.split_file, split_unit=_split_unit(Path(args.split_file).parent)))
+    n = embed_shard(settings, args.split, args.shard, args.num_shards, args.split_file, args.output)
     print(f"{args.split} shard {args.shard}/{args.num_shards}: {n} proteins -> {args.output}")
 
 
 def cmd_gather(args: argparse.Namespace) -> None:
-    from .config import load_config
     from .embed import gather_split
     from .guard import refuse_overwrite
 
-    config = load_config(args.config)
-    refuse_overwrite({"--output": args.output}, _reads(args, config, split_file=args.split_file, shards=args.shards))
-    gather_split(config, args.split, args.split_file, args.shards, args.output)
+    settings = _settings(args)
+    refuse_overwrite({"--output": args.output}, _reads(args, settings, split_file=args.split_file, shards=args.shards))
+    gather_split(settings, args.split, args.split_file, args.shards, args.output)
     print(f"{args.split}: {len(args.shards)} shards -> {args.output}")
 
 
 def cmd_embed(args: argparse.Namespace) -> None:
-    from .config import load_config
     from .distributed import process_group
     from .embed import embed_all
     from .split import run_split
     from .guard import refuse_overwrite
     from .layout import shard_path, split_store_path
 
-    config = load_config(args.config)
+    settings = _settings(args)
     split_dir = args.split_dir or f"{args.output_dir}/split"
-    n = config["embedding"]["shards"]
+    n = settings.embedding.shards
     writes = [split_store_path(args.output_dir, s) for s in SPLITS]
     writes += [shard_path(args.output_dir, s, i, n) for s in SPLITS for i in range(n)]
     writes += [] if args.split_dir else _split_unit(split_dir)
     refuse_overwrite({f"--output_dir ({w})": w for w in writes},
-                     _reads(args, config, split_dir=_split_unit(args.split_dir)))
+                     _reads(args, settings, split_dir=_split_unit(args.split_dir)))
     with process_group() as (rank, world_size, barrier):
         if rank == 0 and not args.split_dir:
-            run_split(config, split_dir)
+            run_split(settings, split_dir)
         barrier()
-        embed_all(config, split_dir, args.output_dir, batch_size=args.batch_size,
+        embed_all(settings, split_dir, args.output_dir, batch_size=args.batch_size,
                   rank=rank, world_size=world_size, barrier=barrier)
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from .config import load_config, validate
+    from .config import validate
     from .train import train
     from .guard import check_run_owner, refuse_overwrite
     from .layout import run_dir, split_store_path
 
-    config = load_config(args.config)
+    settings = _settings(args)
     if args.run_name is not None:  # the schema's rule for run_name (a plain folder name) holds here too
-        validate({**config, "run_name": args.run_name}, source="--run_name")
-    name = args.run_name or config["run_name"]  # none: a new folder named by the time
-    stores = [split_store_path(config["training"]["embeddings_dir"], s) for s in SPLITS]
-    reads = _reads(args, config, split_dir=_split_unit(args.split_dir), embeddings=stores)
+        validate({**settings.as_dict(), "run_name": args.run_name}, source="--run_name")
+    name = args.run_name or settings.run_name  # none: a new folder named by the time
+    stores = [split_store_path(settings.training.embeddings_dir, s) for s in SPLITS]
+    reads = _reads(args, settings, split_dir=_split_unit(args.split_dir), embeddings=stores)
     if name is not None:
-        out = run_dir(config["training"]["output_dir"], name)
+        out = run_dir(settings.training.output_dir, name)
         refuse_overwrite({}, reads, folders={"the run folder": out})
-        check_run_owner(config, out)
-    out = train(config, split_dir=args.split_dir, run_name=args.run_name, progress=not args.no_progress)
+        check_run_owner(settings, out)
+    out = train(settings, split_dir=args.split_dir, run_name=args.run_name,
+                progress=not args.no_progress)
     print(f"outputs in {out}")
 
 
@@ -188,14 +192,15 @@ def cmd_doctor(args: argparse.Namespace) -> None:
 
 
 def cmd_import_original(args: argparse.Namespace) -> None:
-    from .esm import weight_files
+    from .esm_weights import weight_files
     from .guard import refuse_overwrite
-    from .original import import_original
+    from .original import ORIGINAL_ESM, import_original
 
-    esm = {f"--esm_model ({f.name})": f for f in weight_files(args.esm_model)}
+    esm_model = args.esm_model or ORIGINAL_ESM
+    esm = {f"--esm_model ({f.name})": f for f in weight_files(esm_model)}
     refuse_overwrite({"--output": args.output}, _reads(args, checkpoint=args.checkpoint) | esm)
 
-    summary = import_original(args.checkpoint, args.output, esm_model=args.esm_model,
+    summary = import_original(args.checkpoint, args.output, esm_model=esm_model,
                               esm_repr_layer=args.esm_repr_layer)
     m = summary["model_config"]
     print(f"{m['model_type']} d_model {m['d_model']} n_layer {m['n_layer']} esm_dim {m['esm_dim']}: "
@@ -228,8 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="the CSV to write (NAME.summary.json lands beside it)")
     p.set_defaults(func=cmd_prepare)
 
-    p = sub.add_parser("embed", help="ESM-2 embeddings of all three splits (the seed's one command; "
-                       "under accelerate launch the processes share the shards)")
+    p = sub.add_parser("embed", help="ESM-2 embeddings of all three splits in one command (under "
+                       "accelerate launch the processes share the shards)")
     _add_config(p)
     option(p, "output_dir", required=True, help="embeddings folder ({split}_embeddings.h5 land here)")
     option(p, "batch_size", type=int, default=None, help="cap on sequences per ESM batch")
@@ -281,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "({'model', 'config'}) into this format")
     p.add_argument("--checkpoint", required=True, help="the original's best.ckpt/last.ckpt (or the published one)")
     p.add_argument("--output", required=True, help="the checkpoint to write (for predict, or to fine-tune from)")
-    option(p, "esm_model", default="esm2_t33_650M_UR50D",
+    option(p, "esm_model", default=None,
          help="the ESM-2 the model is run with, as esm.model takes it (default: the original's)")
     option(p, "esm_repr_layer", type=int, default=None, help="its layer (default: the last, as the original)")
     p.set_defaults(func=cmd_import_original)
@@ -298,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def one_line(exc: PipelineError) -> str:
+def pipeline_error_message(exc: PipelineError) -> str:
     """The error's message; a DataLoader worker's error arrives wrapped with the worker's
     traceback ("Caught PipelineError in DataLoader worker process 0. Original Traceback ..."),
     whose last line holds the message."""
@@ -343,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         func(args)
     except PipelineError as exc:
-        print(f"error: {one_line(exc)}", file=sys.stderr)
+        print(f"error: {pipeline_error_message(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)

@@ -33,15 +33,16 @@ from pathlib import Path
 
 import numpy as np
 
-from .dataset import Protein, read_from_config
+from .dataset import ID_COLUMN, Protein, read_configured, residue_key
 from .errors import PipelineError
 from .fileio import atomic_write_text
 from .prepare import check_prepared
-from .split import residue_key
-from .stages import CLUSTER, check_settings, sha256_of, stage_settings
+from .settings import Settings
+from .hashing import sha256_of
+from .stages import CLUSTER, check_settings, stage_settings
 
 HEADER = "# ptm-mamba clusters "
-COLUMNS = "cluster\tunique_id"
+COLUMNS = f"cluster\t{ID_COLUMN}"
 HASH_KEY = "rows_sha256"  # in the first line's record: the hash of the lines below it
 MAX_SEARCHED = 1000  # test proteins searched against the training set for the summary
 INSTALL_HINT = "apt-get install mmseqs2, conda install -c bioconda mmseqs2, or scripts/install_mmseqs.sh"
@@ -131,17 +132,17 @@ def clusters_text(clusters: dict[str, str], settings: dict) -> str:
     return "\n".join([HEADER + json.dumps(record, sort_keys=True), *body]) + "\n"
 
 
-def run_cluster(config: dict, output: str | os.PathLike, threads: int | None = None) -> dict[str, str]:
+def run_cluster(settings: Settings, output: str | os.PathLike, threads: int | None = None) -> dict[str, str]:
     """The cluster stage: cluster the configured dataset, write ``output`` atomically."""
-    ds = config["dataset"]
-    check_prepared(config)
-    clusters = cluster_proteins(read_from_config(config), ds["cluster_identity"], ds["cluster_coverage"], threads)
-    atomic_write_text(output, clusters_text(clusters, stage_settings(config, CLUSTER)))
+    ds = settings.dataset
+    check_prepared(settings)
+    clusters = cluster_proteins(read_configured(ds), ds.cluster_identity, ds.cluster_coverage, threads)
+    atomic_write_text(output, clusters_text(clusters, stage_settings(settings, CLUSTER)))
     return clusters
 
 
-def read_clusters(path: str | os.PathLike, config: dict, proteins: list[Protein]) -> dict[str, str]:
-    """The cluster stage's file, checked as it is read: made with this config's data and settings
+def read_clusters(path: str | os.PathLike, settings: Settings, proteins: list[Protein]) -> dict[str, str]:
+    """The cluster stage's file, checked as it is read: made with these settings' data and settings
     (the first line's record), naming each protein of the dataset once and nothing else, as many
     rows as the record says, the rows as the cluster stage wrote them (their hash, in the record:
     a protein moved to another cluster is refused too), duplicates in one cluster. Returns id -> cluster."""
@@ -160,7 +161,7 @@ def read_clusters(path: str | os.PathLike, config: dict, proteins: list[Protein]
     except ValueError:
         record = None
     record = record if isinstance(record, dict) else {}
-    check_settings(record.get("settings"), config, CLUSTER, str(path), fix)
+    check_settings(record.get("settings"), settings, CLUSTER, str(path), fix)
     if not isinstance(record.get(HASH_KEY), str) or not isinstance(record.get("proteins"), int):
         raise PipelineError(f"{path}: records no content hash (written by an older version of the cluster stage, "
                             f"or an edited first line); {fix}")
@@ -168,7 +169,7 @@ def read_clusters(path: str | os.PathLike, config: dict, proteins: list[Protein]
     for number, line in enumerate(lines[2:], start=3):
         row = line.split("\t")
         if len(row) != 2 or not all(row):
-            raise PipelineError(f"{path} line {number}: {line[:60]!r} is not 'cluster<TAB>unique_id' {edited}")
+            raise PipelineError(f"{path} line {number}: {line[:60]!r} is not 'cluster<TAB>{ID_COLUMN}' {edited}")
         if row[1] in clusters:
             raise PipelineError(f"{path} line {number}: does not name each protein of the dataset once: {row[1]!r} "
                                 f"again {edited}")

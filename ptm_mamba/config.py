@@ -25,6 +25,7 @@ from typing import Any
 import yaml
 
 from .errors import PipelineError
+from .layout import edited_invocation_config
 
 _PACKAGE_SCHEMA = Path(__file__).parent / "schemas" / "config.schema.yaml"
 _REPO_SCHEMA = Path(__file__).parent.parent / "workflow" / "schemas" / "config.schema.yaml"
@@ -243,8 +244,6 @@ def _check_sizes(config: dict, source: str) -> None:
 
 def load_config(path: str | os.PathLike) -> dict:
     """Read (strictly), convert, default-fill and validate a config file."""
-    from .layout import edited_invocation_config
-
     path = Path(path)
     config = load_yaml_strict(path)
     if config is None:

@@ -1,13 +1,12 @@
 """Training batches: tokens, the masks to predict, and the ESM-2 features that go with them.
 
-A protein enters the model as ``<cls> tokens <eos>``, right-padded. As in the
-original, its ESM-2 features are ESM-2's outputs at every position of
-``<cls> residues <eos>``; only padding gets zeros. A protein longer than
-``max_sequence_length - 2`` residues is cropped to a random window (as the
-original does), its mask with it. On the fly, ESM-2 reads the window between
-its own ``<cls>``/``<eos>``, as the original, which crops the text; precomputed
-features are those of the whole protein, so a cropped protein gets its window's
-residue rows between the whole protein's ``<cls>`` and ``<eos>`` rows.
+A protein enters the model as ``<cls> tokens <eos>`` (:func:`ptm_mamba.tokenizer.rows_of`),
+right-padded. As in the original, its ESM-2 features are ESM-2's outputs at every position of
+``<cls> residues <eos>``; only padding gets zeros. A protein too long for
+``dataset.max_sequence_length`` tokens is cropped to a random window of residues (as the original
+does), its mask with it. On the fly, ESM-2 reads the window between its own ``<cls>``/``<eos>``,
+as the original, which crops the text; precomputed features are those of the whole protein, so a
+cropped protein gets its window's residue rows between the whole protein's ``<cls>`` and ``<eos>`` rows.
 
 Which positions are predicted, hidden from ESM-2 or count as PTMs is decided by
 the position classes of :mod:`ptm_mamba.tokenizer`, through :mod:`ptm_mamba.masking`.
@@ -31,7 +30,7 @@ from .dataset import Protein
 from .embedding_store import EmbeddingReader
 from .errors import PipelineError
 from .masking import esm_mask, prediction_mask, random_only, replicate_mask, stable_seed
-from .tokenizer import PTMTokenizer, token_ids
+from .tokenizer import ROWS_AROUND_RESIDUES, PTMTokenizer, residue_rows, rows_of, token_ids
 
 
 @dataclass
@@ -65,8 +64,8 @@ class BatchBuilder:
         self.proteins = proteins
         self.ids = [p.id for p in proteins]
         self.tokens = [token_ids(p.tokens) for p in proteins]
-        self.lengths = [min(len(t) + 2, max_sequence_length) for t in self.tokens]
-        self.max_residues = max_sequence_length - 2
+        self.lengths = [min(rows_of(len(t)), max_sequence_length) for t in self.tokens]
+        self.max_residues = max_sequence_length - ROWS_AROUND_RESIDUES
         self.mask_prob, self.random_mask_only_prob = mask_prob, random_mask_only_prob
         self.store = store
         self.esm_alphabet = esm_alphabet
@@ -81,11 +80,11 @@ class BatchBuilder:
                 raise PipelineError(f"{store.path}: no embeddings for {len(missing)} proteins of this split "
                                     f"(e.g. {sorted(missing)[0]!r}); rerun the embed stage")
             rows, residues = store.row_counts(self.ids), np.array([len(t) for t in self.tokens], dtype=np.int64)
-            bad = np.flatnonzero(rows != residues + 2)  # <cls>, the residues, <eos>
+            bad = np.flatnonzero(rows != rows_of(residues))
             if bad.size:
                 i = bad[0]
                 raise PipelineError(f"{store.path}: protein {self.ids[i]!r} has {rows[i]} rows of embeddings, "
-                                    f"expected {residues[i] + 2} (<cls>, {residues[i]} residues, <eos>) "
+                                    f"expected {rows_of(residues[i])} (<cls>, {residues[i]} residues, <eos>) "
                                     "(stale or foreign embeddings; rerun the embed stage)")
 
     def __len__(self) -> int:
@@ -104,7 +103,7 @@ class BatchBuilder:
                 if not np.isfinite(feats).all():  # damage the checksums cannot see
                     raise PipelineError(f"{self.store.path}: protein {pid!r} replicate {replicate} has NaN/Inf "
                                         "embeddings (rerun the embed stage)")
-                rmask = rmask[1:-1]  # the residues' rows (<cls>/<eos> are never hidden)
+                rmask = rmask[residue_rows(len(tokens))]  # <cls>/<eos> are never hidden
             else:
                 rmask = (torch.rand(len(tokens), generator=generator).numpy() < self.mask_prob) if train \
                     else replicate_mask(pid, 0, len(tokens), self.mask_prob)
@@ -118,7 +117,7 @@ class BatchBuilder:
             rows.append((tokens[window], rmask[window], None if feats is None else crop_rows(feats, window),
                          esm_ids, pid))
 
-        B, T = len(rows), max(len(r[0]) for r in rows) + 2
+        B, T = len(rows), rows_of(max(len(r[0]) for r in rows))
         labels = torch.full((B, T), tok.pad_id, dtype=torch.long)
         rand = torch.zeros((B, T), dtype=torch.bool)
         # float16 as stored: half the bytes to assemble and copy; the model casts on the device
@@ -126,15 +125,15 @@ class BatchBuilder:
         esm_tokens = torch.full((B, T), self.esm_alphabet.padding_idx, dtype=torch.long) \
             if self.esm_alphabet is not None else None
         for b, (tokens, rmask, f, esm_ids, _) in enumerate(rows):
-            L = len(tokens)
+            L, residues = len(tokens), residue_rows(len(tokens))
             labels[b, 0], labels[b, L + 1] = tok.cls_id, tok.eos_id
-            labels[b, 1:L + 1] = torch.from_numpy(tokens)
-            rand[b, 1:L + 1] = torch.from_numpy(np.asarray(rmask, dtype=bool))
-            if f is not None:  # <cls>, residues, <eos>
-                feats[b, :L + 2] = torch.from_numpy(np.asarray(f, dtype=np.float16))
+            labels[b, residues] = torch.from_numpy(tokens)
+            rand[b, residues] = torch.from_numpy(np.asarray(rmask, dtype=bool))
+            if f is not None:
+                feats[b, :rows_of(L)] = torch.from_numpy(np.asarray(f, dtype=np.float16))
             if esm_ids is not None:
                 esm_tokens[b, 0], esm_tokens[b, L + 1] = self.esm_alphabet.cls_idx, self.esm_alphabet.eos_idx
-                esm_tokens[b, 1:L + 1] = torch.from_numpy(esm_ids.astype(np.int64))
+                esm_tokens[b, residues] = torch.from_numpy(esm_ids.astype(np.int64))
         if train:
             pred = prediction_mask(rand, labels, random_only(generator, self.random_mask_only_prob))
         else:  # per protein, a stable draw of the same two modes
@@ -143,17 +142,19 @@ class BatchBuilder:
         if esm_tokens is not None:  # ESM sees <mask> at every PTM, <unk> and randomly hidden residue
             esm_tokens[esm_mask(rand, labels)] = self.esm_alphabet.mask_idx
         input_ids = labels.masked_fill(pred, tok.mask_id)
-        lengths = torch.tensor([len(r[0]) + 2 for r in rows], dtype=torch.long)
+        lengths = torch.tensor([rows_of(len(r[0])) for r in rows], dtype=torch.long)
         return Batch(input_ids, labels, pred, lengths, feats, esm_tokens)
 
 
 def crop_rows(rows: np.ndarray, window: slice) -> np.ndarray:
     """Stored rows (<cls>, L residues, <eos>) of a protein cropped to the residues in ``window``:
     the window's residue rows between the whole protein's <cls> and <eos> rows."""
-    start, stop, _ = window.indices(len(rows) - 2)
-    if (start, stop) == (0, len(rows) - 2):
+    length = len(rows) - ROWS_AROUND_RESIDUES
+    start, stop, _ = window.indices(length)
+    if (start, stop) == (0, length):
         return rows  # not cropped: no copy
-    return np.concatenate([rows[:1], rows[1 + start:1 + stop], rows[-1:]])
+    residues = rows[residue_rows(length)]
+    return np.concatenate([rows[:1], residues[start:stop], rows[-1:]])
 
 
 class EpochBatches(torch.utils.data.Dataset):

@@ -1,8 +1,7 @@
 """Read a PTM dataset CSV and refuse bad data with one clear line.
 
-A dataset is a CSV with one protein per row: a sequence column (default
-``ptm_seq``) in which modified residues are PTM tokens, and an id column
-(default ``unique_id``). Errors name the file, the line and the value.
+A dataset is a CSV with one protein per row: a sequence column in which modified residues are PTM
+tokens, and an id column. Errors name the file, the line and the value.
 """
 
 from __future__ import annotations
@@ -14,13 +13,18 @@ import os
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import PipelineError
 from .tokenizer import PTMTokenizer, TokenizeError, is_ptm, is_unknown_ptm, token_ids, unknown_ptm_counts
 
-# The columns of every CSV the pipeline writes (the split's, the prepare stage's) and the defaults of
-# dataset.id_column_name / sequence_column_name.
+if TYPE_CHECKING:
+    from .settings import DatasetSettings
+
+# The columns of every CSV the pipeline writes (the split's, the prepare stage's); also read_dataset's
+# defaults, which are the schema's for dataset.id_column_name / sequence_column_name (a test holds them equal).
 ID_COLUMN, SEQUENCE_COLUMN = "unique_id", "ptm_seq"
+
 
 @dataclass(frozen=True)
 class Protein:
@@ -41,6 +45,11 @@ class Protein:
     def num_unknown_ptms(self) -> int:
         """Unknown PTMs, read as ``<unk>`` under ``dataset.unknown_ptm: unk``."""
         return int(is_unknown_ptm(token_ids(self.tokens)).sum())
+
+
+def residue_key(protein: Protein, tokenizer: PTMTokenizer = PTMTokenizer()) -> str:
+    """What makes two proteins duplicates of each other: their unmodified residue sequence."""
+    return tokenizer.residue_sequence(list(protein.tokens))
 
 
 def derived_id(sequence: str) -> str:
@@ -65,8 +74,8 @@ def _read_text(path: Path) -> str:
     return text
 
 
-def read_dataset(path: str | os.PathLike, *, sequence_column: str = "ptm_seq",
-                 id_column: str | None = "unique_id", unknown_ptm: str = "error",
+def read_dataset(path: str | os.PathLike, *, sequence_column: str = SEQUENCE_COLUMN,
+                 id_column: str | None = ID_COLUMN, unknown_ptm: str = "error",
                  tokenizer: PTMTokenizer | None = None) -> list[Protein]:
     """Read and validate a dataset CSV; return its proteins in file order.
 
@@ -143,7 +152,7 @@ def _refuse_unknown_ptms(path: Path, rows, tokenizer: PTMTokenizer) -> None:
             "set dataset.unknown_ptm: unk to map them to <unk>")
 
 
-def read_from_config(config: dict) -> list[Protein]:
-    ds = config["dataset"]
-    return read_dataset(ds["dataset_location"], sequence_column=ds["sequence_column_name"],
-                        id_column=ds["id_column_name"], unknown_ptm=ds["unknown_ptm"])
+def read_configured(dataset: DatasetSettings) -> list[Protein]:
+    """The dataset the ``dataset`` section names, read as it says."""
+    return read_dataset(dataset.dataset_location, sequence_column=dataset.sequence_column_name,
+                        id_column=dataset.id_column_name, unknown_ptm=dataset.unknown_ptm)

@@ -27,6 +27,7 @@ from typing import Mapping
 import torch
 
 from .errors import PipelineError
+from .settings import Settings
 
 # SLURM's variables for a job (step) given GPUs: counts, optionally typed ("a100:2", "2", "gpu:1").
 SLURM_GPU_COUNTS = ("SLURM_GPUS", "SLURM_GPUS_ON_NODE", "SLURM_GPUS_PER_NODE", "SLURM_GPUS_PER_TASK")
@@ -53,15 +54,15 @@ def job_gpu_requests(env: Mapping[str, str] = os.environ) -> list[str]:
             if name in env and _asks_for_gpus(name, env[name])]
 
 
-def config_gpu_requests(config: Mapping) -> list[str]:
+def config_gpu_requests(settings: Settings) -> list[str]:
     """The config keys that ask for a GPU."""
     asked = []
-    if config.get("device") == "cuda":
+    if settings.device == "cuda":
         asked.append("device: cuda")
-    precision = config.get("training", {}).get("mixed_precision")
+    precision = settings.training.mixed_precision
     if precision in ("bf16", "fp16"):
         asked.append(f"training.mixed_precision: {precision}")
-    scan = config.get("model", {}).get("scan")
+    scan = settings.model.scan
     if scan in ("triton", "fused"):
         asked.append(f"model.scan: {scan}")
     return asked

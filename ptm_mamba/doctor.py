@@ -81,7 +81,7 @@ def check_torch_and_gpus() -> list[Finding]:
 
 
 def check_triton(gpu: bool) -> Finding:
-    from . import scan, scan_triton
+    from . import kernels, scan, scan_triton
 
     installed, tested = version_of("triton"), tested_version("triton")
     if installed is None:
@@ -97,10 +97,10 @@ def check_triton(gpu: bool) -> Finding:
         agrees = scan.triton_agrees("cuda")
     except Exception as exc:  # noqa: BLE001 - a compile or launch error is the finding
         return Finding("triton", "problem", f"{label}: the Triton scan does not compile or launch here "
-                       f"({scan.describe(exc)})", f"pip install triton=={tested}, or model.scan: torch")
+                       f"({kernels.describe(exc)})", f"pip install triton=={tested}, or model.scan: torch")
     if not agrees:
         return Finding("triton", "problem", f"{label}: the Triton scan disagrees with the PyTorch scan here "
-                       f"({scan.what_ran()})", "model.scan: torch (and report the GPU and versions)")
+                       f"({kernels.what_ran()})", "model.scan: torch (and report the GPU and versions)")
     return Finding("triton", "ok", f"{label}; the Triton scan compiles and agrees with the PyTorch scan on "
                    f"{torch.cuda.get_device_name(0)}")
 

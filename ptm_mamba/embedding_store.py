@@ -17,15 +17,20 @@ Layout (a shard and a gathered file look the same to a reader)::
     offsets          (n+1,) int64    rows of protein i are offsets[i]:offsets[i+1]
     embeddings/<k>   (R, dim) float16, chunked, resizable along axis 0
     masks/<k>        (R,) bool
-    attrs            esm_model, repr_layer, dim, dtype, split, split_fingerprint,
-                     mask_replicates, mask_prob, mask_seed, format_version,
-                     [shard_index, num_shards | num_shards], complete
+    attrs            split, split_fingerprint, dim, dtype, mask_replicates, format_version,
+                     [shard_index, num_shards | num_shards], complete; the embed stage's
+                     also settings, esm_model, repr_layer, mask_prob, mask_seed
 
 R is the total row count: for the embed stage, the residues plus 2 per protein
 (a PTM token counts as one residue). ``complete`` is set last, just before the
 atomic rename, so a file without it is the remains of a crashed writer.
 format_version 2 has the ``<cls>``/``<eos>`` rows; format 1 (residue rows only)
 is refused with a one-line error: rerun the embed stage.
+
+Whether the embed stage's rows are stale is one record, the attribute ``settings`` (the JSON of
+:func:`ptm_mamba.stages.stage_settings` of the embed stage), read one way,
+:func:`check_store_settings`; ``esm_model``, ``repr_layer``, ``mask_prob`` and ``mask_seed``
+describe the rows (``mask_prob`` also lets :func:`check_store_ids` redraw the masks).
 
 Every array a writer stores, except ``ids`` (HDF5 cannot filter variable-length
 strings), has HDF5's Fletcher32 checksum per chunk, so flipped bits on disk fail
@@ -37,20 +42,27 @@ A file without the checksums (this version writes none such) still reads, unchec
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
-from typing import Any, Iterator, Mapping, NamedTuple, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, NamedTuple, Sequence
 
 import h5py
 import numpy as np
 
 from ptm_mamba.errors import PipelineError
 from ptm_mamba.fileio import AtomicFile, write_error
-from ptm_mamba.stages import EMBED, FORMATS
+from ptm_mamba.stages import EMBED, FORMATS, check_settings
+from ptm_mamba.tokenizer import residue_rows, rows_of
+
+if TYPE_CHECKING:
+    from ptm_mamba.dataset import Protein
+    from ptm_mamba.settings import Settings
 
 FORMAT_VERSION = FORMATS[EMBED]  # 2: rows <cls>, residues, <eos> per protein (1: residues only)
 # Attributes every writer must be given (the others are set by the writer/gather).
-REQUIRED_ATTRS = ("esm_model", "repr_layer", "split", "split_fingerprint", "mask_prob", "mask_seed")
+REQUIRED_ATTRS = ("split", "split_fingerprint")
+SETTINGS_ATTR = "settings"  # the embed stage's settings the rows were made with (JSON)
 # Attributes that are bookkeeping, not content: gather does not compare them across shards.
 _BOOKKEEPING_ATTRS = ("complete", "shard_index", "num_shards")
 _BUFFER_BYTES = 64 * 2**20  # default write buffer per shard (all replicates together)
@@ -656,6 +668,35 @@ def gather(
     out.commit()
 
 
+def plan_shards(proteins: list[Protein], num_shards: int) -> list[list[Protein]]:
+    """Cut a split into ``num_shards`` parts of about equal residue counts: the shards the embed stage
+    writes (:func:`check_store_ids` knows a shard's proteins by it).
+
+    Longest first onto the lightest shard (ties by index), then each shard
+    keeps the split's order. Deterministic; a shard may be empty only when
+    there are fewer proteins than shards.
+    """
+    loads = [0] * num_shards
+    members: list[list[int]] = [[] for _ in range(num_shards)]
+    for i in sorted(range(len(proteins)), key=lambda i: (-proteins[i].length, i)):
+        s = min(range(num_shards), key=lambda s: (loads[s], s))
+        loads[s] += proteins[i].length
+        members[s].append(i)
+    return [[proteins[i] for i in sorted(m)] for m in members]
+
+
+def check_store_settings(path: str | os.PathLike, settings: Settings) -> None:
+    """Refuse embeddings (a shard or a gathered file) made with other embed-stage settings than
+    ``settings``' (e.g. another ESM-2 checkpoint or mask_prob), in one line naming the key."""
+    with EmbeddingReader(path) as store:
+        recorded = store.attrs.get(SETTINGS_ATTR)
+    try:
+        recorded = json.loads(recorded) if isinstance(recorded, str) else None
+    except ValueError:
+        recorded = None
+    check_settings(recorded, settings, EMBED, str(path), "the embeddings are stale, rerun the embed stage")
+
+
 class EmbeddingReader:
     """Reads one protein's (or a batch's) embeddings of one replicate from a shard or gathered file.
 
@@ -797,7 +838,7 @@ def check_store_ids(store: "EmbeddingReader | str | os.PathLike", proteins: Sequ
     first protein (its position in ``ids``) that is wrong.
 
     ``proteins`` are the split's (``Protein`` s); the store is one shard (``shard_index``: that
-    shard's part of the split, :func:`ptm_mamba.embed.plan_shards`), a gathered file or a store
+    shard's part of the split, :func:`plan_shards`), a gathered file or a store
     written whole (the whole split). The store must be made for this split (``split_fingerprint``)
     and hold exactly its proteins; and the rows at each position must be those of the protein
     named there: as many as its residues + 2, and, with ``masks``, its stored random masks the
@@ -811,7 +852,6 @@ def check_store_ids(store: "EmbeddingReader | str | os.PathLike", proteins: Sequ
     residues) passes, and with ``training.mask_prob`` 0 (every mask empty) masks tell nothing.
     Cost: ~25 us per protein and replicate (the masks are drawn again), ~5 s for 100k proteins.
     """
-    from .embed import plan_shards  # the embed stage's layout (it imports this module)
     from .split import split_fingerprint
 
     reader = store if isinstance(store, EmbeddingReader) else EmbeddingReader(store)
@@ -840,12 +880,12 @@ def check_store_ids(store: "EmbeddingReader | str | os.PathLike", proteins: Sequ
             raise PipelineError(f"{where}: {len(missing)} proteins of {what} missing (e.g. {missing[0]!r}); "
                                 "rerun the embed stage")
         rows = np.diff(offsets)
-        want = np.array([length[x] + 2 for x in ids], dtype=np.int64)
+        want = np.array([rows_of(length[x]) for x in ids], dtype=np.int64)
         bad = np.flatnonzero(rows != want)
         if bad.size:
             i = int(bad[0])
             raise PipelineError(f"{where}: position {i} ({ids[i]!r}) has {rows[i]} rows of embeddings, but "
-                                f"{ids[i]!r} has {want[i] - 2} residues (+ <cls>, <eos>): the rows of another "
+                                f"{ids[i]!r} has {length[ids[i]]} residues (+ <cls>, <eos>): the rows of another "
                                 "protein (ids reordered or swapped?) or stale embeddings; rerun the embed stage")
         if masks:
             _check_masks(reader, ids, offsets, attrs, where)
@@ -875,8 +915,9 @@ def _check_masks(reader: EmbeddingReader, ids: list[str], offsets: np.ndarray, a
                 raise _damaged(f"{where}: masks/{k} of proteins {ids[i]!r}..{ids[j - 1]!r}", e) from None
             for r in range(i, j):
                 stored = block[int(offsets[r]) - a:int(offsets[r + 1]) - a]
-                if len(stored) < 2 or stored[0] or stored[-1] or \
-                        not np.array_equal(stored[1:-1], replicate_mask(ids[r], k, len(stored) - 2, mask_prob)):
+                residues = len(stored) - rows_of(0)
+                if residues < 0 or stored[0] or stored[-1] or not np.array_equal(
+                        stored[residue_rows(residues)], replicate_mask(ids[r], k, residues, mask_prob)):
                     raise PipelineError(f"{where}: position {r} ({ids[r]!r}) replicate {k}: the stored mask is not "
                                         f"the one the embed stage draws for {ids[r]!r}: the rows of another protein "
                                         "(ids reordered or swapped?); rerun the embed stage")

@@ -20,7 +20,11 @@ import os
 from pathlib import Path
 from typing import Iterable, Mapping
 
+from . import layout
 from .errors import PipelineError
+from .esm_weights import ESM2_NAMES, weight_files
+from .settings import Settings
+from .stages import run_settings
 
 PathLike = str | os.PathLike
 
@@ -45,33 +49,29 @@ def within(path: PathLike, folder: PathLike) -> bool:
     return path == folder or folder in path.parents
 
 
-def config_inputs(config: dict) -> dict[str, Path]:
-    """The files ``config`` names as inputs, by config key (the ESM-2 weights by their files)."""
-    from .esm import weight_files
-
-    dataset, training = config["dataset"], config["training"]
+def config_inputs(settings: Settings) -> dict[str, Path]:
+    """The files the settings name as inputs, by config key (the ESM-2 weights by their files)."""
+    dataset, training = settings.dataset, settings.training
     found: dict[str, Path] = {}
-    if dataset.get("source"):
-        found["dataset.source.path"] = Path(dataset["source"]["path"])
+    if dataset.source:
+        found["dataset.source.path"] = Path(dataset.source.path)
     else:  # with a source, dataset_location is what the prepare stage writes
-        found["dataset.dataset_location"] = Path(dataset["dataset_location"])
-    for i, file in enumerate(weight_files(config["esm"]["model"])):
+        found["dataset.dataset_location"] = Path(dataset.dataset_location)
+    for i, file in enumerate(weight_files(settings.esm.model)):
         found["esm.model" if i == 0 else f"esm.model ({file.name})"] = file
     for key in ("init_from", "resume_from_checkpoint"):
-        if training.get(key):
-            found[f"training.{key}"] = Path(training[key])
-    for path in config.get("predict", {}).get("inputs", []):
+        if getattr(training, key):
+            found[f"training.{key}"] = Path(getattr(training, key))
+    for path in settings.predict.inputs:
         found[f"predict.inputs ({Path(path).name})"] = Path(path)
     return found
 
 
-def refuse_missing_inputs(config: dict) -> None:
-    """A one-line :class:`PipelineError` naming the key and the path of an input the config names
+def refuse_missing_inputs(settings: Settings) -> None:
+    """A one-line :class:`PipelineError` naming the key and the path of an input the settings name
     that is not there (a pretrained ESM-2 name's files are fetched by the stage that needs them)."""
-    from .esm import ESM2_NAMES
-
-    named = str(config["esm"]["model"]) in ESM2_NAMES
-    for key, path in config_inputs(config).items():
+    named = str(settings.esm.model) in ESM2_NAMES
+    for key, path in config_inputs(settings).items():
         if not (named and key.startswith("esm.model")) and not Path(path).expanduser().is_file():
             hint = " (datasets/README.md says how to build one, or set dataset.source)" if key.startswith("dataset.") else ""
             raise PipelineError(f"{key}: {path} not found" + (" (a folder, not a file)" if Path(path).is_dir() else hint))
@@ -107,37 +107,33 @@ def refuse_files_in_the_way(folders: Mapping[str, PathLike]) -> None:
                 raise PipelineError(f"{label}: {path} is a file, not a folder: the pipeline writes into {folder}/")
 
 
-def check_workflow(config: dict, run_name: str, prediction_files: list[PathLike]) -> None:
+def check_workflow(settings: Settings, run_name: str, prediction_files: list[PathLike]) -> None:
     """The Snakefile's check when it starts, before Snakemake deletes any output: every input the
     config names is there (a missing dataset is an error, never "nothing to be done"), none is one
     of the workflow's outputs or lies in the run folder, no output folder is a file, and the run
     folder is this project's (or holds the same computation)."""
-    from . import layout
-
-    emb, run_dir = config["training"]["embeddings_dir"], layout.run_dir(config["training"]["output_dir"], run_name)
+    emb, run_dir = settings.training.embeddings_dir, layout.run_dir(settings.training.output_dir, run_name)
     outputs = [*(("the split stage's output", p) for p in layout.split_paths(layout.SPLIT_DIR).values()),
                *(("the embed stage's output", layout.split_store_path(emb, s)) for s in layout.SPLITS),
                *(("the predict stage's output", p) for p in prediction_files)]
-    if config["dataset"]["split_by"] == "cluster":
+    if settings.dataset.by_cluster:
         outputs.append(("the cluster stage's output", layout.CLUSTERS_FILE))
-    if config["dataset"]["source"]:  # the prepare stage writes the CSV
-        outputs.append(("the prepare stage's output", config["dataset"]["dataset_location"]))
-    refuse_missing_inputs(config)
+    if settings.dataset.source:  # the prepare stage writes the CSV
+        outputs.append(("the prepare stage's output", settings.dataset.dataset_location))
+    refuse_missing_inputs(settings)
     refuse_files_in_the_way({"training.output_dir": run_dir, "training.embeddings_dir": Path(emb) / "shards",
                              "the split folder": layout.SPLIT_DIR, "the report folder": layout.report_dir(run_name)})
-    refuse_overwrite(outputs, config_inputs(config), folders={"the run folder": run_dir}, reader="the workflow",
+    refuse_overwrite(outputs, config_inputs(settings), folders={"the run folder": run_dir}, reader="the workflow",
                      fix="keep your inputs out of the workflow's outputs (copy it elsewhere and point the config there)")
-    check_run_owner(config, run_dir)
+    check_run_owner(settings, run_dir)
 
 
 # ----------------------------------------------------------------------------- whose run folder
 
-def run_record(config: dict) -> dict:
+def run_record(settings: Settings) -> dict:
     """What ``provenance.json`` records of who made a run: the project folder (the working
     directory: Snakemake's, or the CLI's) and the settings of every stage behind the run."""
-    from .stages import run_settings
-
-    return {"project": str(Path.cwd().resolve()), "settings": run_settings(config)}
+    return {"project": str(Path.cwd().resolve()), "settings": run_settings(settings)}
 
 
 def _differences(recorded: dict, ours: dict) -> list[tuple[str, str, object, object]]:
@@ -163,26 +159,24 @@ def _short(value: object) -> str:
 def _recorded_run(run_dir: PathLike) -> dict | None:
     """What the run in ``run_dir`` recorded of who made it (:func:`run_record`), or None: no finished
     run there, or one that says nothing of it."""
-    from .provenance import FILE
-
     try:
-        recorded = json.loads((Path(run_dir) / FILE).read_text())
+        recorded = json.loads((Path(run_dir) / layout.PROVENANCE_FILE).read_text())
     except (OSError, ValueError):
         return None
     return recorded if isinstance(recorded, dict) else None
 
 
-def settings_changes(config: dict, run_dir: PathLike) -> list[str]:
+def settings_changes(settings: Settings, run_dir: PathLike) -> list[str]:
     """What changed since the run in ``run_dir`` was made, by stage and key ("train training.lr:
     0.0004 -> 0.001"): why Snakemake reruns those stages, said with the keys' names."""
     recorded = (_recorded_run(run_dir) or {}).get("settings")
     if not isinstance(recorded, dict):
         return []
     return [f"{stage} {key}: {_short(old)} -> {_short(new)}"
-            for stage, key, old, new in _differences(recorded, run_record(config)["settings"])]
+            for stage, key, old, new in _differences(recorded, run_record(settings)["settings"])]
 
 
-def check_run_owner(config: dict, run_dir: PathLike) -> None:
+def check_run_owner(settings: Settings, run_dir: PathLike) -> None:
     """Refuse a run folder that another project wrote from other data, split or settings.
 
     A folder this project wrote (the same working directory) is its own to rerun; one from another
@@ -191,7 +185,7 @@ def check_run_owner(config: dict, run_dir: PathLike) -> None:
     recorded = _recorded_run(run_dir)
     if recorded is None or not isinstance(recorded.get("project"), str):
         return
-    ours = run_record(config)
+    ours = run_record(settings)
     if recorded["project"] == ours["project"]:
         return
     differs = _first_difference(recorded.get("settings") or {}, ours["settings"])

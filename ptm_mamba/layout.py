@@ -12,7 +12,8 @@ reads. Snakemake passes wildcard patterns through the same functions, e.g.
     {embeddings_dir}/{split}_embeddings.h5          a split's gathered embeddings
     {output_dir}/ptm-mamba-{run_name}/              a training run: RUN_FILES (+ resume/)
     results/predictions/{run_name}/{name}.h5        predict on predict.inputs
-    results/report/{run_name}/                      the report's figures and tables
+    results/report/{run_name}/                      the report's figures and tables: report_files()
+    NAME.csv + NAME.summary.json                    the prepare stage's CSV (dataset.dataset_location)
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ PROVENANCE_FILE, RESUME_DIR = "provenance.json", "resume"
 # What a finished training run folder holds (its split_mapping.json is the split stage's SPLIT_MAPPING).
 RUN_FILES = (CONFIG_FILE, SPLIT_MAPPING, METRICS_FILE, BEST_CKPT, LAST_CKPT, PROVENANCE_FILE)
 # A workflow run must have a name Snakemake knows before it starts; a standalone
-# `ptm-mamba train` without one is named by its start time (the seed pipeline's folders).
+# `ptm-mamba train` without one is named by its start time (timestamp_run_name).
 WORKFLOW_RUN_NAME = "default"
 
 
@@ -90,6 +91,29 @@ def run_files(folder: str | os.PathLike) -> dict[str, Path]:
 
 def report_dir(run_name: str) -> Path:
     return Path(REPORTS_DIR) / run_name
+
+
+# The report's files (`ptm-mamba plots`, the workflow's plots rule): a PNG per figure; each table as a
+# TSV to download and as an HTML page to read (Snakemake's report shows .html inline); config.yaml as a page.
+REPORT_FIGURES = ("loss", "accuracy", "learning_rate", "throughput", "test_ptm_accuracy")
+REPORT_TABLES = ("test_results", "splits", "embeddings", "provenance", "run_summary")
+
+
+def report_files(folder: str | os.PathLike) -> dict[str, Path]:
+    """A report folder's files by key: ``{figure}`` (its PNG), ``{table}`` (its TSV), ``{table}_html``
+    and ``config_html``, in the order ``ptm-mamba plots`` checks them."""
+    folder = Path(folder)
+    files = {name: folder / f"{name}.png" for name in REPORT_FIGURES}
+    for table in REPORT_TABLES:
+        files[table], files[f"{table}_html"] = folder / f"{table}.tsv", folder / f"{table}.html"
+    files["config_html"] = folder / f"{Path(CONFIG_FILE).stem}.html"
+    return files
+
+
+def prepared_summary_path(csv_path: str | os.PathLike) -> Path:
+    """The prepare stage's record beside the CSV it wrote: ``NAME.summary.json`` for ``NAME.csv``."""
+    path = Path(csv_path)
+    return path.with_name(f"{path.stem}.summary.json")
 
 
 def prediction_path(run_name: str, name: str) -> Path:

@@ -19,7 +19,7 @@ mamba-ssm's `mamba_inner_fn`, as mamba-ssm's own block does (it needs mamba-ssm 
 extensions and causal-conv1d); "triton" and "torch" run the steps above in PyTorch with the
 selective scan on the Triton kernels or in PyTorch (`ptm_mamba.scan`); "auto" takes the fused
 kernels on CUDA inputs where mamba-ssm is installed, else the scan's own "auto". Kernels that fail
-at run time warn once and leave the process on the PyTorch path (`ptm_mamba.scan.fall_back`); a
+at run time warn once and leave the process on the PyTorch path (`ptm_mamba.kernels.fall_back`); a
 choice that cannot run here at all is an error when the block is made (`check_scan`).
 """
 
@@ -38,7 +38,8 @@ from torch import Tensor
 
 from ptm_mamba import scan_triton
 from ptm_mamba.errors import PipelineError
-from ptm_mamba.scan import describe, falling_back, has_failed, note_ran, selective_scan
+from ptm_mamba.kernels import describe, falling_back, has_failed, note_ran
+from ptm_mamba.scan import selective_scan
 
 SCANS = ("auto", "torch", "triton", "fused")
 

@@ -40,13 +40,6 @@ from ptm_mamba.tokenizer import PAD_ID, VOCAB
 MODEL_TYPES = ("bidirectional_mamba", "mamba")
 
 
-def _schema_default(key: str) -> Any:
-    """The config schema's default of ``model.<key>``: defaults are written in one place."""
-    from ptm_mamba.config import schema_default
-
-    return schema_default(f"model.{key}")
-
-
 @dataclass
 class ModelConfig:
     """Network shape. Plain values only, so it round-trips through YAML and checkpoints.
@@ -56,17 +49,19 @@ class ModelConfig:
     else the Triton scan on a GPU, else PyTorch), "torch", "triton" or "fused". It changes
     speed, not the model: the state-dict layout is the same and results agree to rounding.
     Checkpoints before it was named ``scan`` call it ``backend``.
+
+    The defaults are the config schema's ``model.*`` ones (tests/test_model.py checks they agree).
     """
 
-    model_type: str = field(default_factory=lambda: _schema_default("model_type"))
-    d_model: int = field(default_factory=lambda: _schema_default("d_model"))
-    n_layer: int = field(default_factory=lambda: _schema_default("n_layer"))
+    model_type: str = "bidirectional_mamba"
+    d_model: int = 768
+    n_layer: int = 24
     vocab_size: int = len(VOCAB)
     esm_dim: int = 1280  # ESM-2 650M, the published model's
     use_esm: bool = True
-    ssm_cfg: dict = field(default_factory=lambda: _schema_default("ssm_cfg"))
+    ssm_cfg: dict = field(default_factory=dict)
     norm_eps: float = 1e-5
-    scan: str = field(default_factory=lambda: _schema_default("scan"))
+    scan: str = "auto"
 
     def __post_init__(self) -> None:
         if self.model_type not in MODEL_TYPES:
@@ -251,39 +246,3 @@ class PTMMamba(nn.Module):
     def num_parameters(self) -> int:
         """Number of distinct parameters (the tied embedding/LM head counted once)."""
         return sum(p.numel() for p in self.parameters())
-
-    @classmethod
-    def from_checkpoint(cls, path, device: str | torch.device = "cpu", scan: str = "auto") -> "PTMMamba":
-        """A trained model from ``best.ckpt``/``last.ckpt`` (``torch.load(weights_only=True)``), in eval mode.
-
-        ``scan`` picks the kernels here (see :class:`ModelConfig`), whatever the training run used.
-
-        The run's config travels with it (``model.run_config``), so
-        :func:`ptm_mamba.predict.predict` knows which ESM-2 model to run. A checkpoint whose config or weights do not
-        make a model raises :class:`PipelineError`.
-        """
-        from . import checkpoint
-
-        state = checkpoint.load(path, map_location=device)
-        try:
-            config = ModelConfig.from_dict({**state["model_config"], "scan": scan})
-            with torch.device("meta"):  # allocates nothing, whatever sizes the config names
-                skeleton = cls(config)
-        except Exception as exc:  # e.g. a crafted model_config: wrong types, impossible sizes
-            raise PipelineError(f"{path}: cannot build its model: {checkpoint.one_line(exc)}") from None
-        weights = _drop_unused_mixer_params(state["model"])
-        checkpoint.load_weights(skeleton, weights, path, assign=True)  # names and shapes first
-        model = cls(config).to(device)
-        checkpoint.load_weights(model, weights, path)
-        model.run_config = state.get("config")
-        model.run_settings = state.get("settings")  # what it was trained with (ptm_mamba/stages.py)
-        return model.eval()
-
-
-_UNUSED_MIXER = ("A_b_log", "conv1d_b.weight", "conv1d_b.bias", "x_proj_b.weight", "dt_proj_b.weight",
-                 "dt_proj_b.bias", "D_b")
-
-
-def _drop_unused_mixer_params(state_dict: dict) -> dict:
-    """The published checkpoint's bundled mamba-ssm fork creates *_b mixer parameters it never uses."""
-    return {k: v for k, v in state_dict.items() if not k.endswith(_UNUSED_MIXER)}

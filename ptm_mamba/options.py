@@ -6,7 +6,7 @@ import argparse
 
 
 def option(p: argparse.ArgumentParser, name: str, **kw) -> None:
-    """An option spelled both ``--output_dir`` (the seed's) and ``--output-dir``."""
+    """An option spelled both ``--output_dir`` (as the README and the rules write it) and ``--output-dir``."""
     dashed = name.replace("_", "-")
     flags = [f"--{name}"] + ([f"--{dashed}"] if dashed != name else [])
     p.add_argument(*flags, dest=name, **kw)

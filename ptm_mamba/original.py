@@ -50,8 +50,8 @@ from typing import Any
 import torch
 
 from . import checkpoint
-from .errors import PipelineError
-from .model import ModelConfig, PTMMamba, _drop_unused_mixer_params
+from .errors import PipelineError, one_line
+from .model import ModelConfig, PTMMamba
 from .tokenizer import VOCAB
 
 ORIGINAL_ESM = "esm2_t33_650M_UR50D"  # hard-coded in the original's train.py (repr_layers=[33], its last)
@@ -90,7 +90,7 @@ def _refusal(exc: pickle.UnpicklingError) -> str:
         name = found.group(1) if "." in found.group(1) else f"builtins.{found.group(1)}"
         return f"refused global {name}"
     lines = [line for line in text.split("Check the documentation of torch.load")[0].splitlines() if line.strip()]
-    return checkpoint.one_line(lines[-1].split("WeightsUnpickler error:")[-1] if lines else text)
+    return one_line(lines[-1].split("WeightsUnpickler error:")[-1] if lines else text)
 
 
 def read_original(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -106,7 +106,7 @@ def read_original(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dic
                             "and OmegaConf containers are allowed") from None
     except Exception as exc:  # truncated, not a torch file
         raise PipelineError(f"{path}: not a readable checkpoint ({type(exc).__name__}: "
-                            f"{checkpoint.one_line(exc)})") from None
+                            f"{one_line(exc)})") from None
     if isinstance(state, dict) and "format_version" in state:
         raise PipelineError(f"{path}: already a ptm-mamba checkpoint; use it as it is")
     if not (isinstance(state, dict) and "model" in state and "config" in state):
@@ -185,9 +185,9 @@ def import_original(source: str | os.PathLike, output: str | os.PathLike, *, esm
     checkpoint's ``esm`` config; default: the original's). Returns a summary: the model
     config, the tensors kept and the unused ones dropped.
     """
-    from .esm import ESM2_NAMES, model_name
+    from .esm_weights import ESM2_NAMES, esm_identity, model_name
     from .predict import _check_output
-    from .stages import esm_identity, file_sha256
+    from .hashing import file_sha256
 
     source, output = Path(source), Path(output)
     _check_output(output, checkpoint=source)
@@ -198,7 +198,7 @@ def import_original(source: str | os.PathLike, output: str | os.PathLike, *, esm
     esm_model = str(esm_model)
     weights, original = read_original(source)
     config = model_config_of(original, str(source))
-    kept = _drop_unused_mixer_params(weights)
+    kept = checkpoint.drop_unused_mixer_params(weights)
     dropped = sorted(set(weights) - set(kept))
     stray = [k for k in dropped if ".mixer." not in k]
     if stray:
@@ -211,7 +211,7 @@ def import_original(source: str | os.PathLike, output: str | os.PathLike, *, esm
         with torch.device("meta"):  # names and shapes, without allocating
             skeleton = PTMMamba(config)
     except Exception as exc:  # noqa: BLE001 - sizes the mixer cannot take
-        raise PipelineError(f"{source}: cannot build its model: {checkpoint.one_line(exc)}") from None
+        raise PipelineError(f"{source}: cannot build its model: {one_line(exc)}") from None
     checkpoint.load_weights(skeleton, kept, source, assign=True)
     state = {
         "format_version": checkpoint.FORMAT_VERSION,

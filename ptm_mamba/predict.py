@@ -1,10 +1,12 @@
 """Inference: logits and per-residue hidden states of a trained PTM-Mamba for PTM sequences.
 
-``ptm-mamba predict`` reads a CSV (``unique_id``/``ptm_seq`` or the config's
-column names) or a FASTA file whose sequences carry PTM tokens, and writes the
-final hidden states to an HDF5 file in the embedding-store layout (read it with
-``EmbeddingReader``): per protein ``L + 2`` rows, ``<cls>``, the L residues, ``<eos>``,
-as the stored ESM-2 features and :func:`predict` gives them. With
+``ptm-mamba predict`` reads a CSV with the columns ``unique_id`` and ``ptm_seq``
+(:data:`ptm_mamba.dataset.ID_COLUMN`, :data:`~ptm_mamba.dataset.SEQUENCE_COLUMN`) or a FASTA
+file whose sequences carry PTM tokens, and writes the final hidden states to an HDF5 file in
+the embedding-store layout (read it with ``EmbeddingReader``): per protein ``L + 2`` rows,
+``<cls>``, the L residues, ``<eos>``, as the stored ESM-2 features and :func:`predict` gives
+them; its attributes are ``split`` ("predict") and ``split_fingerprint`` (a hash of the ids
+and sequences). With
 ``pooled`` (the default) the file also holds each protein's mean hidden state over
 its residues, in float32: dataset ``pooled`` (n, d_model), row i for ``ids[i]``;
 :func:`read_pooled` reads the rows of the ids asked for, not the whole file.
@@ -26,8 +28,9 @@ from .data import BatchBuilder
 from .dataset import Protein, _read_text, read_dataset
 from .device import choose_device, describe, summary
 from .embedding_store import EmbeddingReader, ShardWriter
-from .errors import PipelineError
-from .tokenizer import PTMTokenizer
+from .errors import PipelineError, one_line
+from .settings import EsmSettings
+from .tokenizer import PTMTokenizer, residue_rows, rows_of
 
 
 def _proteins(sequences: list[str]) -> list[Protein]:
@@ -40,36 +43,32 @@ def _short_identity(identity: str) -> str:
     return re.sub(r"(sha256:[0-9a-f]{12})[0-9a-f]+", r"\1", identity)
 
 
-def _esm_for(model, esm_model):
+def _esm_for(model, esm_model, esm: EsmSettings | None, trained_esm: str | None):
     if not model.config.use_esm or esm_model is not None:
         return esm_model
-    try:
-        esm = model.run_config["esm"]
-        name, layer = esm["model"], esm["repr_layer"]
-    except (AttributeError, KeyError, TypeError):
+    if esm is None:
         raise PipelineError("this model uses ESM-2 features but its checkpoint names no ESM model: "
-                            "pass esm_model=load_esm(...)") from None
+                            "pass esm_model=load_esm(...)")
     from .esm import load_esm
-    from .stages import esm_identity
+    from .esm_weights import esm_identity
 
-    trained_with = (getattr(model, "run_settings", None) or {}).get("esm.model")
-    if trained_with is not None and esm_identity(name) != trained_with:
-        raise PipelineError(f"ESM model {name}: not the weights this model was trained with "
-                            f"({_short_identity(esm_identity(name))}, trained with {_short_identity(trained_with)}); "
+    if trained_esm is not None and esm_identity(esm.model) != trained_esm:
+        raise PipelineError(f"ESM model {esm.model}: not the weights this model was trained with "
+                            f"({_short_identity(esm_identity(esm.model))}, trained with {_short_identity(trained_esm)}); "
                             "put the training's ESM-2 file back at that path")
     device = next(model.parameters()).device
-    return load_esm(name, layer, device=device)
+    return load_esm(esm.model, esm.repr_layer, device=device)
 
 
 @torch.no_grad()
 def predict_batches(model, proteins: list[Protein], esm_model=None, max_tokens_per_batch: int | None = None,
-                    progress: bool = False):
+                    progress: bool = False, esm: EsmSettings | None = None, trained_esm: str | None = None):
     """Yield ``(protein indices, logits (B, T, V), hidden (B, T, d), lengths (B,))`` batch by batch."""
     from .forward import forward_batch
 
-    esm_model = _esm_for(model, esm_model)
+    esm_model = _esm_for(model, esm_model, esm, trained_esm)
     device = next(model.parameters()).device
-    builder = BatchBuilder(proteins, max_sequence_length=max(p.length for p in proteins) + 2, mask_prob=0.0,
+    builder = BatchBuilder(proteins, max_sequence_length=rows_of(max(p.length for p in proteins)), mask_prob=0.0,
                            random_mask_only_prob=1.0,
                            esm_alphabet=esm_model.alphabet if esm_model is not None else None)
     if max_tokens_per_batch is None:
@@ -83,16 +82,19 @@ def predict_batches(model, proteins: list[Protein], esm_model=None, max_tokens_p
         yield indices, out.logits, out.hidden_states, batch.lengths
 
 
-def predict(model, sequences: list[str], esm_model=None, max_tokens_per_batch: int | None = None) -> list:
+def predict(model, sequences: list[str], esm_model=None, max_tokens_per_batch: int | None = None, *,
+            esm: EsmSettings | None = None, trained_esm: str | None = None) -> list:
     """Per PTM sequence, a ``ModelOutput`` of logits (L+2, V) and hidden states (L+2, d) at ``<cls>``,
-    the residues and ``<eos>``. When the model uses ESM-2, features are computed here (the run's
-    ESM-2, named by its checkpoint, unless ``esm_model`` is given), with PTM positions masked as in
-    training."""
+    the residues and ``<eos>``. When the model uses ESM-2, features are computed here, with PTM
+    positions masked as in training: by ``esm_model``, or else by the ESM-2 ``esm`` names, refused
+    unless its weights are ``trained_esm`` (the identity the run recorded). A checkpoint gives both:
+    ``TrainedModel.esm`` and ``.trained_esm`` (:func:`ptm_mamba.checkpoint.load_model`)."""
     from .model import ModelOutput
 
     proteins = _proteins(sequences)
     results: list = [None] * len(proteins)
-    for indices, logits, hidden, lengths in predict_batches(model, proteins, esm_model, max_tokens_per_batch):
+    for indices, logits, hidden, lengths in predict_batches(model, proteins, esm_model, max_tokens_per_batch,
+                                                            esm=esm, trained_esm=trained_esm):
         for row, i in enumerate(indices):
             n = int(lengths[row])
             results[i] = ModelOutput(logits=logits[row, :n].cpu(), hidden_states=hidden[row, :n].cpu())
@@ -100,7 +102,7 @@ def predict(model, sequences: list[str], esm_model=None, max_tokens_per_batch: i
 
 
 def read_sequences(path: str | os.PathLike) -> list[Protein]:
-    """Proteins of a CSV (``unique_id``,``ptm_seq``) or FASTA file."""
+    """Proteins of a CSV (``unique_id``, ``ptm_seq``) or FASTA file."""
     path = Path(path)
     if path.suffix.lower() in (".fa", ".fasta", ".faa"):
         return read_fasta(path)
@@ -142,13 +144,12 @@ def _check_output(output: Path, **inputs: Path) -> None:
     refuse_overwrite({"output": output}, {f"the {what}": path for what, path in inputs.items()})
 
 
-def _check_esm_output(output: Path, model) -> None:
+def _check_esm_output(output: Path, model, esm: EsmSettings | None) -> None:
     """Refuse an output that is a file of the ESM-2 weights the model runs with."""
-    from .esm import weight_files
+    from .esm_weights import weight_files
 
-    esm = (getattr(model, "run_config", None) or {}).get("esm", {}).get("model") if model.config.use_esm else None
-    if esm:
-        _check_output(output, **{f"ESM-2 weights ({f.name})": f for f in weight_files(esm)})
+    if model.config.use_esm and esm is not None and esm.model:
+        _check_output(output, **{f"ESM-2 weights ({f.name})": f for f in weight_files(esm.model)})
 
 
 POOLED = "pooled"
@@ -159,29 +160,31 @@ def write_predictions(checkpoint_path: str | os.PathLike, input_path: str | os.P
                       pooled: bool = True, progress: bool = True) -> int:
     """Hidden states of every protein of ``input_path`` into ``output`` (HDF5, atomic), and with
     ``pooled`` their means over residues (dataset ``pooled``)."""
-    from .model import PTMMamba
+    from .checkpoint import load_model
 
     _check_output(Path(output), input=Path(input_path), checkpoint=Path(checkpoint_path))
     device = choose_device(device, [], "predict", cpu_option="use --device cpu")
-    model = PTMMamba.from_checkpoint(checkpoint_path, device=device)
-    _check_esm_output(Path(output), model)
+    trained = load_model(checkpoint_path, device=device)
+    model = trained.model
+    _check_esm_output(Path(output), model, trained.esm)
     proteins = read_sequences(input_path)
     print(f"predict runs on {summary(describe(device))}", flush=True)  # stdout: stderr is for what went wrong
     digest = hashlib.sha256("".join(p.id + p.sequence for p in proteins).encode()).hexdigest()[:24]
-    attrs = {"esm_model": f"ptm-mamba:{Path(checkpoint_path).resolve()}", "repr_layer": -1, "split": "predict",
-             "split_fingerprint": digest, "mask_prob": 0.0, "mask_seed": 0}
+    attrs = {"split": "predict", "split_fingerprint": digest}
     means = np.zeros((len(proteins), model.config.d_model), dtype=np.float32)  # rows in writing order
     # one atomic HDF5 file: the store and its pooled rows appear together or not at all; a failed
     # write (a full disk) is one line naming the output, and leaves neither it nor a temp file
     with ShardWriter(output, dim=model.config.d_model, replicates=1, attrs=attrs) as writer:
-        batches = predict_batches(model, proteins, None, max_tokens_per_batch, progress)
+        batches = predict_batches(model, proteins, None, max_tokens_per_batch, progress, trained.esm,
+                                  trained.trained_esm)
         written = 0
         for indices, _, hidden, lengths in batches:
-            for row, i in enumerate(indices):  # rows <cls>, residues 1..L, <eos>
+            for row, i in enumerate(indices):
                 states = hidden[row, :int(lengths[row])].float().cpu().numpy()
                 writer.add(proteins[i].id, [states], [np.zeros(len(states), dtype=bool)])
-                if len(states) > 2:
-                    means[written] = states[1:-1].mean(axis=0)
+                residues = len(states) - rows_of(0)
+                if residues > 0:
+                    means[written] = states[residue_rows(residues)].mean(axis=0)
                 written += 1
         if pooled:
             writer.add_dataset(POOLED, means,
@@ -203,5 +206,5 @@ def read_pooled(path: str | os.PathLike, ids: list[str]) -> np.ndarray:
         try:
             data = f[POOLED][unique] if len(unique) else np.zeros((0, f[POOLED].shape[1]), np.float32)
         except OSError as exc:  # a failed checksum, a truncated file
-            raise PipelineError(f"{path}: pooled embeddings unreadable: {' '.join(str(exc).split())[:200]}") from None
+            raise PipelineError(f"{path}: pooled embeddings unreadable: {one_line(exc)}") from None
     return data[inverse]

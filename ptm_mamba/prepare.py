@@ -40,10 +40,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from .dataset import derived_id
+from .dataset import ID_COLUMN, SEQUENCE_COLUMN, derived_id
 from .errors import PipelineError
 from .fileio import write_together
-from .stages import PREPARE, check_settings, file_sha256, sha256_of, source_identity
+from .settings import Settings
+from .hashing import file_sha256, sha256_of
+from .layout import prepared_summary_path
+from .stages import PREPARE, check_settings, source_identity
 from .tokenizer import PTM_RESIDUE, RESIDUES
 
 FORMATS = ("uniprot_tsv", "ptm_mamba_sites")
@@ -203,15 +206,11 @@ READERS = {"uniprot_tsv": read_uniprot_tsv, "ptm_mamba_sites": read_ptm_mamba_si
 
 # ----------------------------------------------------------------------------- the stage
 
-def summary_path(csv_path: str | os.PathLike) -> Path:
-    path = Path(csv_path)
-    return path.with_name(f"{path.stem}.summary.json")
-
-
 def check_output_path(csv_path: str | os.PathLike) -> None:
     """Refuse to write over a CSV that the prepare stage did not make (e.g. datasets/demo.csv)."""
-    if Path(csv_path).exists() and not summary_path(csv_path).exists():
-        raise PipelineError(f"{csv_path} exists and was not made by the prepare stage (no {summary_path(csv_path).name} "
+    summary = prepared_summary_path(csv_path)
+    if Path(csv_path).exists() and not summary.exists():
+        raise PipelineError(f"{csv_path} exists and was not made by the prepare stage (no {summary.name} "
                             "beside it); with dataset.source set, dataset.dataset_location names the CSV it writes: "
                             "choose another path")
 
@@ -242,7 +241,7 @@ def prepare(fmt: str, source: str | os.PathLike, output: str | os.PathLike) -> d
         raise PipelineError(f"{source}: no entry with a PTM of the vocabulary ({tally.entries} entries, "
                             f"{tally.features} features read); is it a {fmt} file?")
     buf = io.StringIO(newline="")
-    csv.writer(buf, lineterminator="\n").writerows([("unique_id", "ptm_seq"), *rows])
+    csv.writer(buf, lineterminator="\n").writerows([(ID_COLUMN, SEQUENCE_COLUMN), *rows])
     summary = {
         "settings": {"dataset.source": source_identity({"format": fmt, "path": source})},
         "source": str(source),
@@ -256,25 +255,24 @@ def prepare(fmt: str, source: str | os.PathLike, output: str | os.PathLike) -> d
         "sites_per_token": dict(tally.kept.most_common()),
         "files": {output.name: sha256_of(buf.getvalue().encode())},
     }
-    write_together({output: buf.getvalue(), summary_path(output): json.dumps(summary, indent=2) + "\n"})
+    write_together({output: buf.getvalue(), prepared_summary_path(output): json.dumps(summary, indent=2) + "\n"})
     return summary
 
 
-def check_prepared(config: dict) -> None:
+def check_prepared(settings: Settings) -> None:
     """With ``dataset.source`` set, refuse a CSV at ``dataset.dataset_location`` that was not prepared
     from that source (one line); without a source, nothing to check."""
-    ds = config["dataset"]
-    if ds["source"] is None:
+    if settings.dataset.source is None:
         return
-    csv_path, fix = Path(ds["dataset_location"]), "rerun the prepare stage (ptm-mamba prepare)"
-    where = summary_path(csv_path)
+    csv_path, fix = Path(settings.dataset.dataset_location), "rerun the prepare stage (ptm-mamba prepare)"
+    where = prepared_summary_path(csv_path)
     try:
         summary = json.loads(where.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise PipelineError(f"{where} not found: {csv_path} was not made by the prepare stage; {fix}") from None
     except (OSError, ValueError) as exc:
         raise PipelineError(f"{where}: unreadable ({exc}); {fix}") from None
-    check_settings(summary.get("settings") if isinstance(summary, dict) else None, config, PREPARE, str(where), fix)
+    check_settings(summary.get("settings") if isinstance(summary, dict) else None, settings, PREPARE, str(where), fix)
     if file_sha256(csv_path) != summary.get("files", {}).get(csv_path.name):
         raise PipelineError(f"{csv_path} is not the file {where.name} records (edited after it was prepared); {fix}")
 

@@ -18,10 +18,12 @@ from pathlib import Path
 
 from .fileio import atomic_write_json
 from .guard import run_record
-from .stages import esm_identity, esm_sha256, file_sha256
+from .layout import PROVENANCE_FILE
+from .settings import Settings
+from .esm_weights import esm_identity, esm_sha256
+from .hashing import file_sha256
 
 PACKAGES = ("ptm-mamba", "torch", "mamba-ssm", "fair-esm", "snakemake", "accelerate")
-FILE = "provenance.json"
 
 
 def package_versions(names: tuple[str, ...] = PACKAGES) -> dict[str, str | None]:
@@ -63,16 +65,15 @@ def count_rows(path: str | os.PathLike) -> int | None:
         return None
 
 
-def provenance(config: dict, runtime: dict | None = None) -> dict:
-    """The provenance of a run made with ``config``; ``runtime`` says what ran where
+def provenance(settings: Settings, runtime: dict | None = None) -> dict:
+    """The provenance of a run made with ``settings``; ``runtime`` says what ran where
     (:func:`ptm_mamba.device.describe`, precision, kernels)."""
-    data = config["dataset"]["dataset_location"]
+    data, model = settings.dataset.dataset_location, settings.esm.model
     return {
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "dataset": {"path": str(data), "sha256": file_sha256(data), "rows": count_rows(data),
-                    "source": config["dataset"].get("source")},
-        "esm": {"model": config["esm"]["model"], "identity": esm_identity(config["esm"]["model"]),
-                "sha256": esm_sha256(config["esm"]["model"])},
+                    "source": settings.lookup("dataset.source")},
+        "esm": {"model": model, "identity": esm_identity(model), "sha256": esm_sha256(model)},
         "code": git_commit(),
         "packages": package_versions(),
         "python": platform.python_version(),
@@ -81,12 +82,12 @@ def provenance(config: dict, runtime: dict | None = None) -> dict:
         "gpus": gpu_names(),
         "processes": int(os.environ.get("WORLD_SIZE", "1")),
         "runtime": runtime,
-        **run_record(config),  # whose run this is: the project folder and every stage's settings
+        **run_record(settings),  # whose run this is: the project folder and every stage's settings
     }
 
 
-def write_provenance(config: dict, run_dir: str | os.PathLike, runtime: dict | None = None) -> Path:
+def write_provenance(settings: Settings, run_dir: str | os.PathLike, runtime: dict | None = None) -> Path:
     """Write ``provenance.json`` into the run folder (atomically); return its path."""
-    path = Path(run_dir) / FILE
-    atomic_write_json(path, provenance(config, runtime))
+    path = Path(run_dir) / PROVENANCE_FILE
+    atomic_write_json(path, provenance(settings, runtime))
     return path

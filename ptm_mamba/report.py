@@ -11,7 +11,8 @@
                                             the tables (and config.yaml) as self-contained HTML pages:
                                             Snakemake's report shows .html items inline, .tsv/.yaml as downloads
 
-``metrics.json`` is the list ``train.py`` writes: a header ``{"split_sizes", "num_parameters"}``,
+``metrics.json`` is the list ``train.py`` writes: a header (``split_sizes``,
+``longer_than_max_sequence_length``, ``num_parameters``),
 one record per training step (``train_*``, ``lr``, ``tokens``, and ``tokens_per_s``,
 ``loader_wait_fraction``, ``peak_memory_gib`` -- null on the CPU), per validation/test batch
 (``val_*``/``test_*`` with ``batch``) and one average per evaluation (``avg_val_*``/``avg_test_*``;
@@ -33,11 +34,13 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from .errors import PipelineError
+from .errors import PipelineError, one_line
 from .fileio import atomic_path, atomic_write_text
+from .layout import REPORT_FIGURES, report_files
 from .options import option
+from .tokenizer import ROWS_AROUND_RESIDUES
 
-FIGURES = ("loss", "accuracy", "learning_rate", "throughput", "test_ptm_accuracy")
+FIGURES = REPORT_FIGURES
 DPI = 120
 FIGSIZE = (8.0, 4.8)
 MAX_PTM_BARS = 40  # the bar chart shows the most frequent types; the TSV holds all
@@ -302,18 +305,14 @@ def plot_test_ptm_accuracy(m: RunMetrics, path: Path) -> Path:
 
 
 def plot_metrics(metrics_path: str | Path, out_dir: str | Path) -> dict[str, Path]:
-    """Write loss.png, accuracy.png, learning_rate.png, throughput.png and test_ptm_accuracy.png into
-    ``out_dir``.
-
-    Every figure is always written (a note replaces missing data), so a caller can rely on them.
-    Returns ``{name: path}`` with the names of :data:`FIGURES`.
-    """
+    """Write the PNG of each of :data:`FIGURES` into ``out_dir`` (``layout.report_files``) and return
+    ``{name: path}``. Every figure is always written (a note replaces missing data)."""
     m = load_metrics(metrics_path)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    files = report_files(out_dir)
     plots = {"loss": plot_loss, "accuracy": plot_accuracy, "learning_rate": plot_learning_rate,
              "throughput": plot_throughput, "test_ptm_accuracy": plot_test_ptm_accuracy}
-    return {name: plots[name](m, out / f"{name}.png") for name in FIGURES}
+    return {name: plots[name](m, files[name]) for name in FIGURES}
 
 
 # ----------------------------------------------------------------------------- tables
@@ -439,7 +438,7 @@ def embedding_stats(h5_paths: Sequence[str | Path], out_tsv: str | Path, max_val
         with h5py.File(path, "r", locking=False) as f:  # layout documented in embedding_store
             emb, mask, offsets = f["embeddings/0"], f["masks/0"], f["offsets"][()]
             total, dim = int(emb.shape[0]), int(emb.shape[1])
-            residues = total - 2 * len(ids)  # each protein's rows: <cls>, its residues, <eos>
+            residues = total - ROWS_AROUND_RESIDUES * len(ids)  # each protein's <cls> and <eos> rows
             picked = _sample_rows(total, max(1, max_values // max(1, dim)))
             at_residue = [~np.isin(np.arange(s.start, s.stop), np.concatenate([offsets[:-1], offsets[1:] - 1]))
                           for s in picked]
@@ -464,7 +463,7 @@ def _read_yaml(path: Path) -> dict:
     except FileNotFoundError:
         raise PipelineError(f"{path}: config not found") from None
     except yaml.YAMLError as err:
-        raise PipelineError(f"{path}: not valid YAML ({' '.join(str(err).split())})") from None
+        raise PipelineError(f"{path}: not valid YAML ({one_line(err, limit=1000)})") from None
     if not isinstance(data, dict):
         raise PipelineError(f"{path}: expected a YAML mapping, got {type(data).__name__}")
     return data
@@ -817,33 +816,30 @@ def cmd_plots(args: argparse.Namespace) -> None:
     TSV and as an HTML page (which Snakemake's report shows inline)."""
     from .guard import refuse_overwrite
 
-    out = Path(args.output_dir)
-    tables = ("test_results", "splits", "embeddings", "provenance", "run_summary")
-    writes = ([f"{name}.png" for name in FIGURES] + [f"{t}.{ext}" for t in tables for ext in ("tsv", "html")]
-              + ["config.html"])
+    out = report_files(args.output_dir)
     reads = {"--metrics": args.metrics, "--summary": args.summary, "--provenance": args.provenance,
              "--config": args.config, **{f"--embeddings ({e})": e for e in args.embeddings or []}}
-    refuse_overwrite({f"--output_dir ({name})": out / name for name in writes},
+    refuse_overwrite({f"--output_dir ({path.name})": path for path in out.values()},
                      {label: path for label, path in reads.items() if path})
-    written = list(plot_metrics(args.metrics, out).values())
-    written.append(test_results_table(args.metrics, out / "test_results.tsv"))
-    written.append(test_results_html(written[-1], out / "test_results.html"))
+    written = list(plot_metrics(args.metrics, args.output_dir).values())
+    written.append(test_results_table(args.metrics, out["test_results"]))
+    written.append(test_results_html(written[-1], out["test_results_html"]))
     if args.summary:
-        written.append(split_table(args.summary, out / "splits.tsv"))
-        written.append(table_html(written[-1], out / "splits.html", "Split sizes",
+        written.append(split_table(args.summary, out["splits"]))
+        written.append(table_html(written[-1], out["splits_html"], "Split sizes",
                                   "Proteins, residues and PTM sites per split after the split stage (summary.json); "
                                   "the fingerprint identifies a split's exact content."))
     if args.embeddings:
-        written.append(embedding_stats(args.embeddings, out / "embeddings.tsv"))
-        written.append(embeddings_html(written[-1], out / "embeddings.html"))
+        written.append(embedding_stats(args.embeddings, out["embeddings"]))
+        written.append(embeddings_html(written[-1], out["embeddings_html"]))
     if args.provenance:
-        written.append(provenance_table(args.provenance, out / "provenance.tsv"))
-        written.append(provenance_html(written[-1], out / "provenance.html"))
+        written.append(provenance_table(args.provenance, out["provenance"]))
+        written.append(provenance_html(written[-1], out["provenance_html"]))
     if args.config:
-        written.append(config_html(args.config, out / "config.html"))
+        written.append(config_html(args.config, out["config_html"]))
     rows = run_summary(args.metrics, args.summary, args.config, args.provenance)
-    written.append(_write_tsv(out / "run_summary.tsv", ("item", "value"), rows))
-    written.append(summary_html(rows, out / "run_summary.html"))
+    written.append(_write_tsv(out["run_summary"], ("item", "value"), rows))
+    written.append(summary_html(rows, out["run_summary_html"]))
     for path in written:
         print(path)
 

@@ -24,18 +24,16 @@ rest, so each step of the scan touches contiguous blocks of N*D numbers. The ari
 on CUDA inputs, "triton" on any inputs the kernels take (CPU ones too under Triton's interpreter),
 "torch" never; first the kernels must pass a check against this module's scan, once per device
 and process (`triton_agrees`). A check that fails or raises, or a kernel that fails to compile or
-launch, warns once (`fall_back`) and leaves the process on the PyTorch scan. `what_ran()` says
-which implementations ran (mamba-ssm's fused block, see `ptm_mamba.mamba_block`, records here too).
+launch, warns once and leaves the process on the PyTorch scan; `ptm_mamba.kernels` keeps that
+record (`what_ran()`).
 
 `selective_scan_ref` is the plain loop over positions, for tests and benchmarks only.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import threading
-import warnings
 from typing import Iterator, NamedTuple
 
 import torch
@@ -44,7 +42,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from ptm_mamba import scan_triton
-from ptm_mamba.checkpoint import one_line
+from ptm_mamba.kernels import fall_back, falling_back, has_failed, note_passed_check, note_ran, passed_check
 
 
 def _compute_dtype(*tensors: Tensor | None) -> torch.dtype:
@@ -310,61 +308,6 @@ def _wants_triton(scan: str, *tensors: Tensor | None) -> bool:
     return scan_triton.supports(*tensors)
 
 
-# What ran in this process: implementations in the order of their first use, and those that failed
-# (name -> why), which are not tried again. "fused" is mamba-ssm's block (ptm_mamba.mamba_block).
-_RAN: dict[str, None] = {}
-_FAILED: dict[str, str] = {}
-_LABELS = {"triton": "the Triton selective scan", "fused": "mamba-ssm's fused Mamba kernels"}
-
-
-def note_ran(name: str) -> None:
-    """Record that `name` ("torch", "triton" or "fused") ran."""
-    _RAN.setdefault(name)
-
-
-def has_failed(name: str) -> bool:
-    """Whether `name` failed in this process (see `fall_back`): then it is not tried again."""
-    return name in _FAILED
-
-
-def what_ran() -> str:
-    """One line on the kernels this process used so far, e.g. "triton", "fused", or
-    "torch (triton failed: RuntimeError: ...)"; "nothing yet" before the first scan."""
-    ran = ", ".join(_RAN) or "nothing yet"
-    failed = "; ".join(f"{name} failed: {why}" for name, why in _FAILED.items())
-    return f"{ran} ({failed})" if failed else ran
-
-
-def describe(exc: BaseException) -> str:
-    """An exception as "Type: message" on one line."""
-    return f"{type(exc).__name__}: {one_line(exc)}"
-
-
-def fall_back(name: str, why: str | BaseException) -> None:
-    """Record that `name` ("triton" or "fused") cannot run in this process; the first time, warn (one line)."""
-    if has_failed(name):
-        return
-    _FAILED[name] = why if isinstance(why, str) else describe(why)
-    warnings.warn(f"{_LABELS[name]} failed ({_FAILED[name]}); using the PyTorch path in this process from now on",
-                  RuntimeWarning, stacklevel=3)  # fmt: skip
-
-
-@contextlib.contextmanager
-def falling_back(name: str) -> Iterator[None]:
-    """Run the block; an exception in it (a kernel that does not compile or launch) means `fall_back(name)`
-    and is swallowed, so the code after the block takes the PyTorch path. Out of memory is not the
-    kernels' fault, and the PyTorch path needs more: it is raised."""
-    try:
-        yield
-    except torch.OutOfMemoryError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - whatever the compiler, driver or extension raises
-        fall_back(name, exc)
-
-
-_TRITON_CHECKED: set[str] = set()  # devices on which the kernels passed `triton_agrees`
-
-
 def triton_agrees(device: torch.device | str) -> bool:
     """Whether the Triton kernels match this module's scan on `device`: checked once per device and
     process, before their first use, on a small problem (batch 2, 24 channels: a partial channel
@@ -376,15 +319,15 @@ def triton_agrees(device: torch.device | str) -> bool:
     RNG is left untouched (exact resume depends on it).
     """
     key = str(torch.device(device))
-    if key not in _TRITON_CHECKED and not has_failed("triton"):
+    if not passed_check(key) and not has_failed("triton"):
         # It may be first called inside a model's forward, under inference_mode, no_grad or autocast.
         with torch.inference_mode(False), torch.enable_grad(), torch.autocast(torch.device(key).type, enabled=False):
             error = _triton_error(torch.device(key))
         if error < 1e-3:
-            _TRITON_CHECKED.add(key)
+            note_passed_check(key)
         else:
             fall_back("triton", f"it disagrees with the PyTorch scan on {key}, relative error {error:.2g}")
-    return key in _TRITON_CHECKED and not has_failed("triton")
+    return passed_check(key) and not has_failed("triton")
 
 
 # triton_agrees's problem: batch, channels (a partial channel block), states, positions (two chunks,

@@ -46,7 +46,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from ptm_mamba.checkpoint import one_line
+from ptm_mamba.errors import one_line
 
 try:
     import triton

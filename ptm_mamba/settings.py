@@ -127,6 +127,9 @@ class Settings:
     training: TrainingSettings
     model: ModelSettings
     predict: PredictSettings
+    # The key order of the config these settings came from (the user's order, then the defaults the
+    # schema filled in): as_dict() writes config.yaml in it, so the same config gives the same bytes.
+    key_order: Any = field(default=None, compare=False, repr=False)
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "Settings":
@@ -143,11 +146,14 @@ class Settings:
             training=TrainingSettings(**training),
             model=ModelSettings(**dict(config["model"], ssm_cfg=dict(config["model"]["ssm_cfg"]))),
             predict=PredictSettings(**dict(config["predict"], inputs=tuple(config["predict"]["inputs"]))),
+            key_order=_key_order(config),
         )
 
     def as_dict(self) -> dict[str, Any]:
         """The plain mapping these settings came from (tuples as lists), as YAML and JSON write it."""
-        return _plain(dataclasses.asdict(self))
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "key_order"}
+        return _ordered(_plain({key: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v
+                                for key, v in values.items()}), self.key_order)
 
     def lookup(self, key: str) -> Any:
         """The plain value of a dotted config key (``"training.lr"``, ``"model"``)."""
@@ -161,9 +167,23 @@ class Settings:
         return dataclasses.replace(self, **sections)
 
 
+def _key_order(config: Any) -> Any:
+    """The nested key order of a mapping: ``{key: order of its value}`` (None for other values)."""
+    return {key: _key_order(value) for key, value in config.items()} if isinstance(config, dict) else None
+
+
+def _ordered(values: Any, order: Any) -> Any:
+    """``values`` (a plain mapping) with its keys in ``order`` (:func:`_key_order`), others after."""
+    if not isinstance(values, dict) or not isinstance(order, dict):
+        return values
+    keys = [k for k in order if k in values] + [k for k in values if k not in order]
+    return {key: _ordered(values[key], order.get(key)) for key in keys}
+
+
 def _plain(value: Any) -> Any:
     if isinstance(value, dict):
         return {key: _plain(item) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
         return [_plain(item) for item in value]
     return value
+

@@ -1,20 +1,16 @@
 """Deterministic train/val/test split of a dataset, and the split files as one unit.
 
-The order of the rows in the CSV does not matter: proteins are sorted by id
-and then shuffled with ``split_seed``, so the same data and seed give the same
-split. Proteins with the same residue sequence (PTMs aside) under different ids
-go to the same split, so no sequence is in two of them. With ``dataset.split_by: cluster`` whole
-sequence clusters (:mod:`ptm_mamba.cluster`) go to one split each, so no val/test
-protein is a close homolog of a training one. Each split is written
-as a CSV (``unique_id,ptm_seq``), with ``split_mapping.json`` (id -> split) and
-``summary.json`` beside them.
+The order of the rows in the CSV does not matter: proteins are sorted by id and then shuffled with
+``split_seed``. Proteins with the same residue sequence (PTMs aside) under different ids go to the
+same split, so no sequence is in two of them. With ``dataset.split_by: cluster`` whole sequence
+clusters (:mod:`ptm_mamba.cluster`) go to one split each, so no val/test protein is a close homolog
+of a training one.
 
-The five files are one unit: they are renamed into place together, with
-``summary.json`` last, and it records the settings the split was made with and
-the sha256 of the other four. :func:`load_split_dir` is how later stages read
-a split: it refuses files of another split (an interrupted or edited split), a
-split made from other data or settings, and splits that share an id or a
-sequence.
+The five files (:func:`ptm_mamba.layout.split_paths`) are one unit: they are renamed into place
+together, with ``summary.json`` last, and it records the settings the split was made with and the
+sha256 of the other four. :func:`load_split_dir` is how later stages read a split: it refuses files
+of another split (an interrupted or edited split), a split made from other data or settings, and
+splits that share an id or a sequence.
 """
 
 from __future__ import annotations
@@ -28,24 +24,21 @@ from collections import Counter
 
 import numpy as np
 
-from .dataset import ID_COLUMN, SEQUENCE_COLUMN, Protein, read_dataset, read_from_config
+from .cluster import cluster_proteins, identity_to_train, read_clusters
+from .dataset import ID_COLUMN, SEQUENCE_COLUMN, Protein, read_configured, read_dataset, residue_key
 from .errors import PipelineError
 from .fileio import write_together
 from .layout import SPLIT_SUMMARY, SPLITS, split_paths
 from .prepare import check_prepared
-from .stages import SPLIT, check_settings, sha256_of, stage_settings
-from .tokenizer import PTMTokenizer
+from .settings import DatasetSettings, Settings
+from .hashing import sha256_of
+from .stages import SPLIT, check_settings, stage_settings
 
 DUPLICATE_CRITERION = "the same residue sequence (PTM tokens read as their residues)"
 
 
 def _size(value: float, n: int) -> int:
     return int(value) if float(value).is_integer() else int(round(value * n))
-
-
-def residue_key(protein: Protein, tokenizer: PTMTokenizer = PTMTokenizer()) -> str:
-    """What makes two proteins duplicates of each other: their unmodified residue sequence."""
-    return tokenizer.residue_sequence(list(protein.tokens))
 
 
 def _targets(n: int, val_size: float, test_size: float, source: str) -> tuple[int, int]:
@@ -119,28 +112,26 @@ def split_clusters(proteins: list[Protein], clusters: dict[str, str], *, val_siz
     return splits
 
 
-def _split(config: dict, clusters_file: str | os.PathLike | None = None,
+def _split(settings: Settings, clusters_file: str | os.PathLike | None = None,
            threads: int | None = None) -> tuple[dict[str, list[Protein]], dict[str, str] | None]:
     """The split as ``dataset.split_by`` says, and the clusters (id -> cluster) it was made from, if any.
     Without ``clusters_file`` the clusters are made here (as the cluster stage would)."""
-    ds = config["dataset"]
-    check_prepared(config)
-    proteins = read_from_config(config)
-    sizes = dict(val_size=ds["val_size"], test_size=ds["test_size"], seed=ds["split_seed"],
-                 source=ds["dataset_location"])
-    if ds["split_by"] != "cluster":
+    ds = settings.dataset
+    check_prepared(settings)
+    proteins = read_configured(ds)
+    sizes = dict(val_size=ds.val_size, test_size=ds.test_size, seed=ds.split_seed, source=ds.dataset_location)
+    if not ds.by_cluster:
         return split_proteins(proteins, **sizes), None
-    from .cluster import cluster_proteins, read_clusters
-
     if clusters_file is not None:
-        clusters = read_clusters(clusters_file, config, proteins)
+        clusters = read_clusters(clusters_file, settings, proteins)
     else:
-        clusters = cluster_proteins(proteins, ds["cluster_identity"], ds["cluster_coverage"], threads)
+        clusters = cluster_proteins(proteins, ds.cluster_identity, ds.cluster_coverage, threads)
     return split_clusters(proteins, clusters, **sizes), clusters
 
 
-def split_from_config(config: dict) -> dict[str, list[Protein]]:
-    return _split(config)[0]
+def split_from_config(settings: Settings) -> dict[str, list[Protein]]:
+    """The split the split stage would make (without writing it)."""
+    return _split(settings)[0]
 
 
 def split_fingerprint(proteins: list[Protein]) -> str:
@@ -195,39 +186,36 @@ def mapping(splits: dict[str, list[Protein]]) -> dict[str, str]:
     return {p.id: name for name in SPLITS for p in splits[name]}
 
 
-def cluster_summary(splits: dict[str, list[Protein]], clusters: dict[str, str], config: dict,
+def cluster_summary(splits: dict[str, list[Protein]], clusters: dict[str, str], dataset: DatasetSettings,
                     threads: int | None = None) -> dict:
     """The clusters behind a split by clusters, and how close its test set is to its training set."""
-    from .cluster import identity_to_train
-
-    ds = config["dataset"]
     sizes = list(Counter(clusters.values()).values())
     return {
-        "identity": ds["cluster_identity"],
-        "coverage": ds["cluster_coverage"],
+        "identity": dataset.cluster_identity,
+        "coverage": dataset.cluster_coverage,
         "clusters": len(sizes),
         "largest": max(sizes),
         "singletons": sizes.count(1),
-        "test_vs_train": identity_to_train(splits["test"], splits["train"], coverage=ds["cluster_coverage"],
-                                           threshold=ds["cluster_identity"], seed=ds["split_seed"],
+        "test_vs_train": identity_to_train(splits["test"], splits["train"], coverage=dataset.cluster_coverage,
+                                           threshold=dataset.cluster_identity, seed=dataset.split_seed,
                                            threads=threads),
     }
 
 
-def run_split(config: dict, output_dir: str | os.PathLike, clusters_file: str | os.PathLike | None = None,
+def run_split(settings: Settings, output_dir: str | os.PathLike, clusters_file: str | os.PathLike | None = None,
               threads: int | None = None) -> dict:
     """The split stage: validate the data, split it, write the five files as one unit."""
-    splits, clusters = _split(config, clusters_file, threads)
+    splits, clusters = _split(settings, clusters_file, threads)
     paths = split_paths(output_dir)
     texts = {paths[name]: split_csv_text(splits[name]) for name in SPLITS}
     texts[paths["mapping"]] = json.dumps(mapping(splits), indent=2) + "\n"
     summary = {"splits": summarize(splits), "duplicates": duplicate_counts(splits)}
     if clusters is not None:
-        summary["clusters"] = cluster_summary(splits, clusters, config, threads)
+        summary["clusters"] = cluster_summary(splits, clusters, settings.dataset, threads)
         for name in SPLITS:
             summary["splits"][name]["clusters"] = len({clusters[p.id] for p in splits[name]})
         summary["splits"]["test"]["max_identity_to_train"] = summary["clusters"]["test_vs_train"]["max_identity"]
-    summary["settings"] = stage_settings(config, SPLIT)
+    summary["settings"] = stage_settings(settings, SPLIT)
     summary["files"] = {path.name: sha256_of(text.encode("utf-8")) for path, text in texts.items()}
     texts[paths["summary"]] = json.dumps(summary, indent=2) + "\n"  # last: the unit's commit record
     write_together(texts)
@@ -250,9 +238,9 @@ def check_disjoint(splits: dict[str, list[Protein]], where: str) -> None:
                                     "sequence; overlapping splits leak proteins, rerun the split stage")
 
 
-def load_split_dir(split_dir: str | os.PathLike, config: dict) -> dict[str, list[Protein]]:
+def load_split_dir(split_dir: str | os.PathLike, settings: Settings) -> dict[str, list[Protein]]:
     """The split stage's proteins, after checking that the folder holds one complete split,
-    made from this config's data and settings, with no protein in two splits."""
+    made from these settings' data and settings, with no protein in two splits."""
     paths = split_paths(split_dir)
     fix = "rerun the split stage"
     try:
@@ -263,7 +251,7 @@ def load_split_dir(split_dir: str | os.PathLike, config: dict) -> dict[str, list
         raise PipelineError(f"{paths['summary']}: unreadable ({exc}); {fix}") from None
     if not isinstance(summary, dict) or not isinstance(summary.get("files"), dict):
         raise PipelineError(f"{paths['summary']}: not written by this version's split stage; {fix}")
-    check_settings(summary.get("settings"), config, SPLIT, str(paths["summary"]), fix)
+    check_settings(summary.get("settings"), settings, SPLIT, str(paths["summary"]), fix)
     for key in (*SPLITS, "mapping"):
         path = paths[key]
         try:
@@ -272,6 +260,6 @@ def load_split_dir(split_dir: str | os.PathLike, config: dict) -> dict[str, list
             raise PipelineError(f"{path} not found: the split is incomplete; {fix}") from None
         if found != summary["files"].get(path.name):
             raise PipelineError(f"{path} is not the file {SPLIT_SUMMARY} records (an interrupted or edited split); {fix}")
-    splits = {name: read_split(paths[name], config["dataset"]["unknown_ptm"]) for name in SPLITS}
+    splits = {name: read_split(paths[name], settings.dataset.unknown_ptm) for name in SPLITS}
     check_disjoint(splits, str(split_dir))
     return splits

@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 from .errors import PipelineError
+from .layout import BEST_CKPT, CONFIG_FILE, LAST_CKPT, METRICS_FILE, PROVENANCE_FILE
 
 
 def run_summary(run_dir: str | os.PathLike, report_dir: str | os.PathLike) -> str:
@@ -19,7 +20,7 @@ def run_summary(run_dir: str | os.PathLike, report_dir: str | os.PathLike) -> st
 
     run_dir = Path(run_dir)
     try:
-        metrics = load_metrics(run_dir / "metrics.json")
+        metrics = load_metrics(run_dir / METRICS_FILE)
     except PipelineError:
         return ""
     if metrics.test is None:
@@ -28,7 +29,7 @@ def run_summary(run_dir: str | os.PathLike, report_dir: str | os.PathLike) -> st
     lines = [f"PTM-Mamba run {run_dir.name}: test loss {test['avg_test_loss']:.4f}, accuracy "
              f"{test['avg_test_acc']:.4f}, PTM accuracy {test['avg_test_ptm_acc']:.4f} (best.ckpt: val loss "
              f"{best.get('avg_val_loss', float('nan')):.4f} at step {best.get('Step', '?')})",
-             f"  outputs: {run_dir}/ (best.ckpt, last.ckpt, metrics.json, config.yaml, provenance.json)",
+             f"  outputs: {run_dir}/ ({', '.join((BEST_CKPT, LAST_CKPT, METRICS_FILE, CONFIG_FILE, PROVENANCE_FILE))})",
              f"  figures and tables: {report_dir}/; the HTML report: snakemake --report report.html"]
     return "\n".join(lines)
 

@@ -113,12 +113,6 @@ PTM_RESIDUE = {
 }
 
 
-# ----------------------------------------------------------------------------- position classes
-# Each takes token ids as an int, a numpy array or a torch tensor and returns the same kind of
-# bool (comparisons and & / | work alike on all three).
-Ids = TypeVar("Ids")
-
-
 # A protein's rows in every per-position array of the pipeline (ESM-2 features, masks, hidden states):
 # <cls>, its L residues, <eos>.
 ROWS_AROUND_RESIDUES = 2
@@ -132,6 +126,12 @@ def rows_of(residues: int) -> int:
 def residue_rows(residues: int) -> slice:
     """Where the residues are among a protein's :func:`rows_of` rows (between <cls> and <eos>)."""
     return slice(1, 1 + residues)
+
+
+# ----------------------------------------------------------------------------- position classes
+# Each takes token ids as an int, a numpy array or a torch tensor and returns the same kind of
+# bool (comparisons and & / | work alike on all three).
+Ids = TypeVar("Ids")
 
 
 def token_ids(tokens: Sequence[str]) -> np.ndarray:

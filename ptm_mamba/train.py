@@ -6,14 +6,12 @@ then the test set scored with ``best.ckpt``. Runs on one CPU, one GPU, or
 several processes (``accelerate launch``/``torchrun``); only the main process
 writes files.
 
-Outputs in ``{output_dir}/ptm-mamba-{run_name}/``: ``config.yaml``,
-``split_mapping.json``, ``metrics.json``, ``best.ckpt``, ``last.ckpt`` (and
-``logs/`` when ``training.log_with`` names a tracker: every metrics.json step
-record's scalars, at its step). Each step record also says whether training is fed
-(:class:`Throughput`): tokens per second, the fraction of the step spent waiting for the data
-loader and, on a GPU, the peak memory. While running, ``resume/state.ckpt`` holds
-everything needed to continue exactly where a killed run stopped (it is not a
-Snakemake output, so it survives Snakemake's clean-up of an interrupted job).
+Outputs in ``{output_dir}/ptm-mamba-{run_name}/``: :data:`ptm_mamba.layout.RUN_FILES`
+(``config.yaml``, ``split_mapping.json``, ``metrics.json``, ``best.ckpt``, ``last.ckpt``,
+``provenance.json``) and ``logs/`` when ``training.log_with`` names a tracker. Each step record
+of metrics.json also says whether training is fed (:class:`Throughput`). While running,
+``resume/state.ckpt`` holds everything needed to continue exactly where a killed run stopped (it
+is not a Snakemake output, so it survives Snakemake's clean-up of an interrupted job).
 
 Where a run starts (:meth:`Run.restore`): its own ``resume/state.ckpt`` when that
 was written with the same settings; else ``training.resume_from_checkpoint``, a
@@ -45,16 +43,17 @@ from .batching import epoch_batches, plan_batches
 from .config import dump_config
 from .data import Batch, BatchBuilder, EpochBatches, EvalBatches, collate_single
 from .device import choose_device, config_gpu_requests, describe, summary
-from .embed import check_store_settings
-from .embedding_store import EmbeddingReader, check_store_ids
-from .errors import PipelineError, StopRequested
+from .embedding_store import EmbeddingReader, check_store_ids, check_store_settings
+from .errors import PipelineError, StopRequested, one_line
 from .fileio import atomic_write_json, atomic_write_text
 from .guard import refuse_files_in_the_way
-from .layout import run_dir as run_folder, split_store_path, timestamp_run_name
+from .layout import (BEST_CKPT, CONFIG_FILE, LAST_CKPT, METRICS_FILE, RESUME_DIR, SPLIT_MAPPING,
+                     run_dir as run_folder, split_store_path, timestamp_run_name)
 from .forward import SUM_FIELDS, batch_sums, forward_batch, rates
 from .model import ModelConfig, PTMMamba
 from .provenance import write_provenance
-from .scan import what_ran
+from .settings import Settings
+from .kernels import what_ran
 from .split import load_split_dir, mapping, split_fingerprint, split_from_config
 from .stages import TRAIN, fingerprint_of, stage_settings
 from .tokenizer import PTM_MARKER_ID, VOCAB
@@ -64,7 +63,7 @@ log = logging.getLogger(__name__)
 
 # ----------------------------------------------------------------------------- set-up
 
-def processes(config: dict):
+def processes(settings: Settings):
     """The processes of this run (accelerate's state, which the Accelerator made later shares).
 
     On a GPU when one can be used, on the CPU when none was asked for (:mod:`ptm_mamba.device`
@@ -74,60 +73,60 @@ def processes(config: dict):
     """
     from accelerate import PartialState
 
-    device = choose_device(config["device"], config_gpu_requests(config), "train")
+    device = choose_device(settings.device, config_gpu_requests(settings), "train")
     return PartialState(cpu=device.type == "cpu")
 
 
-def make_accelerator(config: dict, out: Path):
+def make_accelerator(settings: Settings, out: Path):
     """The Accelerator; experiment trackers (training.log_with) write under ``{out}/logs/``."""
     from accelerate import Accelerator
     from accelerate.tracking import get_available_trackers
     from accelerate.utils import DistributedDataParallelKwargs
 
-    tr = config["training"]
-    cpu = processes(config).device.type == "cpu"
-    precision = tr["mixed_precision"]
+    tr = settings.training
+    cpu = processes(settings).device.type == "cpu"
+    precision = tr.mixed_precision
     if precision == "auto":
         precision = "bf16" if not cpu and torch.cuda.is_bf16_supported() else "no"
     if precision == "fp16" and cpu:  # accelerate would quietly train in fp32 under the fp16 label
         raise PipelineError('training.mixed_precision: fp16 needs a GPU (accelerate runs fp16 on CUDA only); '
                             'on CPU use bf16 or "no"')
-    tracker = None if tr["log_with"] == "none" else tr["log_with"]
+    tracker = None if tr.log_with == "none" else tr.log_with
     if tracker is not None and tracker not in {str(t) for t in get_available_trackers()}:
         raise PipelineError(f"training.log_with: {tracker} is not installed (pip install {tracker}), "
                             f"or set training.log_with: none")
     # Without ESM the esm_head takes no part in the loss; DDP must be told.
-    ddp = DistributedDataParallelKwargs(find_unused_parameters=not tr["use_esm"])
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=not tr.use_esm)
     return Accelerator(mixed_precision=precision, kwargs_handlers=[ddp], cpu=cpu, log_with=tracker,
                        project_dir=str(out / "logs"))
 
 
-def run_dir(config: dict, run_name: str | None) -> Path:
+def run_dir(settings: Settings, run_name: str | None) -> Path:
     """The run's output folder, decided once by the main process (a timestamp when unnamed)."""
     from accelerate.utils import broadcast_object_list
 
-    name = [run_name or config["run_name"] or timestamp_run_name()]
-    if processes(config).num_processes > 1:
+    name = [run_name or settings.run_name or timestamp_run_name()]
+    if processes(settings).num_processes > 1:
         broadcast_object_list(name, from_process=0)
-    out = run_folder(config["training"]["output_dir"], name[0])
+    out = run_folder(settings.training.output_dir, name[0])
     refuse_files_in_the_way({"training.output_dir": out})
     return out
 
 
-def load_splits(config: dict, split_dir: str | None) -> dict:
+def load_splits(settings: Settings, split_dir: str | None) -> dict:
     """The split stage's files (checked), or (standalone) the same split made in memory."""
     if split_dir is None:
-        return split_from_config(config)
-    return load_split_dir(split_dir, config)
+        return split_from_config(settings)
+    return load_split_dir(split_dir, settings)
 
 
-def open_store(config: dict, name: str, proteins) -> EmbeddingReader:
+def open_store(settings: Settings, name: str, proteins) -> EmbeddingReader:
     """A split's precomputed embeddings, checked against the split and the embed-stage settings."""
-    path = split_store_path(config["training"]["embeddings_dir"], name)
+    path = split_store_path(settings.training.embeddings_dir, name)
     if not path.exists():
         raise PipelineError(f"{path} not found: run the embed stage first (ptm-mamba embed --config ... "
                             f"--output_dir {path.parent}) or set training.use_precomputed_embeddings: false")
-    check_store_settings(path, config)
+    check_store_settings(path, settings)
     store = EmbeddingReader(path)
     if store.attrs.get("split_fingerprint") != split_fingerprint(proteins):
         raise PipelineError(f"{path}: made for another {name} split than {name}.csv holds; "
@@ -136,43 +135,41 @@ def open_store(config: dict, name: str, proteins) -> EmbeddingReader:
     return store
 
 
-def make_builders(config: dict, splits: dict, esm_model) -> dict[str, BatchBuilder]:
-    tr = config["training"]
-    precomputed = tr["use_esm"] and tr["use_precomputed_embeddings"]
+def make_builders(settings: Settings, splits: dict, esm_model) -> dict[str, BatchBuilder]:
+    tr = settings.training
     return {
         name: BatchBuilder(
-            proteins, max_sequence_length=config["dataset"]["max_sequence_length"], mask_prob=tr["mask_prob"],
-            random_mask_only_prob=tr["random_mask_only_prob"],
-            store=open_store(config, name, proteins) if precomputed else None,
+            proteins, max_sequence_length=settings.dataset.max_sequence_length, mask_prob=tr.mask_prob,
+            random_mask_only_prob=tr.random_mask_only_prob,
+            store=open_store(settings, name, proteins) if tr.precomputed else None,
             esm_alphabet=esm_model.alphabet if esm_model is not None else None)
         for name, proteins in splits.items()
     }
 
 
-def load_esm_on_the_fly(config: dict, device):
-    tr = config["training"]
-    if not tr["use_esm"] or tr["use_precomputed_embeddings"]:
+def load_esm_on_the_fly(settings: Settings, device):
+    if not settings.training.use_esm or settings.training.precomputed:
         return None
-    if config["dataset"]["max_sequence_length"] - 2 > 1022:
+    if settings.dataset.max_residues > 1022:
         raise PipelineError("dataset.max_sequence_length must be <= 1024 when ESM-2 runs on the fly "
                             "(ESM-2 reads at most 1022 residues); precompute embeddings instead")
-    from .embed import load_esm_for
+    from .esm import load_esm_of
 
-    return load_esm_for(config, device=device)
+    return load_esm_of(settings, device=device)
 
 
-def esm_dim(config: dict, builders: dict, esm_model) -> int:
+def esm_dim(builders: dict, esm_model) -> int:
     if esm_model is not None:
         return esm_model.embed_dim
     store = builders["train"].store
     return int(store.attrs["dim"]) if store is not None else ModelConfig.esm_dim
 
 
-def model_config(config: dict, dim: int) -> ModelConfig:
-    m = config["model"]
-    return ModelConfig(model_type=m["model_type"], d_model=m["d_model"], n_layer=m["n_layer"],
-                       esm_dim=dim, use_esm=config["training"]["use_esm"], ssm_cfg=dict(m["ssm_cfg"]),
-                       scan=m["scan"])
+def model_config(settings: Settings, dim: int) -> ModelConfig:
+    """The model's config: ``settings.model``, ``training.use_esm`` and ESM-2's width ``dim``."""
+    m = settings.model
+    return ModelConfig(model_type=m.model_type, d_model=m.d_model, n_layer=m.n_layer, esm_dim=dim,
+                       use_esm=settings.training.use_esm, ssm_cfg=dict(m.ssm_cfg), scan=m.scan)
 
 
 def lr_factor(step: int, *, warmup: int, total: int, schedule: str, min_ratio: float) -> float:
@@ -187,12 +184,12 @@ def lr_factor(step: int, *, warmup: int, total: int, schedule: str, min_ratio: f
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def resume_fingerprint(config: dict, world_size: int) -> str:
+def resume_fingerprint(settings: Settings, world_size: int) -> str:
     """What must match for a saved state to be continued exactly: the train stage's settings
     (see ``stages.DEPENDS_ON``), the number of processes and, when set, the checkpoint the run
     was resumed from (so that a state is continued only by the run that began where it began)."""
-    source = config["training"]["resume_from_checkpoint"]
-    return fingerprint_of({**stage_settings(config, TRAIN), "world_size": world_size,
+    source = settings.training.resume_from_checkpoint
+    return fingerprint_of({**stage_settings(settings, TRAIN), "world_size": world_size,
                            **({"resume_from_checkpoint": str(source)} if source is not None else {})})
 
 
@@ -358,42 +355,42 @@ class TrainData:
     """The splits as this process sees them: the batch builders, the evaluation loaders and the
     training batches of each epoch, cut into optimiser steps."""
 
-    def __init__(self, config: dict, split_dir: str | None, accelerator):
-        tr = config["training"]
-        self.config = config
+    def __init__(self, settings: Settings, split_dir: str | None, accelerator):
+        tr = settings.training
+        self.settings = settings
         self.rank, self.world = accelerator.process_index, accelerator.num_processes
-        self.splits = load_splits(config, split_dir)
-        self.esm_model = load_esm_on_the_fly(config, accelerator.device)
-        self.builders = make_builders(config, self.splits, self.esm_model)
+        self.splits = load_splits(settings, split_dir)
+        self.esm_model = load_esm_on_the_fly(settings, accelerator.device)
+        self.builders = make_builders(settings, self.splits, self.esm_model)
         # items are whole batches; pinned host memory lets the copy to the GPU overlap compute
-        self.loader_args = dict(batch_size=None, collate_fn=collate_single, num_workers=tr["num_workers"],
+        self.loader_args = dict(batch_size=None, collate_fn=collate_single, num_workers=tr.num_workers,
                                 pin_memory=accelerator.device.type == "cuda")
         self.eval_loaders = {}
         for name in ("val", "test"):
-            batches = plan_batches(self.builders[name].lengths, tr["max_tokens_per_batch"],
-                                   tr["per_device_train_batch_size"])
+            batches = plan_batches(self.builders[name].lengths, tr.max_tokens_per_batch,
+                                   tr.per_device_train_batch_size)
             self.eval_loaders[name] = torch.utils.data.DataLoader(
                 EvalBatches(self.builders[name], batches, self.rank, self.world), **self.loader_args)
         # An optimiser step takes `accum` batches on each process: world * accum batches of the epoch's
         # plan (batches n, n + world, ... on process n): 1 process x 2 batches is 2 processes x 1 batch.
-        self.accum = tr["gradient_accumulation_steps"]
+        self.accum = tr.gradient_accumulation_steps
         self.batches_per_epoch = len(self.plan(0)) // self.world
-        self.total_steps = self.batches_per_epoch // self.accum * tr["num_train_epochs"]
-        if tr["max_steps"] is not None:
-            self.total_steps = min(self.total_steps, tr["max_steps"])
+        self.total_steps = self.batches_per_epoch // self.accum * tr.num_train_epochs
+        if tr.max_steps is not None:
+            self.total_steps = min(self.total_steps, tr.max_steps)
 
     def plan(self, epoch: int) -> list[list[int]]:
-        tr = self.config["training"]
-        return epoch_batches(self.builders["train"].lengths, tr["max_tokens_per_batch"],
-                             tr["per_device_train_batch_size"], seed=self.config["seed"], epoch=epoch,
+        tr = self.settings.training
+        return epoch_batches(self.builders["train"].lengths, tr.max_tokens_per_batch,
+                             tr.per_device_train_batch_size, seed=self.settings.seed, epoch=epoch,
                              world_size=self.world * self.accum)
 
     def steps(self, epoch: int, start: int):
         """This process's optimiser steps of ``epoch`` from its batch ``start`` on: for each step,
         an iterator over its ``accum`` batches (built as they are used)."""
         loader = torch.utils.data.DataLoader(
-            EpochBatches(self.builders["train"], self.plan(epoch), seed=self.config["seed"], epoch=epoch,
-                         replicate=epoch % self.config["embedding"]["mask_replicates"], rank=self.rank,
+            EpochBatches(self.builders["train"], self.plan(epoch), seed=self.settings.seed, epoch=epoch,
+                         replicate=epoch % self.settings.embedding.mask_replicates, rank=self.rank,
                          world_size=self.world, start=start),
             **self.loader_args)
         batches = iter(loader)
@@ -408,23 +405,21 @@ class Run:
     Every process holds one; only the main process writes files.
     """
 
-    def __init__(self, config: dict, accelerator, data: TrainData, out: Path):
-        tr = config["training"]
-        self.config, self.accelerator, self.data, self.out = config, accelerator, data, out
+    def __init__(self, settings: Settings, accelerator, data: TrainData, out: Path):
+        tr = settings.training
+        self.settings, self.accelerator, self.data, self.out = settings, accelerator, data, out
         self.main = accelerator.is_main_process
-        self.state_path = out / "resume" / "state.ckpt"
-        self.fingerprint = resume_fingerprint(config, accelerator.num_processes)
-        torch.manual_seed(config["seed"])  # the same init on every process
-        self.mcfg = model_config(config, esm_dim(config, data.builders, data.esm_model))
+        self.state_path = out / RESUME_DIR / "state.ckpt"
+        self.fingerprint = resume_fingerprint(settings, accelerator.num_processes)
+        torch.manual_seed(settings.seed)  # the same init on every process
+        self.mcfg = model_config(settings, esm_dim(data.builders, data.esm_model))
         self.model = PTMMamba(self.mcfg)
-        self.optimizer = torch.optim.AdamW(self.model.param_groups(tr["weight_decay"]), lr=tr["lr"],
-                                           betas=tuple(tr["adam_betas"]))
+        self.optimizer = torch.optim.AdamW(self.model.param_groups(tr.weight_decay), lr=tr.lr, betas=tr.adam_betas)
         # The scheduler stays outside accelerate, which would step it once per process per step.
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(
-            s, warmup=tr["warmup_steps"], total=data.total_steps, schedule=tr["lr_schedule"],
-            min_ratio=tr["min_lr_ratio"]))
+            s, warmup=tr.warmup_steps, total=data.total_steps, schedule=tr.lr_schedule, min_ratio=tr.min_lr_ratio))
         self.position = {"epoch": 0, "batch_in_epoch": 0, "step": 0, "best_val_loss": math.inf}
-        max_residues = config["dataset"]["max_sequence_length"] - 2
+        max_residues = settings.dataset.max_residues
         self.metrics: list[dict] = [{
             "split_sizes": {name: len(p) for name, p in data.splits.items()},
             "longer_than_max_sequence_length": {
@@ -439,7 +434,8 @@ class Run:
         """What best.ckpt holds: a model's weights, its config and the run's config and settings."""
         check_finite_weights(weights, f"step {self.position['step']}")
         return {"format_version": checkpoint.FORMAT_VERSION, "model": weights, "model_config": self.mcfg.to_dict(),
-                "config": self.config, "settings": stage_settings(self.config, TRAIN), "vocab": list(VOCAB)}
+                "config": self.settings.as_dict(), "settings": stage_settings(self.settings, TRAIN),
+                "vocab": list(VOCAB)}
 
     def checkpoint_state(self) -> dict:
         """What last.ckpt and resume/state.ckpt hold: the model's, and everything to continue exactly."""
@@ -450,12 +446,12 @@ class Run:
 
     def restore(self) -> None:
         """Start where the run should: its own interrupted state, an explicit last.ckpt, or init_from's weights."""
-        tr = self.config["training"]
+        tr = self.settings.training
         own = self.own_state()
         if own is not None:
             self.load(own, self.state_path)
-        elif tr["resume_from_checkpoint"] is not None:
-            source = tr["resume_from_checkpoint"]
+        elif tr.resume_from_checkpoint is not None:
+            source = tr.resume_from_checkpoint
             try:
                 saved = checkpoint.load(source)
             except PipelineError as exc:
@@ -465,9 +461,9 @@ class Run:
                                     f"nothing to continue: resume from a last.ckpt, or set training.init_from "
                                     f"to start a new run from these weights")
             self.load(saved, source)
-        elif tr["init_from"] is not None:
-            load_initial_weights(self.model, tr["init_from"])
-            self.accelerator.print(f"initialised from {tr['init_from']} (weights only)")
+        elif tr.init_from is not None:
+            load_initial_weights(self.model, tr.init_from)
+            self.accelerator.print(f"initialised from {tr.init_from} (weights only)")
 
     def own_state(self) -> dict | None:
         """This run's resume/state.ckpt, if one was written with these settings (else a warning)."""
@@ -487,7 +483,7 @@ class Run:
             self.optimizer.load_state_dict(saved["optimizer"])
         except (ValueError, KeyError, RuntimeError) as exc:
             raise PipelineError(f"{source}: its optimiser state does not fit this model "
-                                f"({checkpoint.one_line(str(exc))})") from None
+                                f"({one_line(exc)})") from None
         self.scheduler.load_state_dict(saved["scheduler"])
         self.follow_schedule()
         self.position = saved["position"]
@@ -508,7 +504,7 @@ class Run:
         """resume/state.ckpt and metrics.json as they are now."""
         if self.main:
             checkpoint.save(self.checkpoint_state(), self.state_path)
-            atomic_write_json(self.out / "metrics.json", self.metrics)
+            atomic_write_json(self.out / METRICS_FILE, self.metrics)
         self.accelerator.wait_for_everyone()
 
     # --- the run's start and end
@@ -519,9 +515,9 @@ class Run:
         self.model, self.optimizer = accelerator.prepare(self.model, self.optimizer)
         if self.main:
             out.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(out / "config.yaml", dump_config(self.config))
-            atomic_write_json(out / "split_mapping.json", mapping(data.splits))
-            write_provenance(self.config, out, self.runtime())
+            atomic_write_text(out / CONFIG_FILE, dump_config(self.settings.as_dict()))
+            atomic_write_json(out / SPLIT_MAPPING, mapping(data.splits))
+            write_provenance(self.settings, out, self.runtime())
         accelerator.init_trackers("ptm-mamba", init_kwargs={"wandb": {"name": out.name},
                                                             "mlflow": {"run_name": out.name}})
         sizes, world = self.metrics[0]["split_sizes"], data.world
@@ -541,10 +537,10 @@ class Run:
         """last.ckpt, best.ckpt from the best validation's weights, then the test set scored with them."""
         accelerator, out = self.accelerator, self.out
         if self.best_weights is None:  # resumed from a last.ckpt of an earlier version, which kept no best weights
-            self.best_weights = checkpoint.load(out / "best.ckpt")["model"]
+            self.best_weights = checkpoint.load(out / BEST_CKPT)["model"]
         if self.main:
-            checkpoint.save(self.checkpoint_state(), out / "last.ckpt")
-            checkpoint.save(self.model_state(self.best_weights), out / "best.ckpt")
+            checkpoint.save(self.checkpoint_state(), out / LAST_CKPT)
+            checkpoint.save(self.model_state(self.best_weights), out / BEST_CKPT)
         accelerator.wait_for_everyone()
         best_model = PTMMamba(self.mcfg).to(accelerator.device)
         best_model.load_state_dict(self.best_weights)
@@ -555,8 +551,8 @@ class Run:
         accelerator.print(f"test (best.ckpt): loss {avg['avg_test_loss']:.4f} acc {avg['avg_test_acc']:.4f} "
                           f"PTM acc {avg['avg_test_ptm_acc']:.4f}")
         if self.main:
-            write_provenance(self.config, out, self.runtime())  # now with the kernels that ran
-            atomic_write_json(out / "metrics.json", self.metrics)
+            write_provenance(self.settings, out, self.runtime())  # now with the kernels that ran
+            atomic_write_json(out / METRICS_FILE, self.metrics)
             self.state_path.unlink(missing_ok=True)
             if self.state_path.parent.exists() and not any(self.state_path.parent.iterdir()):
                 self.state_path.parent.rmdir()
@@ -585,21 +581,21 @@ class Run:
     def optimizer_step(self, sums: torch.Tensor, ranks: torch.Tensor) -> dict:
         """The optimiser step after a step's batches (refused on a NaN/Inf loss); returns its record.
         ``ranks``: each process's :meth:`Throughput.local`, as :meth:`backward_step` returns them."""
-        tr, step = self.config["training"], self.position["step"] + 1
+        tr, step = self.settings.training, self.position["step"] + 1
         if not math.isfinite(float(sums[0])):
             raise PipelineError(
                 f"step {step}: the training loss is {float(sums[0]):.4g} (NaN/Inf); "
                 f"stopped before the optimiser step, no checkpoint of it written (lower training.lr, "
                 f"check the embeddings, or set training.mixed_precision: \"no\")")
-        if tr["grad_clip"] is not None:
-            self.accelerator.clip_grad_norm_(self.model.parameters(), tr["grad_clip"])
+        if tr.grad_clip is not None:
+            self.accelerator.clip_grad_norm_(self.model.parameters(), tr.grad_clip)
         lr = self.scheduler.get_last_lr()[0]
         try:
             self.optimizer.step()
         except RuntimeError as exc:  # Adam's step size no longer fits the parameters' dtype
             if "overflow" not in str(exc):
                 raise
-            raise PipelineError(f"training.lr: {tr['lr']!r} overflows the optimiser's step size "
+            raise PipelineError(f"training.lr: {tr.lr!r} overflows the optimiser's step size "
                                 f"at step {step}; use a smaller learning rate") from None
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -631,7 +627,7 @@ class Run:
             self.position["best_val_loss"] = avg["avg_val_loss"]
             self.best_weights = cpu_copy(self.accelerator.unwrap_model(self.model).state_dict())
             if self.main:
-                checkpoint.save(self.model_state(self.best_weights), self.out / "best.ckpt")
+                checkpoint.save(self.model_state(self.best_weights), self.out / BEST_CKPT)
 
     def add_record(self, entry: dict) -> None:
         """Add a record to metrics.json (the source of truth) and its scalars to the trackers."""
@@ -678,7 +674,7 @@ def train_loop(run: Run, signals: StopSignals, *, progress: bool) -> None:
     ways out: the last step (returns; a stop signal received by then is let finish the run), or a
     stop signal (saves the state at the step just taken and raises :class:`StopRequested`).
     """
-    data, log_steps, total = run.data, run.config["training"]["log_steps"], run.data.total_steps
+    data, log_steps, total = run.data, run.settings.training.log_steps, run.data.total_steps
     tokens_seen, started, pace = 0.0, time.perf_counter(), run.throughput
     lines = ProgressLines(run) if not progress else None
     run.model.train()
@@ -709,9 +705,9 @@ def train_loop(run: Run, signals: StopSignals, *, progress: bool) -> None:
             run.next_epoch()
 
 
-def train(config: dict, *, split_dir: str | None = None, run_name: str | None = None,
+def train(settings: Settings, *, split_dir: str | None = None, run_name: str | None = None,
           progress: bool = True) -> Path:
-    """Train PTM-Mamba as ``config`` says; returns the run's output folder.
+    """Train PTM-Mamba as ``settings`` say; returns the run's output folder.
 
     Stops with :class:`StopRequested` (state saved at the current step) on SIGTERM/SIGUSR1/SIGINT;
     calling it again continues exactly where it stopped. The signals are caught from the start: one
@@ -719,16 +715,16 @@ def train(config: dict, *, split_dir: str | None = None, run_name: str | None = 
     let finish the run.
     """
     with StopSignals() as signals:
-        return _train(config, signals, split_dir=split_dir, run_name=run_name, progress=progress)
+        return _train(settings, signals, split_dir=split_dir, run_name=run_name, progress=progress)
 
 
-def _train(config: dict, signals: StopSignals, *, split_dir: str | None, run_name: str | None,
+def _train(settings: Settings, signals: StopSignals, *, split_dir: str | None, run_name: str | None,
            progress: bool) -> Path:
     # --- set-up: the run folder (named once, by the main process), processes, data, model and optimiser
-    out = run_dir(config, run_name)
-    accelerator = make_accelerator(config, out)
-    data = TrainData(config, split_dir, accelerator)
-    run = Run(config, accelerator, data, out)
+    out = run_dir(settings, run_name)
+    accelerator = make_accelerator(settings, out)
+    data = TrainData(settings, split_dir, accelerator)
+    run = Run(settings, accelerator, data, out)
     # --- restore: the run's own interrupted state, training.resume_from_checkpoint, or training.init_from
     run.restore()
     run.start()

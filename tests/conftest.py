@@ -18,8 +18,11 @@ import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 
-# Keep the test suite's torch use to the 2 cores we have, and quiet.
-os.environ.setdefault("OMP_NUM_THREADS", "2")
+# The suite runs in two pytest-xdist workers (pyproject.toml's addopts): one torch thread each, so
+# that the two share the 2 cores of a laptop or CI machine instead of fighting over them; alone
+# (`-n 0`), torch takes both.
+WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+os.environ.setdefault("OMP_NUM_THREADS", "1" if WORKER else "2")
 
 # Without a GPU the Triton scan kernels run under Triton's interpreter (tests/test_scan_triton.py).
 # Triton picks compiled or interpreted when a kernel is decorated, i.e. when `ptm_mamba.scan` is
@@ -35,23 +38,52 @@ def slurm_installed() -> bool:
     return shutil.which("slurmctld") is not None or Path("/usr/sbin/slurmctld").exists()
 
 
-@pytest.fixture(scope="session", autouse=True)
-def local_slurm():
-    """The local single-node SLURM, up for the whole session where it is installed (and we are root).
+def _slurm_runs() -> bool:
+    return subprocess.run(["pgrep", "-x", "slurmctld"], capture_output=True).returncode == 0
+
+
+def pytest_configure(config):
+    """Start the local single-node SLURM in the process that runs the session (pytest itself, or
+    xdist's controller before its workers start), where it is installed and we are root, unless it
+    runs already. It is left running at the end (`bash scripts/slurm/stop.sh` stops it): another
+    pytest session may be using it, and starting it again costs the next session ~10 s.
 
     Every `snakemake` command loads the SLURM executor plugin, which asks `scontrol show config` for
     its defaults; with SLURM installed but not running, each command then waits ~10 s for the
-    controller. With it running the question takes milliseconds. Yields whether it runs."""
-    if not slurm_installed() or os.geteuid() != 0:
-        yield False
+    controller. With it running the question takes milliseconds."""
+    if WORKER or not slurm_installed() or os.geteuid() != 0 or _slurm_runs():
         return
-    was_running = subprocess.run(["pgrep", "-x", "slurmctld"], capture_output=True).returncode == 0
     started = subprocess.run(["bash", str(SLURM_SCRIPTS / "start.sh")], capture_output=True, text=True,
                              timeout=180)
-    assert started.returncode == 0, started.stderr
-    yield True
-    if not was_running:
-        subprocess.run(["bash", str(SLURM_SCRIPTS / "stop.sh")], capture_output=True, timeout=120)
+    if started.returncode != 0:
+        raise pytest.UsageError(f"scripts/slurm/start.sh failed: {started.stderr.strip()}")
+
+
+# The longest tests, by name: each starts a worker's queue (xdist hands each worker a contiguous half of
+# the collection, then lets an idle worker take the tail of the other's), so that they overlap instead of
+# ending the run one after the other.
+_LONGEST = ("test_dag_on_slurm_with_a_train_job_past_its_time_limit",
+            "test_other_invocations_and_kills_during_a_run_change_nothing")
+
+
+def pytest_collection_modifyitems(config, items):
+    workers = getattr(config.option, "numprocesses", None) or 0
+    first = [i for i in items if i.name == _LONGEST[0]]
+    second = [i for i in items if i.name == _LONGEST[1]]
+    if workers != 2 or len(first) != 1 or len(second) != 1:
+        return
+    # the second's module (tests/test_workflow.py) stays together behind it: its module fixture runs once
+    module = [i for i in items if i.module is second[0].module and i is not second[0]]
+    rest = [i for i in items if i is not first[0] and i.module is not second[0].module]
+    half = len(items) // 2
+    head = first + rest[:half - 1]
+    items[:] = head + second + module + rest[half - 1:]
+
+
+@pytest.fixture(scope="session")
+def local_slurm() -> bool:
+    """Whether the local SLURM runs (see :func:`pytest_configure`)."""
+    return slurm_installed() and os.geteuid() == 0 and _slurm_runs()
 
 
 def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600,
@@ -125,7 +157,7 @@ def _as_its_own_process(argv: list[str]):
     """Process-wide state as a fresh ``python -m ptm_mamba ARGV`` has it, and as it was again after:
     sys.argv, os.environ, torch's thread count, RNG, grad mode, default dtype and deterministic
     flags, Python's and NumPy's RNGs, signal handlers, the root and ``ptm_mamba`` loggers, warning
-    filters, accelerate's shared state and the scan module's record of the kernels run (the
+    filters, accelerate's shared state and the record of the kernels run, `ptm_mamba.kernels` (the
     current directory is `_chdir`'s)."""
     import logging
     import random
@@ -134,7 +166,7 @@ def _as_its_own_process(argv: list[str]):
 
     import numpy as np
 
-    from ptm_mamba import scan
+    from ptm_mamba import kernels
 
     saved_argv, saved_env = sys.argv, dict(os.environ)
     threads, grad, dtype = torch.get_num_threads(), torch.is_grad_enabled(), torch.get_default_dtype()
@@ -145,14 +177,13 @@ def _as_its_own_process(argv: list[str]):
     handlers = {sig: signal.getsignal(sig) for sig in signal.valid_signals()} if main_thread else {}
     root, package = logging.getLogger(), logging.getLogger("ptm_mamba")
     logs = root.handlers[:], root.level, package.level
-    kernels = scan._RAN, scan._FAILED, scan._TRITON_CHECKED
     accelerate = _swap_accelerate_state({})
 
     sys.argv = [str(REPO / "ptm_mamba" / "__main__.py"), *argv[1:]]
     if os.environ.get("OMP_NUM_THREADS", "").isdigit() and int(os.environ["OMP_NUM_THREADS"]) > 0:
         torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     torch.manual_seed(_TORCH_DEFAULT_SEED)
-    scan._RAN, scan._FAILED, scan._TRITON_CHECKED = {}, {}, set()
+    record = kernels.reset()
     try:
         with warnings.catch_warnings():
             warnings.resetwarnings()
@@ -178,7 +209,7 @@ def _as_its_own_process(argv: list[str]):
         root.handlers[:] = logs[0]
         root.setLevel(logs[1])
         package.setLevel(logs[2])
-        scan._RAN, scan._FAILED, scan._TRITON_CHECKED = kernels
+        kernels.reset(record)
         _swap_accelerate_state(accelerate)
 
 
@@ -277,6 +308,17 @@ def tiny_config(root: Path, *, n: int = 60, **sections) -> dict:
     return validate(config, source="tiny config")
 
 
+def settings_for(config: dict):
+    """The typed settings (:class:`ptm_mamba.settings.Settings`) of a config dict, as the stages take
+    them: validated with the schema's defaults filled, on a copy (``config`` stays as it is)."""
+    import copy
+
+    from ptm_mamba.config import validate
+    from ptm_mamba.settings import Settings
+
+    return Settings.from_config(validate(copy.deepcopy(config), source="test config"))
+
+
 @pytest.fixture(scope="session")
 def embedded_project(tmp_path_factory) -> tuple[Path, dict]:
     """A tiny dataset split and embedded once per test session (split dir, config)."""
@@ -285,8 +327,8 @@ def embedded_project(tmp_path_factory) -> tuple[Path, dict]:
 
     root = tmp_path_factory.mktemp("embedded")
     config = tiny_config(root)
-    run_split(config, root / "split")
-    embed_all(config, root / "split", root / "embeddings")
+    run_split(settings_for(config), root / "split")
+    embed_all(settings_for(config), root / "split", root / "embeddings")
     write_config(root / "config.yaml", **config)
     return root, config
 

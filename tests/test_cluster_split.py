@@ -20,11 +20,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import DEMO, REPO, error_line, run_cli, write_config, write_csv
+from conftest import DEMO, REPO, error_line, run_cli, settings_for, write_config, write_csv
 from ptm_mamba.cluster import identity_to_train, read_clusters, search
 from ptm_mamba.config import load_config
+from ptm_mamba.dataset import residue_key
 from ptm_mamba.errors import PipelineError
-from ptm_mamba.split import SPLITS, load_split_dir, residue_key, run_split, split_clusters
+from ptm_mamba.split import SPLITS, load_split_dir, run_split, split_clusters
 from ptm_mamba.stages import CLUSTER, SPLIT, stage_settings
 from ptm_mamba.tokenizer import PTMTokenizer
 
@@ -67,7 +68,7 @@ def made(data) -> dict:
                      "--clusters", root / "clusters.tsv", "--threads", "2")
     assert result.returncode == 0, result.stderr
     config = load_config(data["config"])
-    return {"config": config, "splits": load_split_dir(root / "split", config), "stdout": result.stdout, "root": root,
+    return {"config": config, "splits": load_split_dir(root / "split", settings_for(config)), "stdout": result.stdout, "root": root,
             "summary": json.loads((root / "split" / "summary.json").read_text())}
 
 
@@ -105,8 +106,8 @@ def test_no_homolog_pair_across_splits(data, made):
 def test_random_split_of_the_same_data_puts_homologs_across(data, made):
     config = copy.deepcopy(made["config"])
     config["dataset"]["split_by"] = "random"
-    summary = run_split(config, data["root"] / "random")
-    splits = load_split_dir(data["root"] / "random", config)
+    summary = run_split(settings_for(config), data["root"] / "random")
+    splits = load_split_dir(data["root"] / "random", settings_for(config))
     assert max_cross_identity(splits) >= 0.7  # what the cluster split prevents
     assert "clusters" not in summary and "clusters" not in summary["splits"]["test"]
 
@@ -142,13 +143,13 @@ def test_sizes_counts_and_summary(made):
 @needs_mmseqs
 def test_split_is_deterministic_and_depends_on_the_seed(data, made):
     root, config = data["root"], made["config"]
-    run_split(config, root / "in-process", threads=1)  # no clusters file: clustered here (other threads)
+    run_split(settings_for(config), root / "in-process", threads=1)  # no clusters file: clustered here (other threads)
     for name in ("train.csv", "val.csv", "test.csv", "split_mapping.json"):
         assert (root / "in-process" / name).read_bytes() == (root / "split" / name).read_bytes(), name
     other = copy.deepcopy(config)
     other["dataset"]["split_seed"] = 7
-    run_split(other, root / "seed7", clusters_file=root / "clusters.tsv")
-    assert where(load_split_dir(root / "seed7", other)) != where(made["splits"])
+    run_split(settings_for(other), root / "seed7", clusters_file=root / "clusters.tsv")
+    assert where(load_split_dir(root / "seed7", settings_for(other))) != where(made["splits"])
 
 
 def test_whole_clusters_fill_val_and_test_as_closely_as_they_allow():
@@ -195,7 +196,7 @@ def test_stale_or_edited_clusters_file_is_refused(data, made, tmp_path):
         edited = tmp_path / "edited.tsv"
         edited.write_text(text)
         with pytest.raises(PipelineError, match=needle):
-            read_clusters(edited, config, proteins)
+            read_clusters(edited, settings_for(config), proteins)
 
     data_file = Path(config["dataset"]["dataset_location"])
     moved = tmp_path / "data.csv"
@@ -211,7 +212,7 @@ def test_stage_settings_change_only_with_data_and_clustering_keys(data):
     def changed(key: str, value) -> set[str]:
         other = copy.deepcopy(config)
         other["dataset"][key] = value
-        return {stage for stage in (CLUSTER, SPLIT) if stage_settings(other, stage) != stage_settings(config, stage)}
+        return {stage for stage in (CLUSTER, SPLIT) if stage_settings(settings_for(other), stage) != stage_settings(settings_for(config), stage)}
 
     assert changed("cluster_identity", 0.5) == {CLUSTER, SPLIT}
     assert changed("cluster_coverage", 0.5) == {CLUSTER, SPLIT}
@@ -222,7 +223,7 @@ def test_stage_settings_change_only_with_data_and_clustering_keys(data):
     # a random split records what it recorded before split_by existed (no clustering key: they change nothing)
     random = copy.deepcopy(config)
     random["dataset"]["split_by"] = "random"
-    assert set(stage_settings(random, SPLIT)) == {f"dataset.{k}" for k in (
+    assert set(stage_settings(settings_for(random), SPLIT)) == {f"dataset.{k}" for k in (
         "dataset_location", "sequence_column_name", "id_column_name", "val_size", "test_size", "split_seed")}
 
 

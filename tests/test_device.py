@@ -14,7 +14,7 @@ import json
 import pytest
 import torch
 
-from conftest import SEQS, error_line, run_cli, write_config
+from conftest import SEQS, error_line, run_cli, settings_for, write_config
 from ptm_mamba import device as device_module
 from ptm_mamba.device import CudaFacts, choose_device, config_gpu_requests, job_gpu_requests, why_no_gpu
 from ptm_mamba.errors import PipelineError
@@ -100,7 +100,7 @@ def test_a_config_that_asks_for_a_gpu_stops_without_one(no_gpu_request, embedded
     cfg = json.loads(json.dumps({**config, "run_name": "asks"}))
     section, _, name = key.rpartition(".")
     (cfg[section] if section else cfg)[name] = value
-    assert config_gpu_requests(cfg) == [named]
+    assert config_gpu_requests(settings_for(cfg)) == [named]
     result = run_cli("train", "--config", write_config(tmp_path / "c.yaml", **cfg), "--split_dir", root / "split")
     error_line(result, f"train: a GPU was asked for ({named}) but cannot be used", "CPU-only build")
     assert not (root / "outputs" / "ptm-mamba-asks").exists()

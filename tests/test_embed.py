@@ -15,10 +15,13 @@ import torch
 
 from conftest import run_cli, tiny_config, write_config, write_csv
 from ptm_mamba.data import BatchBuilder
-from ptm_mamba.embed import embed_proteins, load_esm_for, plan_shards, shard_path, store_attrs
-from ptm_mamba.embedding_store import EmbeddingReader
+from ptm_mamba.embed import embed_proteins, store_attrs
+from ptm_mamba.embedding_store import EmbeddingReader, plan_shards
+from ptm_mamba.layout import shard_path
+from ptm_mamba.esm import load_esm_of
 from ptm_mamba.dataset import Protein
 from ptm_mamba.masking import replicate_mask
+from ptm_mamba.settings import Settings
 from ptm_mamba.split import read_split
 from ptm_mamba.tokenizer import PTMTokenizer
 
@@ -38,13 +41,13 @@ def embed_one(config, esm_model, p: Protein, path: Path) -> EmbeddingReader:
 def test_rows_align_with_ptm_tokens_and_ptms_are_masked_for_esm(tmp_path):
     from ptm_mamba.esm import embed
 
-    config = tiny_config(tmp_path, embedding={"mask_replicates": 1})
-    esm_model = load_esm_for(config, device="cpu")
+    config = Settings.from_config(tiny_config(tmp_path, embedding={"mask_replicates": 1}))
+    esm_model = load_esm_of(config, device="cpu")
     p = protein("P1", "MK<Phosphoserine>LLV<N-linked (GlcNAc...) asparagine>GT")
     store = embed_one(config, esm_model, p, tmp_path / "s.h5")
     feats, mask = store.get("P1", 0)
     assert feats.shape == (9 + 2, esm_model.embed_dim)  # <cls>, one row per token (a PTM is one), <eos>
-    expected_mask = replicate_mask("P1", 0, 9, config["training"]["mask_prob"])
+    expected_mask = replicate_mask("P1", 0, 9, config.training.mask_prob)
     assert np.array_equal(mask, np.concatenate([[False], expected_mask, [False]]))
     # ESM saw <mask> at both PTM positions (and the random ones): compare with a direct run
     esm_mask = expected_mask.copy()
@@ -57,10 +60,10 @@ def test_rows_align_with_ptm_tokens_and_ptms_are_masked_for_esm(tmp_path):
 
 def test_no_leak_a_hidden_residue_does_not_reach_the_model(tmp_path):
     """Change the true residue at a position replicate k hides: nothing the model sees changes."""
-    config = tiny_config(tmp_path, embedding={"mask_replicates": 4})
-    esm_model = load_esm_for(config, device="cpu")
+    config = Settings.from_config(tiny_config(tmp_path, embedding={"mask_replicates": 4}))
+    esm_model = load_esm_of(config, device="cpu")
     seq = "MKTAYIAKQRQISFVKSHFSRQLEERLGLIEVQAPILSRVGDGTQDNLSGAEKAVQVKVKALPDAQFEVV"
-    masks = [replicate_mask("P", k, len(seq), config["training"]["mask_prob"]) for k in range(4)]
+    masks = [replicate_mask("P", k, len(seq), config.training.mask_prob) for k in range(4)]
     j = next(j for j in range(1, len(seq)) if masks[1][j] and not masks[2][j])
     changed = seq[:j] + ("W" if seq[j] != "W" else "C") + seq[j + 1:]
     a = embed_one(config, esm_model, protein("P", seq), tmp_path / "a.h5")
@@ -81,8 +84,8 @@ def test_no_leak_a_hidden_residue_does_not_reach_the_model(tmp_path):
 def test_windows_for_long_proteins(tmp_path):
     from ptm_mamba.esm import embed
 
-    config = tiny_config(tmp_path)
-    esm_model = load_esm_for(config, device="cpu")
+    config = Settings.from_config(tiny_config(tmp_path))
+    esm_model = load_esm_of(config, device="cpu")
     rng = np.random.default_rng(0)
     seq = "".join(rng.choice(list("ACDEFGHIKLMNPQRSTVWY"), 150))
     [(_, direct)] = list(embed(esm_model, [("x", seq, None)], window=150, overlap=20, progress=False))

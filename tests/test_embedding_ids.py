@@ -22,7 +22,7 @@ from pathlib import Path
 import h5py
 import pytest
 
-from conftest import error_line, run_cli, tiny_config, write_config, write_csv
+from conftest import error_line, run_cli, settings_for, tiny_config, write_config, write_csv
 from ptm_mamba.data import BatchBuilder
 from ptm_mamba.embed import embed_all, split_proteins_of
 from ptm_mamba.embedding_store import EmbeddingReader, check_store_ids
@@ -44,8 +44,8 @@ def project(tmp_path_factory) -> tuple[Path, dict]:
     data = write_csv(root / "same.csv", same_length_rows())
     config = tiny_config(root, dataset={"dataset_location": str(data), "val_size": 4, "test_size": 4},
                          embedding={"shards": SHARDS, "mask_replicates": 2, "max_tokens_per_batch": 4000})
-    run_split(config, root / "split")
-    embed_all(config, root / "split", root / "embeddings")
+    run_split(settings_for(config), root / "split")
+    embed_all(settings_for(config), root / "split", root / "embeddings")
     write_config(root / "config.yaml", **config)
     return root, config
 
@@ -58,7 +58,7 @@ def copy_project(project, tmp_path):
     cfg = copy.deepcopy(config)
     cfg["run_name"] = "ids"
     cfg["training"].update(embeddings_dir=str(emb), output_dir=str(tmp_path / "outputs"))
-    proteins = split_proteins_of(config, "train", root / "split" / "train.csv")
+    proteins = split_proteins_of(settings_for(config), "train", root / "split" / "train.csv")
     return emb, proteins, cfg, write_config(tmp_path / "c.yaml", **cfg)
 
 
@@ -140,7 +140,7 @@ def test_untouched_stores_pass(project, embedded_project, which):
     root, config = project if which == "same length" else embedded_project
     shards = config["embedding"]["shards"]
     for split in ("train", "val", "test"):
-        proteins = split_proteins_of(config, split, root / "split" / f"{split}.csv")
+        proteins = split_proteins_of(settings_for(config), split, root / "split" / f"{split}.csv")
         check_store_ids(split_store_path(root / "embeddings", split), proteins)
         for i in range(shards):
             check_store_ids(shard_path(root / "embeddings", split, i, shards), proteins)
@@ -148,7 +148,7 @@ def test_untouched_stores_pass(project, embedded_project, which):
 
 def test_a_store_of_another_split_is_refused(project):
     root, config = project
-    val = split_proteins_of(config, "val", root / "split" / "val.csv")
+    val = split_proteins_of(settings_for(config), "val", root / "split" / "val.csv")
     with pytest.raises(PipelineError, match=r"train_embeddings\.h5: made for another train split than the one "
                                             r"given \(split_fingerprint '\w+', the split's '\w+'\)"):
         check_store_ids(split_store_path(root / "embeddings", "train"), val)
@@ -252,7 +252,7 @@ def test_embed_recomputes_a_shard_whose_ids_were_swapped(project, copy_of):
     root, config = project
     emb, proteins, _, _ = copy_of
     swap_ids(shard(emb, 0), 0, 1)
-    embed_all(copy.deepcopy(config), root / "split", emb)
+    embed_all(settings_for(config), root / "split", emb)
     check_store_ids(shard(emb, 0), proteins)
     check_store_ids(gathered(emb), proteins)
 

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from ptm_mamba.errors import PipelineError
-from ptm_mamba.esm import ESM2_NAMES, embed, esm_forward, load_esm, window_starts
+from ptm_mamba.esm import embed, esm_forward, load_esm, window_starts
+from ptm_mamba.esm_weights import ESM2_NAMES
 from ptm_mamba.testing import write_tiny_esm2_checkpoint
 
 AA = "ACDEFGHIKLMNPQRSTVWY"

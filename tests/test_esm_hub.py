@@ -13,8 +13,8 @@ from transformers import EsmConfig, EsmModel
 
 import huggingface_hub
 from ptm_mamba.errors import PipelineError
-from ptm_mamba.esm import HUB_FILES, embed, load_esm, model_name
-from ptm_mamba.stages import esm_identity
+from ptm_mamba.esm import embed, load_esm
+from ptm_mamba.esm_weights import HUB_FILES, esm_identity, model_name
 from ptm_mamba.testing import write_tiny_esm2_checkpoint
 
 LAYERS, DIM, HEADS = 2, 32, 4

@@ -17,12 +17,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, tiny_config, toy_rows, write_config, write_csv
+from conftest import REPO, settings_for, tiny_config, toy_rows, write_config, write_csv
 from ptm_mamba import provenance
 from ptm_mamba.config import validate
 from ptm_mamba.errors import PipelineError
-from ptm_mamba.esm import hub_checkpoint_dir, load_esm
-from ptm_mamba.stages import EMBED, TRAIN, check_settings, esm_identity, stage_fingerprint, stage_settings
+from ptm_mamba.esm import load_esm
+from ptm_mamba.esm_weights import esm_identity, hub_checkpoint_dir
+from ptm_mamba.stages import EMBED, TRAIN, check_settings, stage_fingerprint, stage_settings
 from ptm_mamba.testing import write_tiny_esm2_checkpoint
 
 NAME = "esm2_t6_8M_UR50D"
@@ -58,7 +59,8 @@ def config(tmp_path) -> dict:
 
 
 def fingerprints(config: dict) -> dict[str, str]:
-    return {stage: stage_fingerprint(config, stage) for stage in (EMBED, TRAIN)}
+    settings = settings_for(config)
+    return {stage: stage_fingerprint(settings, stage) for stage in (EMBED, TRAIN)}
 
 
 def first_seen(tmp_path: Path) -> dict:
@@ -82,9 +84,9 @@ def test_a_name_keeps_its_identity_when_its_weights_arrive(hub, config, tmp_path
 def test_other_bytes_under_the_name_are_another_identity(hub, config, tmp_path):
     write_tiny_esm2_checkpoint(hub, **TINY)
     original = hub.read_bytes()
-    before, recorded = fingerprints(config), stage_settings(config, EMBED)
+    before, recorded = fingerprints(config), stage_settings(settings_for(config), EMBED)
     assert recorded["esm.model"] == NAME
-    trained = stage_settings(config, TRAIN)
+    trained = stage_settings(settings_for(config), TRAIN)
 
     write_tiny_esm2_checkpoint(hub, **TINY, seed=1)  # other weights in the cached file
     assert esm_identity(NAME) == f"{NAME}@{sha256(hub)}"
@@ -92,7 +94,7 @@ def test_other_bytes_under_the_name_are_another_identity(hub, config, tmp_path):
     assert after[EMBED] != before[EMBED] and after[TRAIN] != before[TRAIN]
     for stage, old in ((EMBED, recorded), (TRAIN, trained)):
         with pytest.raises(PipelineError) as err:
-            check_settings(old, config, stage, "x.h5", "rerun")
+            check_settings(old, settings_for(config), stage, "x.h5", "rerun")
         assert f"made with esm.model = '{NAME}', but the config gives '{NAME}@sha256:" in str(err.value)
     record = first_seen(tmp_path)
     assert [entry["sha256"] for entry in record.values()] == [f"sha256:{hashlib.sha256(original).hexdigest()}"]
@@ -144,15 +146,15 @@ def test_paths_hub_ids_and_folders_are_unchanged(hub, tmp_path):
 
 
 def test_provenance_records_the_sha256_of_the_weights(hub, config, tmp_path):
-    assert provenance.provenance(config)["esm"] == {"model": NAME, "identity": NAME, "sha256": None}
+    assert provenance.provenance(settings_for(config))["esm"] == {"model": NAME, "identity": NAME, "sha256": None}
     write_tiny_esm2_checkpoint(hub, **TINY)
-    assert provenance.provenance(config)["esm"] == {"model": NAME, "identity": NAME, "sha256": sha256(hub)}
+    assert provenance.provenance(settings_for(config))["esm"] == {"model": NAME, "identity": NAME, "sha256": sha256(hub)}
     write_tiny_esm2_checkpoint(hub, **TINY, seed=1)
-    assert provenance.provenance(config)["esm"] == {"model": NAME, "identity": f"{NAME}@{sha256(hub)}",
+    assert provenance.provenance(settings_for(config))["esm"] == {"model": NAME, "identity": f"{NAME}@{sha256(hub)}",
                                                     "sha256": sha256(hub)}
     path = write_tiny_esm2_checkpoint(tmp_path / "esm2_t2_tiny.pt", **TINY)
     local = validate({**config, "esm": {"model": str(path)}})
-    assert provenance.provenance(local)["esm"] == {"model": str(path), "identity": sha256(path),
+    assert provenance.provenance(settings_for(local))["esm"] == {"model": str(path), "identity": sha256(path),
                                                    "sha256": sha256(path)}
 
 
@@ -200,13 +202,13 @@ def test_snakemake_downloads_once_and_reruns_embed_for_other_bytes(tmp_path, mon
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.setattr(torch.hub, "_hub_dir", None)
-    from ptm_mamba.embed import check_store_settings
+    from ptm_mamba.embedding_store import check_store_settings
 
     for split in ("train", "val", "test"):  # the stores record the name
-        check_store_settings(root / "embeddings" / f"{split}_embeddings.h5", config)
+        check_store_settings(root / "embeddings" / f"{split}_embeddings.h5", settings_for(config))
 
     write_tiny_esm2_checkpoint(cached, **TINY, seed=1)  # other weights under the name
     planned = snakemake("-n")
     assert "embed_shard" in planned and "gather_embeddings" in planned, planned[-2000:]
     with pytest.raises(PipelineError, match=f"made with esm.model = '{NAME}', but the config gives '{NAME}@sha256:"):
-        check_store_settings(root / "embeddings" / "train_embeddings.h5", config)
+        check_store_settings(root / "embeddings" / "train_embeddings.h5", settings_for(config))

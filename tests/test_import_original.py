@@ -23,6 +23,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from conftest import REPO, SEQS, run_cli
+from ptm_mamba.checkpoint import load_model
 from ptm_mamba.errors import PipelineError
 from ptm_mamba.model import ModelConfig, PTMMamba
 from ptm_mamba.original import import_original
@@ -175,7 +176,7 @@ def logits_difference(original_file, target) -> float:
     """max |logits of the imported model `target` - the original network's from `original_file`'s
     state dict| on the same random (unpadded: flip == our reversal) inputs."""
     original = torch.load(original_file, weights_only=False)["model"]  # our own test file: a full unpickle is fine
-    model = PTMMamba.from_checkpoint(target)
+    model = load_model(target).model
     gen = torch.Generator().manual_seed(1)
     ids = torch.randint(FIRST_RESIDUE_ID, len(VOCAB), (3, 21), generator=gen)
     esm = torch.randn(3, 21, ESM_DIM, generator=gen)
@@ -193,7 +194,7 @@ def logits_difference(original_file, target) -> float:
 def test_every_tensor_is_the_files_and_only_the_unused_ones_are_dropped(imported):
     source, target = imported
     original = torch.load(source, weights_only=False)["model"]  # our own test file: a full unpickle is fine
-    model = PTMMamba.from_checkpoint(target)
+    model = load_model(target).model
     ours = model.state_dict()
     dropped = set(original) - set(ours)
     assert dropped == {f"backbone.{d}_layers.{i}.mixer.{k}" for d in ("forward", "backward")
@@ -262,7 +263,9 @@ def test_predict_runs_on_the_imported_model_with_pooled_embeddings(imported, tmp
     out = tmp_path / "hidden.h5"
     result = run_cli("predict", "--checkpoint", target, "--input", fasta, "--output", out, "--no-progress")
     assert result.returncode == 0, result.stderr
-    expected = predict(PTMMamba.from_checkpoint(target), list(SEQS.values()))  # its own ESM-2, from the checkpoint
+    trained = load_model(target)
+    expected = predict(trained.model, list(SEQS.values()), esm=trained.esm,  # its own ESM-2
+                       trained_esm=trained.trained_esm)
     pooled = read_pooled(out, ["b", "a", "b"])
     for row, key in zip(pooled, ["b", "a", "b"]):
         mean = expected[list(SEQS).index(key)].hidden_states[1:-1].mean(dim=0).numpy()

@@ -15,7 +15,7 @@ from conftest import SEQS, error_line, run_cli, write_config
 from ptm_mamba.config import load_config, load_yaml_strict, validate
 from ptm_mamba.embedding_store import EmbeddingReader
 from ptm_mamba.errors import PipelineError
-from ptm_mamba.model import PTMMamba
+from ptm_mamba.checkpoint import load_model
 
 
 def config_text(toy_config: Path, extra: str) -> str:
@@ -232,7 +232,7 @@ def test_crafted_checkpoint_is_refused_in_one_line(edit, parts, checkpoint: Path
     assert len(line) < len(str(bad)) + 260
     assert not out.exists()
     with pytest.raises(PipelineError, match=parts[0]):
-        PTMMamba.from_checkpoint(bad)
+        load_model(bad)
 
 
 def test_predict_batch_budget_below_the_schemas_minimum_is_one_line(tmp_path):
@@ -241,3 +241,16 @@ def test_predict_batch_budget_below_the_schemas_minimum_is_one_line(tmp_path):
                      "--output", tmp_path / "out.h5", "--max_tokens_per_batch", "0")
     error_line(result, "--max_tokens_per_batch: 0 is less than the minimum of 8")
     assert not (tmp_path / "out.h5").exists()
+
+
+def test_reading_a_csv_without_a_config_takes_the_schemas_defaults():
+    """read_dataset's keyword defaults (a predict CSV, a split file) are the dataset section's."""
+    import inspect
+
+    from ptm_mamba.config import schema_default
+    from ptm_mamba.dataset import read_dataset
+
+    defaults = {name: p.default for name, p in inspect.signature(read_dataset).parameters.items()}
+    assert defaults["sequence_column"] == schema_default("dataset.sequence_column_name")
+    assert defaults["id_column"] == schema_default("dataset.id_column_name")
+    assert defaults["unknown_ptm"] == schema_default("dataset.unknown_ptm")

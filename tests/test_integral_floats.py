@@ -17,6 +17,7 @@ import yaml
 from conftest import error_line, run_cli, toy_rows, write_config, write_csv
 from ptm_mamba.config import load_schema, validate
 from ptm_mamba.errors import PipelineError
+from ptm_mamba.settings import Settings
 from ptm_mamba.stages import DEPENDS_ON, stage_fingerprint, stage_settings
 
 
@@ -88,7 +89,8 @@ def test_an_integral_float_is_the_same_integer(base, path, schema, item):
         config = validate(with_value(base, path, same, item, schema))
         assert dumped(config) == dumped(as_int), (path, same)
         for stage in DEPENDS_ON:
-            assert stage_fingerprint(config, stage) == stage_fingerprint(as_int, stage), (path, same, stage)
+            assert stage_fingerprint(Settings.from_config(config), stage) == \
+                stage_fingerprint(Settings.from_config(as_int), stage), (path, same, stage)
     node = as_int
     for part in path:
         node = node[part]
@@ -123,8 +125,9 @@ def test_yaml_seed_7_0_and_7_are_the_same_run(tmp_path: Path, base):
         (tmp_path / f"{name}.yaml").write_text(text)
         configs[name] = load_config(tmp_path / f"{name}.yaml")
     assert configs["float"]["seed"] == 7 and type(configs["float"]["seed"]) is int
-    assert stage_settings(configs["float"], TRAIN) == stage_settings(configs["int"], TRAIN)
-    assert stage_fingerprint(configs["float"], SPLIT) == stage_fingerprint(configs["int"], SPLIT)
+    settings = {name: Settings.from_config(config) for name, config in configs.items()}
+    assert stage_settings(settings["float"], TRAIN) == stage_settings(settings["int"], TRAIN)
+    assert stage_fingerprint(settings["float"], SPLIT) == stage_fingerprint(settings["int"], SPLIT)
 
 
 def test_split_seed_42_0_through_the_cli_makes_the_same_split(tmp_path: Path, base):

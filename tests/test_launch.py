@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, tiny_config, write_config
+from conftest import REPO, settings_for, tiny_config, write_config
 from ptm_mamba.errors import PipelineError
 from ptm_mamba.launch import accelerate_args, launch_command, rendezvous, slurm_resources
 from ptm_mamba.train import without_throughput
@@ -107,7 +107,7 @@ def project(tmp_path_factory) -> tuple[dict, Path, Path]:
     root = tmp_path_factory.mktemp("launch")
     config = tiny_config(root, n=40, training={"use_esm": False, "max_steps": 4, "log_steps": 2,
                                                "per_device_train_batch_size": 3})
-    run_split(config, root / "split")
+    run_split(settings_for(config), root / "split")
     return config, write_config(root / "config.yaml", **config), root / "split"
 
 

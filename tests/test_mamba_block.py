@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from ptm_mamba import mamba_block
 from ptm_mamba.errors import PipelineError
 from ptm_mamba.mamba_block import Mamba, make_mixer
-from ptm_mamba.scan import has_failed, selective_scan_ref
+from ptm_mamba.kernels import has_failed
+from ptm_mamba.scan import selective_scan_ref
 
 FUSED = mamba_block.unavailable("fused") is None  # mamba-ssm and a GPU
 

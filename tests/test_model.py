@@ -264,3 +264,16 @@ def test_config_round_trip_and_errors():
     # ssm_cfg reaches the mixer.
     model = PTMMamba(config)
     assert model.backbone.layers[0].mixer.A_log.shape[-1] == 8
+
+
+def test_defaults_are_the_config_schemas():
+    """ModelConfig's literal defaults (the model core reads no schema) are the schema's model.* defaults."""
+    from dataclasses import fields
+
+    from ptm_mamba.config import load_schema
+
+    schema = load_schema()["properties"]["model"]["properties"]
+    assert set(schema) <= {f.name for f in fields(ModelConfig)}
+    defaults = ModelConfig()
+    for key, entry in schema.items():
+        assert getattr(defaults, key) == entry["default"], key

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SEQS, error_line, run_cli, write_config, write_csv, toy_rows
+from conftest import SEQS, error_line, run_cli, settings_for, write_config, write_csv, toy_rows
 from ptm_mamba.guard import check_run_owner
 from ptm_mamba.errors import PipelineError
 
@@ -105,14 +105,14 @@ def test_a_run_folder_knows_whose_it_is(checkpoint, embedded_project, tmp_path, 
     cfg = load_config(run / "config.yaml")  # the settings the run was made with
     recorded = json.loads((run / "provenance.json").read_text())
     assert recorded["project"] == str(Path.cwd().resolve()) and set(recorded["settings"]) == {"split", "embed", "train"}
-    check_run_owner(cfg, run)  # this project's own run
+    check_run_owner(settings_for(cfg), run)  # this project's own run
     monkeypatch.chdir(tmp_path)  # project B
-    check_run_owner(cfg, run)  # the same settings: the same computation
+    check_run_owner(settings_for(cfg), run)  # the same settings: the same computation
     other = {**cfg, "dataset": {**cfg["dataset"], "split_seed": 7}}
     with pytest.raises(PipelineError, match=rf"^{run} holds a run of the project in {recorded['project']}, made with "
                                             r"other settings \(split dataset.split_seed: 42 there, 7 here\); this "
                                             rf"project \({tmp_path.resolve()}\) will neither adopt nor replace it"):
-        check_run_owner(other, run)
+        check_run_owner(settings_for(other), run)
     before = digest(run / "best.ckpt")
     result = run_cli("train", "--config", write_config(tmp_path / "b.yaml", **other), "--split_dir", root / "split")
     error_line(result, f"{run} holds a run of the project in", "use another run_name or training.output_dir")

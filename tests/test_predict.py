@@ -1,4 +1,4 @@
-"""Inference: predict(PTMMamba.from_checkpoint(...), ...) and `ptm-mamba predict` on a trained tiny run."""
+"""Inference: predict() on checkpoint.load_model(...) and `ptm-mamba predict` on a trained tiny run."""
 
 from __future__ import annotations
 
@@ -7,18 +7,19 @@ import torch
 
 from conftest import SEQS, run_cli
 from ptm_mamba.embedding_store import EmbeddingReader
-from ptm_mamba.model import PTMMamba
+from ptm_mamba.checkpoint import load_model
 from ptm_mamba.predict import predict
 
 
-def test_from_checkpoint_predicts_with_its_own_esm(checkpoint):
-    model = PTMMamba.from_checkpoint(checkpoint)
-    outs = predict(model, list(SEQS.values()))
+def test_a_loaded_checkpoint_predicts_with_its_own_esm(checkpoint):
+    trained = load_model(checkpoint)
+    model, its_esm = trained.model, dict(esm=trained.esm, trained_esm=trained.trained_esm)
+    outs = predict(model, list(SEQS.values()), **its_esm)
     for out, seq_len in zip(outs, (10, 8)):
         assert out.logits.shape == (seq_len + 2, 59)
         assert out.hidden_states.shape == (seq_len + 2, 16)
     # alone or batched with a longer protein: the same result (per-sequence reversal, no leakage of padding)
-    alone = predict(model, [SEQS["b"]])[0]
+    alone = predict(model, [SEQS["b"]], **its_esm)[0]
     assert torch.allclose(alone.logits, outs[1].logits, atol=1e-5)
 
 
@@ -31,7 +32,8 @@ def test_predict_cli_writes_hidden_states_per_residue(checkpoint, tmp_path):
     assert result.returncode == 0, result.stderr
     store = EmbeddingReader(out)
     assert sorted(store.ids) == ["a", "b"]
-    expected = predict(PTMMamba.from_checkpoint(checkpoint), list(SEQS.values()))
+    trained = load_model(checkpoint)
+    expected = predict(trained.model, list(SEQS.values()), esm=trained.esm, trained_esm=trained.trained_esm)
     for key, exp in zip(SEQS, expected):
         hidden, _ = store.get(key, 0)
         assert np.allclose(hidden.astype(np.float32), exp.hidden_states.numpy(), atol=2e-2, rtol=1e-2)
@@ -55,5 +57,5 @@ def test_published_checkpoint_layout_loads(checkpoint, tmp_path):
     state["model"][mixer.replace("A_log", "A_b_log")] = torch.zeros(3)
     state["model"][mixer.replace("A_log", "conv1d_b.weight")] = torch.zeros(3)
     torch.save(state, tmp_path / "published.ckpt")
-    model = PTMMamba.from_checkpoint(tmp_path / "published.ckpt")
+    model = load_model(tmp_path / "published.ckpt").model
     assert torch.equal(model.state_dict()[mixer], state["model"][mixer])

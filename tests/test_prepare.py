@@ -15,7 +15,9 @@ import pytest
 from conftest import REPO, error_line, run_cli, write_config
 from ptm_mamba.config import validate
 from ptm_mamba.errors import PipelineError
-from ptm_mamba.prepare import check_prepared, summary_path
+from ptm_mamba.layout import prepared_summary_path
+from ptm_mamba.prepare import check_prepared
+from ptm_mamba.settings import Settings
 from ptm_mamba.split import run_split
 
 # Columns as UniProtKB's TSV download names them (an extra one, Entry Name, is ignored).
@@ -101,7 +103,7 @@ def test_ptm_mamba_site_table_is_grouped_by_sequence_with_0_based_positions(tmp_
     result = prepare("ptm_mamba_sites", tmp_path / "ptm_labels.csv", tmp_path / "data.csv")
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "data.csv").read_text() == SITES_OUT
-    summary = json.loads(summary_path(tmp_path / "data.csv").read_text())
+    summary = json.loads(prepared_summary_path(tmp_path / "data.csv").read_text())
     assert (summary["entries_read"], summary["features_read"], summary["ptm_sites_written"]) == (4, 9, 5)
     assert summary["features_skipped"] == {"position outside the sequence": 1, "residue already has a PTM": 1,
                                            "not the PTM's residue": 1, "uncertain or unreadable position": 1}
@@ -141,16 +143,17 @@ def test_the_split_refuses_a_csv_not_prepared_from_the_configured_source(tmp_pat
     csv_path = tmp_path / "data.csv"
     assert prepare("uniprot_tsv", tmp_path / "up.tsv", csv_path).returncode == 0
 
-    def config(source: str) -> dict:
-        return validate({"dataset": {"dataset_location": str(csv_path), "val_size": 1, "test_size": 1,
-                                     "source": {"format": "uniprot_tsv", "path": str(tmp_path / source)}}})
+    def settings(source: str) -> Settings:
+        return Settings.from_config(validate({"dataset": {
+            "dataset_location": str(csv_path), "val_size": 1, "test_size": 1,
+            "source": {"format": "uniprot_tsv", "path": str(tmp_path / source)}}}))
 
-    check_prepared(config("up.tsv"))  # the CSV of this source: accepted
+    check_prepared(settings("up.tsv"))  # the CSV of this source: accepted
     with pytest.raises(PipelineError, match=r"data.summary.json: made with dataset.source = .*rerun the prepare"):
-        run_split(config("other.tsv"), tmp_path / "split")
+        run_split(settings("other.tsv"), tmp_path / "split")
     csv_path.write_text(csv_path.read_text() + "P9,MK<Phosphoserine>\n")
     with pytest.raises(PipelineError, match="data.csv is not the file data.summary.json records"):
-        run_split(config("up.tsv"), tmp_path / "split")
+        run_split(settings("up.tsv"), tmp_path / "split")
 
 
 def snakemake(root: Path, *args: str) -> subprocess.CompletedProcess:

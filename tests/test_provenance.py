@@ -13,6 +13,7 @@ from conftest import toy_rows, write_csv
 from ptm_mamba import provenance, report
 from ptm_mamba.config import validate
 from ptm_mamba.errors import PipelineError
+from ptm_mamba.settings import Settings
 from ptm_mamba.testing import write_tiny_esm2_checkpoint
 
 
@@ -24,7 +25,7 @@ def config(tmp_path) -> dict:
 
 
 def test_provenance_records_data_weights_code_packages_and_machine(config, tmp_path):
-    record = provenance.provenance(config)
+    record = provenance.provenance(Settings.from_config(config))
     data = (tmp_path / "data.csv").read_bytes()
     assert record["dataset"]["sha256"] == f"sha256:{hashlib.sha256(data).hexdigest()}"
     assert record["dataset"]["rows"] == 7
@@ -39,7 +40,7 @@ def test_provenance_records_data_weights_code_packages_and_machine(config, tmp_p
 
     # a pretrained name is its own identity (fair-esm's published weights are fixed per name)
     named = validate({"dataset": config["dataset"], "esm": {"model": "esm2_t6_8M_UR50D"}})
-    assert provenance.provenance(named)["esm"]["identity"] == "esm2_t6_8M_UR50D"
+    assert provenance.provenance(Settings.from_config(named))["esm"]["identity"] == "esm2_t6_8M_UR50D"
 
 
 def test_no_git_and_no_package_are_null_not_failures(tmp_path, monkeypatch):
@@ -51,7 +52,7 @@ def test_no_git_and_no_package_are_null_not_failures(tmp_path, monkeypatch):
 
 def test_write_provenance_beside_the_run_config_and_the_report_table(config, tmp_path):
     run = tmp_path / "outputs" / "ptm-mamba-x"
-    path = provenance.write_provenance(config, run)
+    path = provenance.write_provenance(Settings.from_config(config), run)
     assert path == run / "provenance.json" and not list(run.glob(".*tmp*"))
     record = json.loads(path.read_text())
     with open(report.provenance_table(path, tmp_path / "provenance.tsv"), newline="") as fh:

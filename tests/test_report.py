@@ -13,9 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import run_cli
+from conftest import REPO, run_cli
 from ptm_mamba import report  # module import: its test_results_table must not be collected as a test
 from ptm_mamba.errors import PipelineError
+from ptm_mamba.layout import report_files
 from ptm_mamba.train import without_throughput
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -205,9 +206,10 @@ def test_test_results_table_is_only_a_header_without_test_results(tmp_path):
 
 def test_split_table_of_a_real_split(tmp_path, toy_config):
     from ptm_mamba.config import load_config
+    from ptm_mamba.settings import Settings
     from ptm_mamba.split import run_split
 
-    summary = run_split(load_config(toy_config), tmp_path / "split")["splits"]
+    summary = run_split(Settings.from_config(load_config(toy_config)), tmp_path / "split")["splits"]
     rows = read_tsv(report.split_table(tmp_path / "split" / "summary.json", tmp_path / "splits.tsv"))
     assert [r["split"] for r in rows] == ["train", "val", "test", "total"]
     for r in rows[:3]:
@@ -484,8 +486,9 @@ def test_plots_subcommand_writes_figures_and_tables(tmp_path):
                               "--embeddings", str(tmp_path / "val_embeddings.h5"), "--output-dir", str(tmp_path / "o")])
     args.func(args)
     written = sorted(p.name for p in (tmp_path / "o").iterdir())
-    assert written == sorted([f"{n}.png" for n in report.FIGURES] + [
-        f"{t}.{ext}" for t in ("test_results", "splits", "embeddings", "run_summary") for ext in ("tsv", "html")])
+    files = report_files(tmp_path / "o")
+    assert written == sorted(files[key].name for key in [*report.FIGURES, *(
+        f"{t}{html}" for t in ("test_results", "splits", "embeddings", "run_summary") for html in ("", "_html"))])
 
 
 def test_ptm_mamba_plots_cli(tmp_path):
@@ -493,9 +496,10 @@ def test_ptm_mamba_plots_cli(tmp_path):
     metrics = write_metrics(tmp_path / "metrics.json", synthetic_metrics(with_test=False))
     result = run_cli("plots", "--metrics", metrics, "--output_dir", tmp_path / "o")
     assert result.returncode == 0, result.stderr
+    files = report_files(tmp_path / "o")
     assert sorted(p.name for p in (tmp_path / "o").iterdir()) == sorted(
-        [f"{n}.png" for n in report.FIGURES] + ["test_results.tsv", "test_results.html", "run_summary.tsv",
-                                                 "run_summary.html"])
+        files[key].name for key in [*report.FIGURES, "test_results", "test_results_html", "run_summary",
+                                    "run_summary_html"])
     (tmp_path / "broken.json").write_text("{")
     result = run_cli("plots", "--metrics", tmp_path / "broken.json", "--output_dir", tmp_path / "o")
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "broken.json" in result.stderr
@@ -513,3 +517,15 @@ def test_the_test_line_legend_keeps_four_decimals():
         report._test_line(ax, report.RunMetrics(test={"avg_test_loss": value}), "avg_test_loss", "test loss", "green")
     assert [line.get_label() for line in ax.lines] == ["test loss = 3.0260", "test loss = 3.0000"]
     plt.close(fig)
+
+
+def test_report_file_names():
+    """The names users, captions and workflow/report/workflow.rst (a template: it cannot import layout)
+    know the report's files by."""
+    names = [path.name for path in report_files("r").values()]
+    assert names == ["loss.png", "accuracy.png", "learning_rate.png", "throughput.png", "test_ptm_accuracy.png",
+                     *(f"{t}.{ext}" for t in ("test_results", "splits", "embeddings", "provenance", "run_summary")
+                       for ext in ("tsv", "html")), "config.html"]
+    front_page = (REPO / "workflow" / "report" / "workflow.rst").read_text()
+    for key in ("run_summary", "run_summary_html"):
+        assert f'"{report_files("r")[key].name}"' in front_page

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-
+from ptm_mamba.layout import CONFIG_FILE, report_files
 
 VIEWPORT = (1366, 720)  # a laptop screen: what a report has to fit
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -291,7 +291,9 @@ def assert_report_shows_tables(report: Path, tables: Path, run_dir: Path, shots:
     browser = Chromium(executable)
     try:
         view = ReportView(browser, report, shots)
-        summary = read_tsv(tables / "run_summary.tsv")[1:]
+        files = report_files(tables)
+        name = {key: path.name for key, path in files.items()}
+        summary = read_tsv(files["run_summary"])[1:]
 
         # The front page: title, then what the run was and how it did, all within a laptop's screen
         # (Snakemake centres it vertically: whatever does not fit above is cut off, unscrollable).
@@ -309,37 +311,38 @@ def assert_report_shows_tables(report: Path, tables: Path, run_dir: Path, shots:
         menu = browser.evaluate("[...document.querySelectorAll('nav li a')].map(a => a.innerText.trim())")
         categories = menu[menu.index("About") + 1:]
         assert categories[0] == "At a glance" and {"Test", "Data", "Configuration", "Training"} <= set(categories)
-        assert_rows_shown(view.rows(view.open_item("At a glance", "run_summary.html")), summary, "run_summary.html")
+        shown = view.rows(view.open_item("At a glance", name["run_summary_html"]))
+        assert_rows_shown(shown, summary, name["run_summary_html"])
 
         # Test results: every row of test_results.tsv (PTM type names and numbers) as cells.
-        results = read_tsv(tables / "test_results.tsv")
+        results = read_tsv(files["test_results"])
         col = {name: i for i, name in enumerate(results[0])}
         overall = [[r[col[c]] for c in ("metric", "sites", "value")] for r in results[1:] if r[col["scope"]] == "all"]
         per_type = [[r[col[c]] for c in ("scope", "sites", "value")] for r in results[1:] if r[col["scope"]] != "all"]
         assert overall and per_type, "the tiny run has test results with PTM sites"
-        shown = view.rows(view.open_item("Test", "test_results.html"))
+        shown = view.rows(view.open_item("Test", name["test_results_html"]))
         assert_rows_shown(shown, overall, "test_results.html (all masked tokens)")
         assert_rows_shown([row[:3] for row in shown], per_type, "test_results.html (per PTM type)")
         assert ["PTM type", "sites", "accuracy", ""] in shown  # its header row
         # the TSV is still there, as the download
-        link = view.download_link("Test", "test_results.tsv")
-        assert link["download"] == "test_results.tsv" and link["href"].startswith("data:text/tab-separated-values")
+        link = view.download_link("Test", name["test_results"])
+        assert link["download"] == name["test_results"] and link["href"].startswith("data:text/tab-separated-values")
 
         # Data: split sizes row by row; embeddings with a column per file.
-        splits = read_tsv(tables / "splits.tsv")
+        splits = read_tsv(files["splits"])
         splits[0] = [words(name) for name in splits[0]]
-        assert_rows_shown(view.rows(view.open_item("Data", "splits.html")), splits, "splits.html")
-        embeddings = read_tsv(tables / "embeddings.tsv")
+        assert_rows_shown(view.rows(view.open_item("Data", name["splits_html"])), splits, name["splits_html"])
+        embeddings = read_tsv(files["embeddings"])
         columns = [[words(col[0]), *col[1:]] for col in zip(*embeddings)]  # field name, then a value per file
         columns[0][0] = ""
-        assert_rows_shown(view.rows(view.open_item("Data", "embeddings.html")), columns, "embeddings.html")
+        assert_rows_shown(view.rows(view.open_item("Data", name["embeddings_html"])), columns, name["embeddings_html"])
 
         # Configuration: the run's config.yaml as text, provenance values as cells.
-        context = view.open_item("Configuration", "config.html")
+        context = view.open_item("Configuration", name["config_html"])
         text = browser.evaluate("document.querySelector('pre').innerText", context)
-        assert text.strip() == (run_dir / "config.yaml").read_text(encoding="utf-8").strip()
-        provenance = read_tsv(tables / "provenance.tsv")[1:]
-        shown = view.rows(view.open_item("Configuration", "provenance.html"))
+        assert text.strip() == (run_dir / CONFIG_FILE).read_text(encoding="utf-8").strip()
+        provenance = read_tsv(files["provenance"])[1:]
+        shown = view.rows(view.open_item("Configuration", name["provenance_html"]))
         values = {row[1] for row in shown if len(row) == 2}
         assert {row[1] for row in provenance} <= values, "provenance.html lacks values of provenance.tsv"
         assert ["sha256", next(r[1] for r in provenance if r[0] == "dataset.sha256")] in shown

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from test_scan_triton import fresh, make_inputs, needs_triton, tune  # noqa: F401  (fixtures)
-from ptm_mamba import mamba_block, scan, scan_triton
+from ptm_mamba import kernels, mamba_block, scan, scan_triton
 from ptm_mamba.errors import PipelineError
 from ptm_mamba.mamba_block import SCANS, Mamba, make_mixer
 from ptm_mamba.model import ModelConfig, PTMMamba
@@ -56,7 +56,7 @@ def test_triton_that_does_not_compile_falls_back_once(monkeypatch, fresh):
     want = selective_scan(**x, delta_softplus=True, scan="torch")
     for out in outs:
         torch.testing.assert_close(out, want, rtol=0, atol=0)
-    assert scan.what_ran() == "torch (triton failed: RuntimeError: cannot find libcuda.so searched /usr/lib64)"
+    assert kernels.what_ran() == "torch (triton failed: RuntimeError: cannot find libcuda.so searched /usr/lib64)"
 
 
 @needs_triton
@@ -65,11 +65,11 @@ def test_triton_that_fails_to_launch_after_its_check(monkeypatch, fresh, tune):
     gradients included."""
     tune(chunk=4, block="16x2")  # one compile on a GPU
     x = make_inputs(1, 16, 4, 6)
-    scan._TRITON_CHECKED.add(str(x["u"].device))  # passed its check (tested in tests/test_scan_triton.py)
+    kernels.note_passed_check(str(x["u"].device))  # passed its check (tested in tests/test_scan_triton.py)
     with torch.no_grad():
         torch.testing.assert_close(selective_scan(**x, delta_softplus=True, scan="triton"),
                                    selective_scan(**x, delta_softplus=True, scan="torch"), rtol=1e-4, atol=1e-4)
-    assert scan.what_ran() == "triton, torch"
+    assert kernels.what_ran() == "triton, torch"
 
     calls = []
     monkeypatch.setattr(scan_triton, "_launch", raising("out of resources: shared memory", calls))
@@ -89,7 +89,7 @@ def test_triton_that_fails_to_launch_after_its_check(monkeypatch, fresh, tune):
         torch.testing.assert_close(out, want_out, rtol=0, atol=0)
         for got, expected in zip(grads, want_grads):
             torch.testing.assert_close(got, expected, rtol=0, atol=0)
-    assert scan.what_ran() == "triton, torch (triton failed: RuntimeError: out of resources: shared memory)"
+    assert kernels.what_ran() == "triton, torch (triton failed: RuntimeError: out of resources: shared memory)"
 
 
 @needs_triton
@@ -112,10 +112,10 @@ def test_out_of_memory_is_not_a_kernel_failure(monkeypatch, fresh):
 
     monkeypatch.setattr(scan_triton, "_launch", oom)
     x = make_inputs(1, 8, 4, 5)
-    scan._TRITON_CHECKED.add(str(x["u"].device))
+    kernels.note_passed_check(str(x["u"].device))
     with pytest.raises(torch.OutOfMemoryError):
         selective_scan(**x, scan="triton")
-    assert not scan.has_failed("triton")
+    assert not kernels.has_failed("triton")
 
 
 FAILING_AT_FIRST_FORWARD = '''
@@ -180,7 +180,7 @@ def test_mamba_ssm_whose_cuda_ops_do_not_run_falls_back(source, reason, mamba_ss
         torch.testing.assert_close(out, ref(x), rtol=0, atol=0)
     if source is FAILING_AT_FIRST_FORWARD:  # called once, not again after the failure
         assert sys.modules["mamba_ssm.ops.selective_scan_interface"].CALLS == [1]
-    assert scan.what_ran().startswith(f"torch (fused failed: {reason}")
+    assert kernels.what_ran().startswith(f"torch (fused failed: {reason}")
 
 
 def test_auto_does_not_try_mamba_ssm_on_cpu(mamba_ssm, fresh):
@@ -223,12 +223,13 @@ def test_config_key(tmp_path):
     pytest.importorskip("jsonschema")  # the GPU machines of bench/gpu_check.sh may lack it
     from ptm_mamba import train
     from ptm_mamba.config import validate
+    from ptm_mamba.settings import Settings
 
     base = {"dataset": {"dataset_location": str(tmp_path / "data.csv")}}
     assert validate(base)["model"]["scan"] == "auto"
     for choice in SCANS:
         config = validate({**base, "model": {"scan": choice}})
-        assert train.model_config(config, 8).to_dict()["scan"] == choice
+        assert train.model_config(Settings.from_config(config), 8).to_dict()["scan"] == choice
     with pytest.raises(PipelineError, match="model.scan: 'cuda' is not one of") as error:
         validate({**base, "model": {"scan": "cuda"}})
     assert "\n" not in str(error.value)
@@ -245,9 +246,9 @@ def test_a_broken_triton_install_is_said_once_not_hidden(monkeypatch, fresh):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert not scan._wants_triton("auto", *cuda_input)
-    assert not scan.has_failed("triton")
+    assert not kernels.has_failed("triton")
     monkeypatch.setattr(scan_triton, "_IMPORT_ERROR", ImportError("libcuda.so.1: cannot open shared object file"))
     with pytest.warns(RuntimeWarning, match="triton is installed but does not import: .*libcuda.so.1"):
         assert not scan._wants_triton("auto", *cuda_input)
     assert not scan._wants_triton("auto", *cuda_input)  # said once
-    assert scan.has_failed("triton") and "libcuda" in scan.what_ran()
+    assert kernels.has_failed("triton") and "libcuda" in kernels.what_ran()

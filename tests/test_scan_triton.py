@@ -23,7 +23,7 @@ CUDA = torch.cuda.is_available()
 if HAS_TRITON and not CUDA and "triton" not in sys.modules:
     os.environ["TRITON_INTERPRET"] = "1"  # stays set: triton reads it again when it lazily imports parts of itself
 
-from ptm_mamba import scan, scan_triton  # noqa: E402  (after the interpreter switch above)
+from ptm_mamba import kernels, scan, scan_triton  # noqa: E402  (after the interpreter switch above)
 from ptm_mamba.scan import selective_scan, selective_scan_ref  # noqa: E402
 
 needs_triton = pytest.mark.skipif(
@@ -42,11 +42,11 @@ def tune():
 
 
 @pytest.fixture
-def fresh(monkeypatch):
+def fresh():
     """This process's record of kernels run, failed and checked, empty for one test."""
-    monkeypatch.setattr(scan, "_RAN", {})
-    monkeypatch.setattr(scan, "_FAILED", {})
-    monkeypatch.setattr(scan, "_TRITON_CHECKED", set())
+    record = kernels.reset()
+    yield
+    kernels.reset(record)
 
 
 def make_inputs(batch, dim, nstate, length, *, D=True, z=True, bias=True, seed=0, dtype=torch.float32):
@@ -173,14 +173,14 @@ def test_selective_scan_dispatches_to_triton_on_cuda(monkeypatch, fresh):
     real = scan_triton.selective_scan_triton
     monkeypatch.setattr(scan_triton, "selective_scan_triton", lambda *a, **k: calls.append(1) or real(*a, **k))
     x = make_inputs(1, 32, 16, 8)
-    scan._TRITON_CHECKED.add(str(x["u"].device))  # the check is tested on its own
+    kernels.note_passed_check(str(x["u"].device))  # the check is tested on its own
     for choice, expected_calls in (("auto", 1), ("triton", 2), ("torch", 2)):
         out = selective_scan(**x, delta_softplus=True, scan=choice)
         assert len(calls) == expected_calls, choice
         torch.testing.assert_close(out, selective_scan_ref(**x, delta_softplus=True), rtol=1e-4, atol=1e-4)
     selective_scan(**x, delta_softplus=True, return_last_state=True)  # not a Triton case: PyTorch
     assert len(calls) == 2
-    assert scan.what_ran() == "triton, torch"
+    assert kernels.what_ran() == "triton, torch"
 
 
 def test_auto_keeps_cpu_inputs_on_pytorch(monkeypatch, fresh):
@@ -189,7 +189,7 @@ def test_auto_keeps_cpu_inputs_on_pytorch(monkeypatch, fresh):
     monkeypatch.setattr(scan_triton, "selective_scan_triton", lambda *a, **k: pytest.fail("Triton path taken on CPU"))
     for choice in ("auto", "torch"):
         torch.testing.assert_close(selective_scan(**x, scan=choice), selective_scan_ref(**x), rtol=1e-5, atol=1e-5)
-    assert scan.what_ran() == "torch"
+    assert kernels.what_ran() == "torch"
 
 
 def test_switch_rejects_unknown_value():
@@ -219,11 +219,11 @@ def test_check_before_first_use_passes_and_catches_a_wrong_kernel(monkeypatch, f
     wrong = lambda **inputs: selective_scan_ref(**inputs) * 1.01  # noqa: E731
     monkeypatch.setattr(scan_triton, "selective_scan_triton", wrong)
     assert scan.triton_agrees(DEVICE)  # kept from the first check
-    monkeypatch.setattr(scan, "_TRITON_CHECKED", set())
+    kernels.reset()
     with pytest.warns(RuntimeWarning, match="disagrees with the PyTorch scan") as caught:
         assert not scan.triton_agrees(DEVICE)
     assert not scan.triton_agrees(DEVICE)
-    assert len(caught) == 1 and scan.has_failed("triton")
+    assert len(caught) == 1 and kernels.has_failed("triton")
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton")

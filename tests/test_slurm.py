@@ -20,7 +20,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO, slurm_installed, tiny_config, write_config
+from conftest import REPO, settings_for, slurm_installed, tiny_config, write_config
 from ptm_mamba.train import without_throughput
 from test_train_features import train_here
 
@@ -35,13 +35,15 @@ def cluster(local_slurm):
         pytest.skip("starting a local SLURM cluster needs root")
 
 
-# The resubmission is forced by construction, not by timing: the first train job gets its warning
-# signal 40 s before its 1-minute limit (about 20 s in: after the start-up, inside the training,
-# which takes longer than that), later ones 5 s before it, leaving them ~55 s for the rest of a
-# training of about TRAINING_SECONDS on one CPU thread: one resubmission on a fast or a loaded
-# machine alike.
-TRAINING_SECONDS = 30
-FIRST_SIGNAL, LATER_SIGNAL = "--signal=TERM@40", "--signal=TERM@5"
+# The resubmission is forced by construction, with a margin on both sides instead of a bet on the
+# machine's speed: the first train job has a 2-minute limit and gets its warning signal 60 s before it,
+# i.e. 60 s in, long after the start-up (~10 s here; ~30 s with the rest of the suite beside it) and
+# long before the end of a training timed at TRAINING_SECONDS (it would have to run 2.2 times faster
+# than when it was timed to end first). Later jobs get 10 minutes (the signal 5 s before): one
+# resubmission on a fast or a loaded machine alike.
+TRAINING_SECONDS = 120
+FIRST_RUNTIME, FIRST_SIGNAL = 2, "--signal=TERM@60"
+LATER_RUNTIME, LATER_SIGNAL = 10, "--signal=TERM@5"
 PROBE_STEPS = 150
 
 
@@ -54,8 +56,8 @@ def steps_for(seconds: float, config: dict, tmp_path) -> int:
     probe = copy.deepcopy(config)
     probe["training"].update(max_steps=PROBE_STEPS, output_dir=str(tmp_path / "probe"),
                              embeddings_dir=str(tmp_path / "probe" / "embeddings"))
-    run_split(probe, tmp_path / "probe" / "split")
-    embed_all(probe, tmp_path / "probe" / "split", probe["training"]["embeddings_dir"])
+    run_split(settings_for(probe), tmp_path / "probe" / "split")
+    embed_all(settings_for(probe), tmp_path / "probe" / "split", probe["training"]["embeddings_dir"])
     started = time.perf_counter()
     train_here(probe, tmp_path / "probe" / "split", "probe")
     return int(seconds * PROBE_STEPS / (time.perf_counter() - started))
@@ -78,8 +80,8 @@ def wait_for_files(paths: list[Path], proc: subprocess.Popen, timeout: float = 6
 
 def test_dag_on_slurm_with_a_train_job_past_its_time_limit(cluster, tmp_path):
     """The tiny DAG through SLURM: split, one embed job and one gather (it copies the data) per split (the
-    light rules run locally), and a train job with runtime 1 (minute, SLURM's unit) for a training of more
-    than a minute. SLURM stops it (the profile's --signal=TERM@5, or the time limit's own SIGTERM),
+    light rules run locally), and a train job with runtime 2 (minutes, SLURM's unit) for a training of more
+    than that. SLURM stops it (its warning signal before the limit, as profiles/slurm sends),
     the training saves its state, Snakemake resubmits the job (preemptible-retries) and the
     resubmitted job continues; the end result is the uninterrupted run's, to the bit."""
     config = tiny_config(tmp_path, n=40, run_name="slurm", embedding={"shards": 1}, training={
@@ -88,7 +90,7 @@ def test_dag_on_slurm_with_a_train_job_past_its_time_limit(cluster, tmp_path):
     write_config(tmp_path / "config.yaml", **config)
     profile = yaml.safe_load((REPO / "tests" / "slurm_profile" / "config.yaml").read_text())
     assert "--signal=TERM@" in profile["set-resources"]["train"]["slurm_extra"]  # as profiles/slurm
-    profile["set-resources"]["train"]["runtime"] = 1
+    profile["set-resources"]["train"]["runtime"] = f"{FIRST_RUNTIME} if attempt == 1 else {LATER_RUNTIME}"
     profile["set-resources"]["train"]["slurm_extra"] = f"'{FIRST_SIGNAL}' if attempt == 1 else '{LATER_SIGNAL}'"
     profile["set-threads"] = {"train": 1}  # OMP_NUM_THREADS=1: the numbers depend on the thread count
     (tmp_path / "profile").mkdir()

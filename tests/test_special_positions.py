@@ -22,11 +22,12 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_config, write_csv
+from conftest import settings_for, tiny_config, write_csv
 from ptm_mamba.data import BatchBuilder
 from ptm_mamba.dataset import Protein
-from ptm_mamba.embed import embed_all, esm_inputs, load_esm_for
+from ptm_mamba.embed import embed_all, esm_inputs
 from ptm_mamba.embedding_store import EmbeddingReader
+from ptm_mamba.esm import load_esm_of
 from ptm_mamba.forward import esm_features
 from ptm_mamba.masking import replicate_mask
 from ptm_mamba.split import load_split_dir, run_split
@@ -59,10 +60,11 @@ def project(tmp_path_factory):
     data = write_csv(root / "ptm.csv", protein_rows())
     config = tiny_config(root, dataset={"dataset_location": str(data), "val_size": 3, "test_size": 3,
                                         "unknown_ptm": "unk"})
-    summary = run_split(config, root / "split")
-    embed_all(config, root / "split", root / "embeddings")
-    splits = load_split_dir(root / "split", config)
-    esm_model = load_esm_for(config, device="cpu")
+    settings = settings_for(config)
+    summary = run_split(settings, root / "split")
+    embed_all(settings, root / "split", root / "embeddings")
+    splits = load_split_dir(root / "split", settings)
+    esm_model = load_esm_of(settings, device="cpu")
     return root, config, summary, splits, esm_model
 
 
@@ -223,7 +225,7 @@ def test_training_with_unknown_ptms_runs_in_both_modes(project, tmp_path, mode):
     config["training"].update(max_steps=2, log_steps=1, output_dir=str(tmp_path),
                               embeddings_dir=str(root / "embeddings"),
                               use_precomputed_embeddings=mode == "precomputed")
-    out = train(config, split_dir=str(root / "split"), run_name=mode, progress=False)
+    out = train(settings_for(config), split_dir=str(root / "split"), run_name=mode, progress=False)
     metrics = json.loads((out / "metrics.json").read_text())
     losses = [r[key] for r in metrics for key in ("train_loss", "avg_val_loss", "avg_test_loss") if key in r]
     assert len(losses) >= 5 and all(np.isfinite(losses))

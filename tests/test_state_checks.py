@@ -30,8 +30,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import demo_subset, error_line, run_cli, tiny_config, write_config, write_csv
-from ptm_mamba import fileio
+from conftest import demo_subset, error_line, run_cli, settings_for, tiny_config, write_config, write_csv
+from ptm_mamba import fileio, layout
 from ptm_mamba.errors import PipelineError
 from ptm_mamba.split import load_split_dir, read_split, run_split, split_proteins
 from ptm_mamba.stages import EMBED, SPLIT, TRAIN, stage_fingerprint, stage_settings
@@ -39,8 +39,8 @@ from ptm_mamba.testing import write_tiny_esm2_checkpoint
 from ptm_mamba.train import without_throughput
 
 STAGES = (SPLIT, EMBED, TRAIN)
-SPLIT_FILES = ("train.csv", "val.csv", "test.csv", "split_mapping.json", "summary.json")
-RUN_OUTPUTS = ("config.yaml", "split_mapping.json", "metrics.json", "best.ckpt", "last.ckpt")
+SPLIT_FILES = tuple(path.name for path in layout.split_paths("").values())
+RUN_OUTPUTS = layout.RUN_FILES
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -84,7 +84,8 @@ def set_key(config: dict, key: str, value) -> dict:
 
 
 def all_settings(config: dict) -> dict:
-    return {stage: (stage_settings(config, stage), stage_fingerprint(config, stage)) for stage in STAGES}
+    settings = settings_for(config)
+    return {stage: (stage_settings(settings, stage), stage_fingerprint(settings, stage)) for stage in STAGES}
 
 
 def changed_stages(before: dict, after: dict) -> set[str]:
@@ -151,7 +152,7 @@ def test_predict_refuses_an_esm_file_changed_after_training(embedded_project, tm
     esm = copy_esm(config["esm"]["model"], tmp_path / "esm")
     cfg, _ = derived(config, tmp_path, "fly", esm={"model": str(esm)},
                      training={"use_precomputed_embeddings": False, "max_steps": 2, "log_steps": 2})
-    out = train(cfg, split_dir=str(root / "split"), progress=False)
+    out = train(settings_for(cfg), split_dir=str(root / "split"), progress=False)
     fasta = tmp_path / "some.fasta"
     fasta.write_text(">a\nMK<Phosphoserine>LLVRRAS\n>b\nM<N-acetylalanine>KNGTWLLK\n")
     ok = run_cli("predict", "--checkpoint", out / "best.ckpt", "--input", fasta, "--output", tmp_path / "ok.h5")
@@ -238,12 +239,12 @@ def test_input_file_bytes_change_exactly_their_stages(tmp_path, mode):
 def test_large_esm_file_change_is_seen_through_the_hash_cache(settings_config, tmp_path, monkeypatch):
     """Hashes of files of 64 MiB and more (real ESM-2 weights) are cached by stat: rewriting the
     file in place (same inode, same size) must still change the embed and train fingerprints."""
-    from ptm_mamba import stages
+    from ptm_mamba import hashing
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     big = tmp_path / "esm2_big.pt"
     with open(big, "wb") as fh:
-        fh.truncate(stages._CACHE_FROM_BYTES)
+        fh.truncate(hashing._CACHE_FROM_BYTES)
     config = set_key(settings_config, "esm.model", str(big))
     before = all_settings(config)
     assert (tmp_path / "cache" / "ptm-mamba" / "sha256.json").exists()  # the cached path was taken
@@ -252,7 +253,7 @@ def test_large_esm_file_change_is_seen_through_the_hash_cache(settings_config, t
     with open(big, "r+b") as fh:
         fh.seek(12345)
         fh.write(b"\x01")
-    assert big.stat().st_ino == inode and big.stat().st_size == stages._CACHE_FROM_BYTES
+    assert big.stat().st_ino == inode and big.stat().st_size == hashing._CACHE_FROM_BYTES
     assert changed_stages(before, all_settings(config)) == {EMBED, TRAIN}
 
 
@@ -306,7 +307,7 @@ def split_project(tmp_path) -> tuple[dict, Path, Path]:
     """A tiny dataset split with split_seed 42 into D: (config, its file, D)."""
     config = tiny_config(tmp_path, n=30)
     path = write_config(tmp_path / "config.yaml", **config)
-    run_split(config, tmp_path / "D")
+    run_split(settings_for(config), tmp_path / "D")
     return config, path, tmp_path / "D"
 
 
@@ -330,11 +331,11 @@ def test_failed_rename_leaves_the_previous_split(split_project, monkeypatch, fai
 
     monkeypatch.setattr(fileio.os, "replace", flaky_replace)
     with pytest.raises(OSError, match="injected"):
-        run_split(set_key(config, "dataset.split_seed", 7), d)
+        run_split(settings_for(set_key(config, "dataset.split_seed", 7)), d)
     monkeypatch.undo()
     assert calls[:failing_call] == list(SPLIT_FILES[:failing_call])  # the renames run in order, summary last
     assert snapshot(d) == first  # byte-identical, and no .*tmp* / .*old* file left beside them
-    load_split_dir(d, config)  # and it is still a valid split
+    load_split_dir(d, settings_for(config))  # and it is still a valid split
 
 
 def test_failed_first_split_leaves_no_split_files(tmp_path, monkeypatch):
@@ -350,21 +351,21 @@ def test_failed_first_split_leaves_no_split_files(tmp_path, monkeypatch):
 
     monkeypatch.setattr(fileio.os, "replace", flaky_replace)
     with pytest.raises(OSError, match="injected"):
-        run_split(config, tmp_path / "D")
+        run_split(settings_for(config), tmp_path / "D")
     monkeypatch.undo()
     assert list((tmp_path / "D").iterdir()) == []  # the two files already renamed are removed again
     with pytest.raises(PipelineError, match="summary.json not found"):
-        load_split_dir(tmp_path / "D", config)
+        load_split_dir(tmp_path / "D", settings_for(config))
 
 
 def test_mixed_split_is_refused(split_project, tmp_path):
     """A kill between the renames: train.csv of another split beside the first one's summary."""
     config, path, d = split_project
-    run_split(set_key(config, "dataset.split_seed", 7), tmp_path / "E")
+    run_split(settings_for(set_key(config, "dataset.split_seed", 7)), tmp_path / "E")
     assert (tmp_path / "E" / "train.csv").read_bytes() != (d / "train.csv").read_bytes()
     shutil.copy(tmp_path / "E" / "train.csv", d / "train.csv")
     with pytest.raises(PipelineError, match=r"train\.csv is not the file summary\.json records"):
-        load_split_dir(d, config)
+        load_split_dir(d, settings_for(config))
 
     shard = tmp_path / "shard.h5"
     result = run_cli("embed-shard", "--config", path, "--split", "val", "--split_file", d / "val.csv",
@@ -418,7 +419,7 @@ def rewrite_split(d: Path, texts: dict[str, str]) -> None:
 
 def test_overlapping_split_is_refused(split_project):
     config, path, d = split_project
-    load_split_dir(d, config)  # the real split passes
+    load_split_dir(d, settings_for(config))  # the real split passes
     victim = read_split(d / "train.csv")[0]
     victim_id, victim_seq = victim.id, victim.sequence
     assert "," not in victim_seq and '"' not in victim_seq  # a plain CSV line below
@@ -429,7 +430,7 @@ def test_overlapping_split_is_refused(split_project):
     rewrite_split(d, {"val.csv": val_text + f"COPY_OF_{victim_id},{victim_seq}\n",
                       "split_mapping.json": json.dumps({**mapping, f"COPY_OF_{victim_id}": "val"}, indent=2) + "\n"})
     with pytest.raises(PipelineError) as err:
-        load_split_dir(d, config)
+        load_split_dir(d, settings_for(config))
     message = str(err.value)
     assert f"'{victim_id}' (train)" in message and f"'COPY_OF_{victim_id}' (val)" in message
     assert "same sequence" in message and "\n" not in message
@@ -440,7 +441,7 @@ def test_overlapping_split_is_refused(split_project):
     rewrite_split(d, {"val.csv": val_text + f"{victim_id},{victim_seq}\n",
                       "split_mapping.json": json.dumps(mapping, indent=2) + "\n"})
     with pytest.raises(PipelineError, match=rf"id '{victim_id}' is in both train and val"):
-        load_split_dir(d, config)
+        load_split_dir(d, settings_for(config))
 
 
 def test_stale_split_is_refused(split_project, tmp_path):
@@ -469,12 +470,12 @@ def resume_reference(tmp_path_factory) -> tuple[dict, Path, Path, Path]:
     root = tmp_path_factory.mktemp("resume")
     config = tiny_config(root, n=48, training={"use_precomputed_embeddings": False, "max_steps": 12,
                                                "log_steps": 3, "lr": 1.0, "warmup_steps": 0})
-    run_split(config, root / "split")
+    run_split(settings_for(config), root / "split")
     path = write_config(root / "config.yaml", **config)
     threads = torch.get_num_threads()
     torch.set_num_threads(RESUME_THREADS)  # as the CLI runs: the numbers depend on the thread count
     try:
-        ref = train(copy.deepcopy(config), split_dir=str(root / "split"), run_name="ref", progress=False)
+        ref = train(settings_for(config), split_dir=str(root / "split"), run_name="ref", progress=False)
     finally:
         torch.set_num_threads(threads)
     metrics = json.loads((ref / "metrics.json").read_text())
@@ -569,7 +570,7 @@ def test_embeddings_of_an_older_store_format_rerun_and_are_refused(tmp_path):
     and a reader's settings check refuses them in one line."""
     from ptm_mamba.stages import FORMATS, check_settings, fingerprint_of
 
-    config = tiny_config(tmp_path)
+    config = settings_for(tiny_config(tmp_path))
     settings = stage_settings(config, EMBED)
     assert settings["format"] == FORMATS[EMBED] == 2
     older = {k: v for k, v in settings.items() if k != "format"}

@@ -18,6 +18,7 @@ import torch
 from conftest import REPO, run_cli, write_config
 from ptm_mamba.data import BatchBuilder
 from ptm_mamba.embedding_store import EmbeddingReader
+from ptm_mamba.layout import RUN_FILES
 from ptm_mamba.split import read_split
 from ptm_mamba import train as train_module
 from ptm_mamba.tokenizer import PTMTokenizer
@@ -115,8 +116,7 @@ def test_train_outputs_metrics_and_weights_only_checkpoints(embedded_project):
                      "--run_name", "plain", "--no_progress")
     assert result.returncode == 0, result.stdout + result.stderr
     out = root / "outputs" / "ptm-mamba-plain"
-    assert sorted(p.name for p in out.iterdir()) == \
-        ["best.ckpt", "config.yaml", "last.ckpt", "metrics.json", "provenance.json", "split_mapping.json"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(RUN_FILES)
     metrics = records(out / "metrics.json")
     assert metrics[0]["split_sizes"] == {"train": 44, "val": 8, "test": 8}
     steps = [m for m in metrics if "train_loss" in m]

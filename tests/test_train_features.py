@@ -26,8 +26,10 @@ import torch
 from conftest import tiny_config, write_config
 from ptm_mamba import train as train_module
 from ptm_mamba.errors import PipelineError, StopRequested
+from ptm_mamba.settings import Settings
 from ptm_mamba.split import run_split
-from ptm_mamba.stages import TRAIN, file_sha256, stage_fingerprint, stage_settings
+from ptm_mamba.hashing import file_sha256
+from ptm_mamba.stages import TRAIN, stage_fingerprint, stage_settings
 from ptm_mamba.train import without_throughput
 
 STEPS, LOG_STEPS = 6, 3
@@ -47,12 +49,20 @@ def derived(config: dict, **training) -> dict:
     return cfg
 
 
+def train_settings(config: dict) -> dict:
+    return stage_settings(Settings.from_config(config), TRAIN)
+
+
+def fingerprint(config: dict) -> str:
+    return stage_fingerprint(Settings.from_config(config), TRAIN)
+
+
 def train_here(config: dict, split: Path, name: str) -> Path:
     """Train in this process on one thread (the numbers depend on the thread count)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return train_module.train(copy.deepcopy(config), split_dir=str(split), run_name=name, progress=False)
+        return train_module.train(Settings.from_config(config), split_dir=str(split), run_name=name, progress=False)
     finally:
         torch.set_num_threads(threads)
 
@@ -65,7 +75,7 @@ def project(tmp_path_factory) -> tuple[dict, Path, Path]:
     config = tiny_config(root, n=48, training={"use_precomputed_embeddings": False, "max_steps": STEPS,
                                                "log_steps": LOG_STEPS, "gradient_accumulation_steps": 2,
                                                "warmup_steps": 4})  # lr differs at every step up to 4
-    run_split(config, root / "split")
+    run_split(Settings.from_config(config), root / "split")
     ref = train_here(config, root / "split", "ref")
     return config, root / "split", ref
 
@@ -116,7 +126,7 @@ def test_stop_between_accumulated_batches_resumes_exactly_and_keeps_tracking(pro
 
     config, split, ref = project
     cfg = derived(config, log_with="tensorboard")
-    assert stage_fingerprint(cfg, TRAIN) == stage_fingerprint(config, TRAIN)  # where metrics go changes no result
+    assert fingerprint(cfg) == fingerprint(config)  # where metrics go changes no result
     run = ref.parent / "ptm-mamba-stopped"
     calls = []
     real = train_module.backward_batch
@@ -157,9 +167,9 @@ def test_stop_between_accumulated_batches_resumes_exactly_and_keeps_tracking(pro
 def test_accumulation_is_a_train_setting_only_away_from_its_default(project):
     config, _, _ = project
     one = derived(config, gradient_accumulation_steps=1)
-    assert "training.gradient_accumulation_steps" not in stage_settings(one, TRAIN)  # earlier results stay valid
-    assert "training.init_from" not in stage_settings(one, TRAIN)
-    assert stage_fingerprint(one, TRAIN) != stage_fingerprint(config, TRAIN)
+    assert "training.gradient_accumulation_steps" not in train_settings(one)  # earlier results stay valid
+    assert "training.init_from" not in train_settings(one)
+    assert fingerprint(one) != fingerprint(config)
 
 
 def test_a_tracker_that_is_not_installed_is_one_line(project):
@@ -198,9 +208,9 @@ def test_run_initialised_from_a_checkpoint_starts_at_its_validation_loss(project
     assert f"init_from: {best}" in (run / "config.yaml").read_text()
 
     # the file's content, not its name, is the setting: other bytes rerun training
-    before = stage_fingerprint(cfg, TRAIN)
+    before = fingerprint(cfg)
     best.write_bytes((ref / "last.ckpt").read_bytes())
-    assert stage_fingerprint(cfg, TRAIN) != before
+    assert fingerprint(cfg) != before
 
 
 def test_a_missing_or_ill_fitting_init_checkpoint_is_one_line(project, tmp_path):

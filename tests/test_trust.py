@@ -4,7 +4,7 @@
   another cluster, a line removed or repeated, an id the dataset lacks, a damaged row, a first line
   without its content hash or with another count, the file of another dataset;
 - checkpoints with NaN/Inf weights, refused by every reader (predict, training.init_from,
-  training.resume_from_checkpoint, PTMMamba.from_checkpoint), naming the file and the tensor.
+  training.resume_from_checkpoint, checkpoint.load_model), naming the file and the tensor.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch
 from conftest import DEMO, SEQS, error_line, run_cli, write_config, write_csv
 from ptm_mamba.cluster import HASH_KEY, HEADER
 from ptm_mamba.errors import PipelineError
-from ptm_mamba.model import PTMMamba
+from ptm_mamba.checkpoint import load_model
 
 needs_mmseqs = pytest.mark.skipif(shutil.which("mmseqs") is None, reason="needs mmseqs (scripts/install_mmseqs.sh)")
 
@@ -158,7 +158,7 @@ def test_predict_refuses_a_checkpoint_with_nan_or_inf_weights(checkpoint: Path, 
     assert "tmp" not in line.replace(str(tmp_path), "")  # the checkpoint is named, no temporary file
     assert not out.exists()
     with pytest.raises(PipelineError, match=f"^{bad}: damaged checkpoint: weight {name} holds NaN/Inf values$"):
-        PTMMamba.from_checkpoint(bad)
+        load_model(bad)
 
 
 def _train_config(embedded_project, tmp_path: Path, name: str, **training) -> Path:
@@ -194,4 +194,4 @@ def test_resume_from_a_checkpoint_with_nan_weights_is_one_line(embedded_project,
 
 
 def test_a_finite_checkpoint_still_loads(checkpoint: Path):
-    assert PTMMamba.from_checkpoint(checkpoint).run_config is not None
+    assert load_model(checkpoint).settings is not None

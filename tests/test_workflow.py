@@ -19,14 +19,15 @@ import pytest
 import torch
 
 from conftest import REPO, tiny_config, write_config
+from ptm_mamba import layout
 from ptm_mamba.train import without_throughput
 
 pytestmark = pytest.mark.slow
 SNAKEMAKE = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--cores", "2"]
 RUN = "out dir/ptm-mamba-wf"  # folders with a space: the rules must quote paths
 EMB = "emb dir"
-SPLIT_FILES = ("train.csv", "val.csv", "test.csv", "split_mapping.json", "summary.json")
-RUN_FILES = ("config.yaml", "split_mapping.json", "metrics.json", "best.ckpt", "last.ckpt")
+SPLIT_FILES = tuple(path.name for path in layout.split_paths("").values())
+RUN_FILES = layout.RUN_FILES
 
 
 def command(workdir: Path, *args: str) -> list[str]:
@@ -121,7 +122,7 @@ def reference(workdir) -> dict:
     return outputs(workdir)
 
 
-def test_full_dag_runs_and_writes_the_seed_outputs(workdir):
+def test_full_dag_runs_and_writes_every_output(workdir):
     for name in RUN_FILES:
         assert (workdir / RUN / name).is_file(), name
     for split in ("train", "val", "test"):

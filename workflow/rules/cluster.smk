@@ -6,7 +6,7 @@ from ptm_mamba.stages import CLUSTER
 
 rule cluster:
     input:
-        config["dataset"]["dataset_location"],
+        SETTINGS.dataset.dataset_location,
     output:
         CLUSTERS_FILE,
     log:
@@ -16,6 +16,6 @@ rule cluster:
     threads: 8
     params:
         config=config_file,
-        settings=stage_fingerprint(config, CLUSTER),
+        settings=stage_fingerprint(SETTINGS, CLUSTER),
     shell:
         "ptm-mamba cluster --config {params.config:q} --output {output:q} --threads {threads} > {log:q} 2>&1"

@@ -1,5 +1,5 @@
-# Shared set-up: config validation, the config file the rules pass to the ptm-mamba CLI,
-# and the target list. All real work lives in ptm_mamba/.
+# Shared set-up: config validation and its typed settings (SETTINGS, as the CLI builds them), the
+# config file the rules pass to the ptm-mamba CLI, and the target list. All real work lives in ptm_mamba/.
 
 import shlex
 import sys
@@ -9,6 +9,7 @@ from ptm_mamba.errors import PipelineError
 from ptm_mamba.fileio import atomic_write_text
 from ptm_mamba import guard, layout
 from ptm_mamba.launch import launch_command, slurm_resources
+from ptm_mamba.settings import Settings
 from ptm_mamba.stages import EMBED, SPLIT, TRAIN, stage_fingerprint
 
 
@@ -28,6 +29,8 @@ try:
     validate_config(config, source="config")
 except PipelineError as err:
     refuse(err)
+
+SETTINGS = Settings.from_config(config)
 
 # The CLI reads the config from a file. Overrides (--config key=value) live only in this
 # invocation's memory, so its jobs read a file named by the content's hash: parsing writes
@@ -54,22 +57,22 @@ SPLIT_DIR = layout.SPLIT_DIR
 SPLITS = layout.SPLITS
 SPLIT_OUTPUTS = {key: str(path) for key, path in layout.split_paths(SPLIT_DIR).items()}
 SPLIT_FILES = list(SPLIT_OUTPUTS.values())
-EMBEDDINGS_DIR = config["training"]["embeddings_dir"]
-NUM_SHARDS = config["embedding"]["shards"]
-PRECOMPUTED = (
-    config["training"]["use_esm"] and config["training"]["use_precomputed_embeddings"]
-)
+EMBEDDINGS_DIR = SETTINGS.training.embeddings_dir
+NUM_SHARDS = SETTINGS.embedding.shards
+PRECOMPUTED = SETTINGS.training.precomputed
 # The rules' conda environment (--sdm conda). Snakemake builds it from a copy of environment.yml
 # under .snakemake/conda/, so its pip lines name this repository by ${PTM_MAMBA_ROOT}, set here.
 ENV = "../../environment.yml"
 os.environ.setdefault("PTM_MAMBA_ROOT", workflow.basedir)
-RUN_NAME = config["run_name"] or layout.WORKFLOW_RUN_NAME
-RUN_DIR = str(layout.run_dir(config["training"]["output_dir"], RUN_NAME))
-RUN_FILES = [f"{RUN_DIR}/{name}" for name in layout.RUN_FILES]
-BY_CLUSTER = config["dataset"]["split_by"] == "cluster"
+RUN_NAME = SETTINGS.run_name or layout.WORKFLOW_RUN_NAME
+RUN_DIR = str(layout.run_dir(SETTINGS.training.output_dir, RUN_NAME))
+# The run folder's files by name (layout.RUN_FILES): RUN_FILE[layout.BEST_CKPT] ...
+RUN_FILE = {name: str(path) for name, path in layout.run_files(RUN_DIR).items()}
+RUN_FILES = list(RUN_FILE.values())
+BY_CLUSTER = SETTINGS.dataset.by_cluster
 CLUSTERS_FILE = layout.CLUSTERS_FILE
-NUM_PROCESSES = config["training"]["num_processes"]  # per machine: one per GPU
-NUM_MACHINES = config["training"]["num_machines"]
+NUM_PROCESSES = SETTINGS.training.num_processes  # per machine: one per GPU
+NUM_MACHINES = SETTINGS.training.num_machines
 # accelerate launch on one machine, or srun + accelerate's multi-node launch (ptm_mamba/launch.py).
 TRAIN_LOG = f"logs/train/{RUN_NAME}.log"
 LAUNCH = launch_command(NUM_MACHINES, NUM_PROCESSES, log=TRAIN_LOG)
@@ -104,7 +107,7 @@ def all_targets():
 def split_input(wildcards):
     """The dataset, and with split_by: cluster the cluster stage's clusters."""
     return {
-        "data": config["dataset"]["dataset_location"],
+        "data": SETTINGS.dataset.dataset_location,
         **({"clusters": CLUSTERS_FILE} if BY_CLUSTER else {}),
     }
 
@@ -120,7 +123,7 @@ def prediction_file(name):
 def prediction_inputs():
     """predict.inputs by output name: the file name without its extension."""
     inputs = {}
-    for path in config["predict"]["inputs"]:
+    for path in SETTINGS.predict.inputs:
         name = os.path.splitext(os.path.basename(path))[0]
         if name in inputs:
             refuse(
@@ -138,11 +141,11 @@ PREDICT_INPUTS = prediction_inputs()
 # folder of another project made with other settings is neither adopted nor replaced.
 try:
     guard.check_workflow(
-        config, RUN_NAME, [prediction_file(name) for name in PREDICT_INPUTS]
+        SETTINGS, RUN_NAME, [prediction_file(name) for name in PREDICT_INPUTS]
     )
 except PipelineError as err:
     refuse(err)
 
 # Why stages rerun, by key: the settings that changed since the run folder's run was made.
-for change in guard.settings_changes(config, RUN_DIR):
+for change in guard.settings_changes(SETTINGS, RUN_DIR):
     print(f"changed since {RUN_DIR} was made: {change}", file=sys.stderr)

@@ -27,7 +27,7 @@ rule embed_shard:
     params:
         config=config_file,
         num_shards=NUM_SHARDS,
-        settings=stage_fingerprint(config, EMBED),
+        settings=stage_fingerprint(SETTINGS, EMBED),
     shell:
         "OMP_NUM_THREADS={threads} ptm-mamba embed-shard --config {params.config:q} --split {wildcards.split}"
         " --split_file {input.split:q} --shard {wildcards.shard} --num_shards {params.num_shards}"
@@ -52,7 +52,7 @@ rule gather_embeddings:
         ENV
     params:
         config=config_file,
-        settings=stage_fingerprint(config, EMBED),
+        settings=stage_fingerprint(SETTINGS, EMBED),
     shell:
         "ptm-mamba gather --config {params.config:q} --split {wildcards.split} --split_file {input.split:q}"
         " --shards {input.shards:q} --output {output:q} > {log:q} 2>&1"

@@ -11,7 +11,7 @@ rule predictions:
 
 rule predict:
     input:
-        checkpoint=f"{RUN_DIR}/best.ckpt",
+        checkpoint=RUN_FILE[layout.BEST_CKPT],
         sequences=lambda wildcards: PREDICT_INPUTS[wildcards.name],
     output:
         prediction_file("{name}"),
@@ -23,8 +23,8 @@ rule predict:
         ENV
     threads: 2
     params:
-        pooled="--pooled" if config["predict"]["pooled"] else "--no-pooled",
-        max_tokens=config["predict"]["max_tokens_per_batch"],
+        pooled="--pooled" if SETTINGS.predict.pooled else "--no-pooled",
+        max_tokens=SETTINGS.predict.max_tokens_per_batch,
     shell:
         "OMP_NUM_THREADS={threads} ptm-mamba predict --checkpoint {input.checkpoint:q}"
         " --input {input.sequences:q} --output {output:q} {params.pooled}"

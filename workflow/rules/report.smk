@@ -5,14 +5,18 @@
 # PNG and HTML items inline and offers TSV and YAML items as downloads, so every table is written twice:
 # as an HTML page to read in the report and as a TSV to download.
 
-REPORT_DIR = str(layout.report_dir(RUN_NAME))
+# The report folder's files by key (layout.report_files): a figure's PNG, a table's TSV, its _html page.
+REPORT_FILE = {
+    key: str(path)
+    for key, path in layout.report_files(layout.report_dir(RUN_NAME)).items()
+}
 
 
 rule plots:
     input:
-        metrics=f"{RUN_DIR}/metrics.json",
-        provenance=f"{RUN_DIR}/provenance.json",
-        config=f"{RUN_DIR}/config.yaml",
+        metrics=RUN_FILE[layout.METRICS_FILE],
+        provenance=RUN_FILE[layout.PROVENANCE_FILE],
+        config=RUN_FILE[layout.CONFIG_FILE],
         summary=SPLIT_OUTPUTS["summary"],
         embeddings=embedding_files(),
     output:
@@ -20,12 +24,12 @@ rule plots:
         **(
             {
                 "embeddings": report(
-                    f"{REPORT_DIR}/embeddings.tsv",
+                    REPORT_FILE["embeddings"],
                     caption="../report/embedding_stats.rst",
                     category="Data",
                 ),
                 "embeddings_html": report(
-                    f"{REPORT_DIR}/embeddings.html",
+                    REPORT_FILE["embeddings_html"],
                     caption="../report/embedding_stats_html.rst",
                     category="Data",
                 ),
@@ -34,67 +38,67 @@ rule plots:
             else {}
         ),
         # the first category of the report ("At a glance" sorts before the others)
-        run_summary=report(
-            f"{REPORT_DIR}/run_summary.html",
+        run_summary_html=report(
+            REPORT_FILE["run_summary_html"],
             caption="../report/run_summary.rst",
             category="At a glance",
         ),
         # the same rows, for the report's front page (workflow/report/workflow.rst)
-        run_summary_tsv=f"{REPORT_DIR}/run_summary.tsv",
+        run_summary=REPORT_FILE["run_summary"],
         loss=report(
-            f"{REPORT_DIR}/loss.png", caption="../report/loss.rst", category="Training"
+            REPORT_FILE["loss"], caption="../report/loss.rst", category="Training"
         ),
         accuracy=report(
-            f"{REPORT_DIR}/accuracy.png",
+            REPORT_FILE["accuracy"],
             caption="../report/accuracy.rst",
             category="Training",
         ),
         learning_rate=report(
-            f"{REPORT_DIR}/learning_rate.png",
+            REPORT_FILE["learning_rate"],
             caption="../report/learning_rate.rst",
             category="Training",
         ),
         throughput=report(
-            f"{REPORT_DIR}/throughput.png",
+            REPORT_FILE["throughput"],
             caption="../report/throughput.rst",
             category="Training",
         ),
         test_ptm_accuracy=report(
-            f"{REPORT_DIR}/test_ptm_accuracy.png",
+            REPORT_FILE["test_ptm_accuracy"],
             caption="../report/test_ptm_accuracy.rst",
             category="Test",
         ),
         test_results=report(
-            f"{REPORT_DIR}/test_results.tsv",
+            REPORT_FILE["test_results"],
             caption="../report/test_results.rst",
             category="Test",
         ),
         test_results_html=report(
-            f"{REPORT_DIR}/test_results.html",
+            REPORT_FILE["test_results_html"],
             caption="../report/test_results_html.rst",
             category="Test",
         ),
         splits=report(
-            f"{REPORT_DIR}/splits.tsv", caption="../report/splits.rst", category="Data"
+            REPORT_FILE["splits"], caption="../report/splits.rst", category="Data"
         ),
         splits_html=report(
-            f"{REPORT_DIR}/splits.html",
+            REPORT_FILE["splits_html"],
             caption="../report/splits_html.rst",
             category="Data",
         ),
         provenance=report(
-            f"{REPORT_DIR}/provenance.tsv",
+            REPORT_FILE["provenance"],
             caption="../report/provenance.rst",
             category="Configuration",
         ),
         provenance_html=report(
-            f"{REPORT_DIR}/provenance.html",
+            REPORT_FILE["provenance_html"],
             caption="../report/provenance_html.rst",
             category="Configuration",
         ),
         # the run's config.yaml (train's report item, a download) as a page to read
         config_html=report(
-            f"{REPORT_DIR}/config.html",
+            REPORT_FILE["config_html"],
             caption="../report/config_html.rst",
             category="Configuration",
         ),

@@ -15,7 +15,7 @@ rule split:
         config=config_file,
         outdir=lambda wildcards, output: os.path.dirname(output.mapping),
         clusters=clusters_option,
-        settings=stage_fingerprint(config, SPLIT),
+        settings=stage_fingerprint(SETTINGS, SPLIT),
     shell:
         "ptm-mamba split --config {params.config:q} --output_dir {params.outdir:q} {params.clusters}"
         " --threads {threads} > {log:q} 2>&1"

@@ -9,15 +9,15 @@ rule train:
     output:
         # the run's config, shown in the report as it is
         config=report(
-            f"{RUN_DIR}/config.yaml",
+            RUN_FILE[layout.CONFIG_FILE],
             caption="../report/config.rst",
             category="Configuration",
         ),
-        mapping=f"{RUN_DIR}/split_mapping.json",
-        metrics=f"{RUN_DIR}/metrics.json",
-        best=f"{RUN_DIR}/best.ckpt",
-        last=f"{RUN_DIR}/last.ckpt",
-        provenance=f"{RUN_DIR}/provenance.json",
+        mapping=RUN_FILE[layout.SPLIT_MAPPING],
+        metrics=RUN_FILE[layout.METRICS_FILE],
+        best=RUN_FILE[layout.BEST_CKPT],
+        last=RUN_FILE[layout.LAST_CKPT],
+        provenance=RUN_FILE[layout.PROVENANCE_FILE],
     log:
         TRAIN_LOG,
     benchmark:
@@ -33,7 +33,7 @@ rule train:
         run_name=RUN_NAME,
         # how to start, not what results: a param function of `input` is no rerun trigger
         launch=lambda wildcards, input: LAUNCH,
-        settings=stage_fingerprint(config, TRAIN),
+        settings=stage_fingerprint(SETTINGS, TRAIN),
     # the launcher shows training on the terminal (the SLURM job's output) and writes it to the log, and
     # every segment of a resumed run to logs/train/{run_name}.segments.log
     shell:
