@@ -1,8 +1,7 @@
 """The ``ptm-mamba`` command line: one subcommand per pipeline stage.
 
-Each Snakemake rule is a thin call of one of these; every one also runs on its
-own (``ptm-mamba split --config config/config.yaml --output_dir results/split``).
-A :class:`PipelineError` ends the command with one line on stderr and exit 2.
+Each Snakemake rule is a thin call of one of these; each also runs on its own. A
+:class:`PipelineError` ends the command with one line on stderr and exit 2.
 """
 
 from __future__ import annotations
@@ -25,14 +24,11 @@ def _add_config(p: argparse.ArgumentParser) -> None:
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    """The settings of ``--config``: the file read, validated and typed once per command."""
     return Settings.from_config(load_config(args.config))
 
 
 def _reads(args: argparse.Namespace, settings: Settings | None = None, **options) -> dict:
-    """Every file a command reads, by the option or config key that names it: ``--config`` and
-    the files the settings name (ptm_mamba.guard.config_inputs), and ``options`` (a path, or a list
-    of paths; None when not given)."""
+    """Every file a command reads, by the option or config key that names it."""
     from .guard import config_inputs
 
     found = {"--config": args.config} if getattr(args, "config", None) else {}
@@ -314,9 +310,8 @@ def pipeline_error_message(exc: PipelineError) -> str:
 
 
 class _Stderr(logging.StreamHandler):
-    """A log handler writing to ``sys.stderr`` as it is when a record is emitted, not as it was when
-    the handler was made: ``main`` may run more than once in a process (the tests), with another
-    ``sys.stderr`` each time."""
+    """A log handler writing to the current ``sys.stderr``: ``main`` may run more than once in a
+    process (the tests), with another ``sys.stderr`` each time."""
 
     @property
     def stream(self):
@@ -328,9 +323,8 @@ class _Stderr(logging.StreamHandler):
 
 
 def _log_to_stderr() -> None:
-    """What ``logging.basicConfig(level=WARNING, stream=sys.stderr)`` does in a fresh process, once
-    per process, even where the root logger has other handlers already (basicConfig would then do
-    nothing, and the stages' warnings would not reach stderr)."""
+    """``logging.basicConfig(level=WARNING, stream=sys.stderr)``, once per process, even where the
+    root logger has handlers already (where basicConfig does nothing)."""
     root = logging.getLogger()
     if not any(isinstance(h, _Stderr) for h in root.handlers):
         handler = _Stderr()
@@ -341,7 +335,6 @@ def _log_to_stderr() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    # warnings and notes of the stages (e.g. why a shard is recomputed, a kernel that fell back) on stderr
     _log_to_stderr()
     logging.getLogger("ptm_mamba").setLevel(logging.INFO)
     func: Callable[[argparse.Namespace], None] = args.func

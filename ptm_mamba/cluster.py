@@ -1,24 +1,14 @@
 """Sequence clusters for a split that keeps homologs apart (the cluster stage), with MMseqs2.
 
-Two proteins are linked when MMseqs2 aligns them (all against all, ``mmseqs easy-search``) at
-``dataset.cluster_identity`` identity or more, over ``dataset.cluster_coverage`` or more of both
-(``-c``, ``--cov-mode 0``); a cluster is a connected group of links (single linkage). So no linked
-pair is in two clusters, which a split by whole clusters needs. MMseqs2's own clustering
-(``easy-cluster``, set cover or connected components of its cascaded search) does not promise
-that: on ``datasets/demo.csv`` at 0.3/0.8 it cut 8 of the 24 homolog families, leaving 20 pairs
-that the search links (up to 52% identity) in different clusters.
+Proteins are linked when ``mmseqs easy-search`` (all against all) aligns them at
+``dataset.cluster_identity`` or more over ``dataset.cluster_coverage`` of both (``--cov-mode 0``);
+clusters are single-linkage groups, so no linked pair is in two clusters. MMseqs2's own
+``easy-cluster`` does not promise that: on ``datasets/demo.csv`` at 0.3/0.8 it split 8 of 24 families.
+Pairs the search misses are not linked; :func:`identity_to_train` measures what remains.
 
-Links are the alignments MMseqs2's search reports (defaults: sensitivity 5.7, 300 candidates per
-sequence, E-value 1e-3): a homolog pair it misses is not linked. The split stage therefore measures
-what remains, searching the test set against the training set (:func:`identity_to_train`).
-
-Proteins with the same residue sequence are one sequence for MMseqs2, so they share a cluster.
-
-``clusters.tsv``: a first line ``# ptm-mamba clusters {json}`` records the settings the clusters
-were made with (:func:`stages.stage_settings` of the cluster stage), the number of proteins and
-clusters and the content hash of the lines below it (``rows_sha256``), then ``cluster<TAB>unique_id``
-rows, where a cluster is named by its smallest id. :func:`read_clusters` refuses a file made from
-other data or settings, or edited (a row moved, added or removed), or without the hash (an older file).
+``clusters.tsv``: a first line ``# ptm-mamba clusters {json}`` records the cluster stage's settings,
+the counts and ``rows_sha256`` of the lines below, then ``cluster<TAB>unique_id`` rows (a cluster
+is named by its smallest id).
 """
 
 from __future__ import annotations
@@ -119,7 +109,6 @@ def cluster_proteins(proteins: list[Protein], identity: float, coverage: float,
 
 
 def _body(lines: list[str]) -> str:
-    """The part of a clusters file below its first line, as :data:`HASH_KEY` hashes it."""
     return "\n".join(lines) + "\n"
 
 
@@ -142,10 +131,8 @@ def run_cluster(settings: Settings, output: str | os.PathLike, threads: int | No
 
 
 def read_clusters(path: str | os.PathLike, settings: Settings, proteins: list[Protein]) -> dict[str, str]:
-    """The cluster stage's file, checked as it is read: made with these settings' data and settings
-    (the first line's record), naming each protein of the dataset once and nothing else, as many
-    rows as the record says, the rows as the cluster stage wrote them (their hash, in the record:
-    a protein moved to another cluster is refused too), duplicates in one cluster. Returns id -> cluster."""
+    """The cluster stage's file as id -> cluster, refused if made from other data or settings, or
+    edited (the rows' hash), or not naming each protein once."""
     path, fix = Path(path), "rerun the cluster stage (ptm-mamba cluster)"
     edited = f"(an edited file); {fix}"
     try:
@@ -200,11 +187,8 @@ def read_clusters(path: str | os.PathLike, settings: Settings, proteins: list[Pr
 
 def identity_to_train(test: list[Protein], train: list[Protein], *, coverage: float, threshold: float,
                       seed: int, threads: int | None = None, limit: int = MAX_SEARCHED) -> dict:
-    """How close the test set is to the training set: every test protein (at most ``limit``, a
-    seeded sample beyond) searched against every training protein with MMseqs2. ``max_identity``
-    is the highest identity of an alignment covering ``coverage`` of both (the clustering's
-    criterion), ``max_local_identity`` that of any alignment (short local ones included); only
-    alignments MMseqs2 reports (E-value 1e-3 or less) count, and None means there were none."""
+    """How close test is to train (at most ``limit`` test proteins): ``max_identity`` over alignments
+    covering ``coverage`` of both, ``max_local_identity`` over any; None when MMseqs2 reports none."""
     picked = sorted(test, key=lambda p: p.id)
     if len(picked) > limit:
         picked = [picked[i] for i in sorted(np.random.default_rng(seed).choice(len(picked), limit, replace=False))]

@@ -1,22 +1,13 @@
 """Training batches: tokens, the masks to predict, and the ESM-2 features that go with them.
 
-A protein enters the model as ``<cls> tokens <eos>`` (:func:`ptm_mamba.tokenizer.rows_of`),
-right-padded. As in the original, its ESM-2 features are ESM-2's outputs at every position of
-``<cls> residues <eos>``; only padding gets zeros. A protein too long for
-``dataset.max_sequence_length`` tokens is cropped to a random window of residues (as the original
-does), its mask with it. On the fly, ESM-2 reads the window between its own ``<cls>``/``<eos>``,
-as the original, which crops the text; precomputed features are those of the whole protein, so a
-cropped protein gets its window's residue rows between the whole protein's ``<cls>`` and ``<eos>`` rows.
+A protein enters the model as ``<cls> tokens <eos>``, right-padded; only padding gets zero
+features. A protein over ``dataset.max_sequence_length`` is cropped to a random window, as in the
+original; precomputed features are of the whole protein, so a cropped one gets its window's rows
+between the whole protein's ``<cls>`` and ``<eos>`` rows.
 
-Which positions are predicted, hidden from ESM-2 or count as PTMs is decided by
-the position classes of :mod:`ptm_mamba.tokenizer`, through :mod:`ptm_mamba.masking`.
-
-Where the random part of the mask comes from:
-- precomputed features: the embed stage's stored replicate (epoch mod K), so
-  the features were computed with exactly those residues hidden;
-- ESM on the fly, or no ESM: drawn per batch from the step's generator;
-- evaluation: replicate 0 (stored or recomputed), so every validation pass
-  asks the same questions.
+The random mask: with precomputed features, the stored replicate (epoch mod K), so the features
+hid exactly those residues; else drawn per batch; in evaluation, replicate 0, so every validation
+pass asks the same questions.
 """
 
 from __future__ import annotations
@@ -49,7 +40,6 @@ class Batch:
         return self._map(lambda t: t.to(device, non_blocking=True))
 
     def pin_memory(self) -> "Batch":
-        """Called by a DataLoader with ``pin_memory=True``, so the copy to the GPU can overlap compute."""
         return self._map(torch.Tensor.pin_memory)
 
 
@@ -147,8 +137,7 @@ class BatchBuilder:
 
 
 def crop_rows(rows: np.ndarray, window: slice) -> np.ndarray:
-    """Stored rows (<cls>, L residues, <eos>) of a protein cropped to the residues in ``window``:
-    the window's residue rows between the whole protein's <cls> and <eos> rows."""
+    """Stored rows of a protein cropped to ``window`` (see the module docstring)."""
     length = len(rows) - ROWS_AROUND_RESIDUES
     start, stop, _ = window.indices(length)
     if (start, stop) == (0, length):
@@ -160,8 +149,7 @@ def crop_rows(rows: np.ndarray, window: slice) -> np.ndarray:
 class EpochBatches(torch.utils.data.Dataset):
     """One process's batches of one epoch, from ``start`` on; item j is a whole :class:`Batch`.
 
-    Each batch's randomness comes from a generator seeded by (seed, epoch,
-    batch number), so a run resumed mid-epoch draws what the first run drew.
+    Seeded per (seed, epoch, batch), so a run resumed mid-epoch draws what the first drew.
     """
 
     def __init__(self, builder: BatchBuilder, batches: list[list[int]], *, seed: int, epoch: int,
@@ -195,5 +183,4 @@ class EvalBatches(torch.utils.data.Dataset):
 
 
 def collate_single(batch: Batch) -> Batch:
-    """DataLoader collate for datasets whose items are already batches."""
     return batch

@@ -1,18 +1,9 @@
 """Where a stage runs, and why a GPU that was asked for cannot be used.
 
-A stage that can use a GPU (embed, train, predict) calls :func:`choose_device` first. With
-``device: auto`` it takes a GPU when torch can use one and the CPU otherwise, *unless* a GPU was
-asked for: by the config (``device: cuda``, ``training.mixed_precision: bf16/fp16``,
-``model.scan: triton/fused``) or by the job (the variables SLURM sets for a job given GPUs,
-``CUDA_VISIBLE_DEVICES`` naming devices). Then a node where torch sees no GPU is an error whose
-one line says why — a CPU-only torch build, a driver too old for torch's CUDA, no driver, no
-device visible — and what to install; it never trains at CPU speed for a whole time limit.
-``device: cpu`` runs on the CPU whatever was asked.
-
-:func:`cuda_facts` reads what torch was built for and what the NVIDIA driver offers, from the
-driver itself (``libcuda``'s ``cuDriverGetVersion``, NVML or ``/proc/driver/nvidia/version``),
-without initialising CUDA in torch. :func:`describe` says what runs where, for logs and
-``provenance.json``.
+With ``device: auto`` a stage takes a GPU when torch can use one, else the CPU, *unless* the
+config or the job (SLURM's GPU variables, ``CUDA_VISIBLE_DEVICES``) asked for a GPU: then no usable
+GPU is a one-line error saying why and what to install, never a whole time limit at CPU speed.
+:func:`cuda_facts` asks the driver itself, without initialising CUDA in torch.
 """
 
 from __future__ import annotations
@@ -49,13 +40,11 @@ def _asks_for_gpus(name: str, value: str) -> bool:
 
 
 def job_gpu_requests(env: Mapping[str, str] = os.environ) -> list[str]:
-    """The variables by which the job asked for GPUs (``NAME=value``), in a fixed order."""
     return [f"{name}={env[name]}" for name in (*SLURM_GPU_COUNTS, *GPU_LISTS)
             if name in env and _asks_for_gpus(name, env[name])]
 
 
 def config_gpu_requests(settings: Settings) -> list[str]:
-    """The config keys that ask for a GPU."""
     asked = []
     if settings.device == "cuda":
         asked.append("device: cuda")
@@ -144,9 +133,8 @@ def why_no_gpu(facts: CudaFacts) -> str:
 
 def choose_device(setting: str | None, asked_by: list[str], stage: str, facts: CudaFacts | None = None,
                   cpu_option: str = "set device: cpu") -> torch.device:
-    """The device ``stage`` runs on: ``setting`` is ``auto`` (None), ``cpu``, ``cuda`` or ``cuda:N``;
-    ``asked_by`` names what asked for a GPU (config keys); the job's own requests are added here.
-    ``cpu_option`` is how the user says "the CPU" to this stage."""
+    """The device ``stage`` runs on; ``asked_by``: config keys that asked for a GPU; ``cpu_option``:
+    how the user says "the CPU" to this stage."""
     setting = setting or "auto"
     if setting == "cpu":
         return torch.device("cpu")

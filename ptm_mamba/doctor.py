@@ -1,11 +1,7 @@
 """``ptm-mamba doctor``: what this machine offers the pipeline, and the command that fixes each problem.
 
-Like ``accelerate env`` or ``torch.utils.collect_env``, but for this pipeline: torch and its CUDA
-build, the NVIDIA driver, the GPUs, Triton (and whether the Triton scan compiles and agrees with
-the PyTorch scan on this GPU), mamba-ssm / causal-conv1d and their fused ops, nvcc for building
-them, MMseqs2, SLURM, and what ``device: auto`` and ``model.scan: auto`` pick here. Each finding
-is ``ok``, ``missing`` (an optional part that is not here) or ``problem`` (something the user
-asked for or installed that cannot work), with a ``fix``.
+Like ``accelerate env``, but for this pipeline. Each finding is ``ok``, ``missing`` (an optional
+part that is not here) or ``problem`` (something asked for or installed that cannot work), with a ``fix``.
 """
 
 from __future__ import annotations

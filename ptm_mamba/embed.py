@@ -1,16 +1,8 @@
 """The embed stage: ESM-2 features of every split, sharded, with mask replicates.
 
-Per protein and replicate k, ESM-2 reads ``<cls> residues <eos>`` with ``<mask>``
-at every PTM (and ``<unk>``) position and at the positions of :func:`replicate_mask`
-(the random part of the training mask); its output at every one of those L+2
-positions and that mask (False at ``<cls>``/``<eos>``) are stored. Training in
-epoch e uses replicate e mod K, so no residue the model must predict is visible
-through its ESM features.
-
-A split is cut into shards balanced by residues; each shard is an independent
-job (``embed_shard``), and ``gather_split`` copies a split's shards into
-``{embeddings_dir}/{split}_embeddings.h5``, a self-contained file (the workflow then
-deletes the shards: they are temporary).
+ESM-2 reads each protein with ``<mask>`` at every PTM and ``<unk>`` position and at
+:func:`replicate_mask`'s; training in epoch e uses replicate e mod K, so no residue the model must
+predict is visible through its ESM features. Layout: :mod:`ptm_mamba.embedding_store`.
 """
 
 from __future__ import annotations
@@ -69,8 +61,7 @@ def split_proteins_of(settings: Settings, split: str, split_file: str | os.PathL
 
 def esm_inputs(proteins: list[Protein], replicates: int, mask_prob: float, tokenizer: PTMTokenizer
                ) -> Iterator[tuple[tuple[str, int], str, np.ndarray, np.ndarray]]:
-    """``((id, k), residues, esm_mask, random_mask)`` for every protein and replicate k
-    (masks over the residues, (L,) bool)."""
+    """``((id, k), residues, esm_mask, random_mask)`` per protein and replicate; masks (L,) bool."""
     for p in proteins:
         residues = tokenizer.residue_sequence(list(p.tokens))
         ids = token_ids(p.tokens)

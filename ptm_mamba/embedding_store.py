@@ -1,15 +1,10 @@
 """HDF5 storage of precomputed ESM-2 embeddings: shard writer, validation, gather, reader.
 
-The embed stage computes, per protein of L residues and per mask replicate k in
-0..K-1, ESM-2 features (L+2, dim) of a masked input ``<cls> residues <eos>``
-(row 0: ``<cls>``, rows 1..L: the residues, row L+1: ``<eos>``) plus the bool
-random mask (L+2,) that was used (False at ``<cls>``/``<eos>``). One job writes
-one shard file; ``gather`` copies a split's shards, row block by row block, into
-one self-contained file (real datasets: plain h5py reads it, the shards may go;
-the workflow deletes them). ``ptm-mamba predict``
-writes its hidden states in the same layout, with the same L+2 rows per protein;
-the store itself takes any number of rows per protein, and the row count is
-checked where it is read (``BatchBuilder``).
+Per protein of L residues and mask replicate k, the embed stage stores ESM-2 features of the
+masked input ``<cls> residues <eos>`` (L+2 rows) plus the bool random mask used (False at
+``<cls>``/``<eos>``). One job writes one shard; ``gather`` copies a split's shards into one
+self-contained file that plain h5py reads. ``ptm-mamba predict`` writes the same layout. The
+store takes any rows per protein; the count is checked where read (``BatchBuilder``).
 
 Layout (a shard and a gathered file look the same to a reader)::
 
@@ -21,23 +16,12 @@ Layout (a shard and a gathered file look the same to a reader)::
                      [shard_index, num_shards | num_shards], complete; the embed stage's
                      also settings, esm_model, repr_layer, mask_prob, mask_seed
 
-R is the total row count: for the embed stage, the residues plus 2 per protein
-(a PTM token counts as one residue). ``complete`` is set last, just before the
-atomic rename, so a file without it is the remains of a crashed writer.
-format_version 2 has the ``<cls>``/``<eos>`` rows; format 1 (residue rows only)
-is refused with a one-line error: rerun the embed stage.
+``complete`` is set last, before the atomic rename. format_version 1 (no ``<cls>``/``<eos>``
+rows) is refused. Staleness is the ``settings`` attribute alone (:func:`check_store_settings`).
 
-Whether the embed stage's rows are stale is one record, the attribute ``settings`` (the JSON of
-:func:`ptm_mamba.stages.stage_settings` of the embed stage), read one way,
-:func:`check_store_settings`; ``esm_model``, ``repr_layer``, ``mask_prob`` and ``mask_seed``
-describe the rows (``mask_prob`` also lets :func:`check_store_ids` redraw the masks).
-
-Every array a writer stores, except ``ids`` (HDF5 cannot filter variable-length
-strings), has HDF5's Fletcher32 checksum per chunk, so flipped bits on disk fail
-the read instead of returning wrong numbers; a gathered file has its own (the
-shards' are verified as they are copied). Such a failure, or a truncated file, is reported
-as a one-line PipelineError naming the file (and the protein, when reading).
-A file without the checksums (this version writes none such) still reads, unchecked.
+Every array but ``ids`` (HDF5 cannot filter variable-length strings) has Fletcher32 checksums
+per chunk, so flipped bits on disk fail the read (a one-line PipelineError naming the file)
+instead of returning wrong numbers. Files without checksums still read, unchecked.
 """
 
 from __future__ import annotations
@@ -113,13 +97,9 @@ def _failure(exc: BaseException) -> BaseException:
 
 
 def _discard(f: h5py.File) -> None:
-    """Close ``f`` without writing anything more to its file.
-
-    HDF5 writes its caches on close. After a failed write (a full disk) that write fails again,
-    and HDF5 is left with half-closed objects that crash the process later (a segfault at exit,
-    the original ``predict`` onto a full disk). So the file's descriptor is first pointed at an
-    in-memory file that takes every write; the temp file itself is then removed by the caller.
-    """
+    """Close ``f`` without writing more: after a failed write (full disk) HDF5's flush on close
+    fails again and leaves half-closed objects that segfault at exit, so the descriptor is first
+    pointed at an in-memory file. The caller removes the temp file."""
     if not f.id.valid:
         return
     try:
@@ -139,18 +119,14 @@ def _discard(f: h5py.File) -> None:
 
 
 class _AtomicH5:
-    """An HDF5 file written under a temp name beside its target (:class:`AtomicFile`), renamed
-    into place on commit. A crash leaves only the hidden temp file, which has no ``complete``
-    attribute and is never at the final path, so nothing downstream accepts it. A failed write
-    (a full disk) removes the temp file and reads as one line naming the target (:meth:`error`).
-    """
+    """An HDF5 file written under a temp name (:class:`AtomicFile`), renamed into place on commit;
+    a crash leaves only the hidden temp file, without ``complete``."""
 
     def __init__(self, path: str | os.PathLike):
         self._out = AtomicFile(path)
         self.path, self.tmp = self._out.path, self._out.tmp
-        # Every dataset made is held here until the file is flushed: HDF5 writes a dataset's cached
-        # chunks when its last handle goes, and a failure there (a full disk) is lost in h5py's
-        # __dealloc__ and leaves the library broken (the later segfault).
+        # Datasets held until flush: a failed chunk write in h5py's __dealloc__ (full disk) is
+        # lost and leaves HDF5 broken (the later segfault).
         self.kept: list[h5py.Dataset] = []
         try:
             self.file = h5py.File(self.tmp, "w", locking=False)  # see _open
@@ -180,16 +156,11 @@ class _AtomicH5:
 
 
 class ShardWriter:
-    """Appends proteins to one shard file, batch by batch, never holding the shard in RAM.
-
-    Usage::
+    """Appends proteins to one shard file, never holding the shard in RAM (rows buffered in
+    blocks of ``buffer_rows``, default a 64 MiB budget); committed on clean exit::
 
         with ShardWriter(path, dim=320, replicates=2, attrs={...}) as w:
-            w.add("P12345", [feat0, feat1], [mask0, mask1])   # feat_k (rows, dim), mask_k (rows,) bool
-
-    Rows are buffered and written in blocks of at least ``buffer_rows`` rows (default:
-    a 64 MiB budget). On clean exit the file gets ``complete`` and is renamed to
-    ``path``; on an exception the temp file is removed.
+            w.add("P12345", [feat0, feat1], [mask0, mask1])
     """
 
     def __init__(
@@ -274,8 +245,7 @@ class ShardWriter:
         return False
 
     def add_dataset(self, name: str, data: np.ndarray, **attrs: Any) -> None:
-        """Store one more array (with checksums) in the file, committed with it: e.g. ``predict``'s
-        pooled hidden states, which appear together with the store or not at all."""
+        """Store one more array (with checksums), committed with the file (``predict``'s pooled states)."""
         if self._out is None:
             raise RuntimeError("ShardWriter.add_dataset outside of its `with` block")
         if name.split("/")[0] in ("ids", "offsets", "embeddings", "masks"):
@@ -294,8 +264,7 @@ class ShardWriter:
         return int(self._emb[0].shape[0])
 
     def add(self, id: str, features: Sequence[np.ndarray], masks: Sequence[np.ndarray]) -> None:
-        """Append one protein: ``features[k]`` (rows, dim) and ``masks[k]`` (rows,) bool for k in 0..K-1
-        (the embed stage's rows: <cls>, the residues, <eos>)."""
+        """Append one protein: ``features[k]`` (rows, dim) and ``masks[k]`` (rows,) bool per replicate."""
         if self._out is None:
             raise RuntimeError("ShardWriter.add outside of its `with` block")
         where = f"{self.path}: protein {id!r}"
@@ -418,8 +387,7 @@ _SCAN_PIECE = 2**20  # values scanned for NaN/Inf at once: temporaries of a few 
 
 
 def _first_nonfinite_row(block: np.ndarray) -> int | None:
-    """The first row of a float16 ``block`` holding NaN/Inf (all exponent bits set), or None. Integer
-    ops on the bits, piece by piece: ~10x faster than ``np.isfinite`` on float16, small temporaries."""
+    """First row of float16 ``block`` with NaN/Inf, or None; bit ops are ~10x faster than ``np.isfinite``."""
     bits = block.reshape(-1).view(np.uint16)
     width = max(1, int(np.prod(block.shape[1:])))
     for a in range(0, bits.size, _SCAN_PIECE):
@@ -430,9 +398,8 @@ def _first_nonfinite_row(block: np.ndarray) -> int | None:
 
 
 def _blocks(dset: h5py.Dataset, path: Path, name: str, check_values: bool) -> Iterator[np.ndarray]:
-    """The rows of ``dset`` in blocks of whole chunks, about ``_CHECK_BLOCK_BYTES`` each, read into
-    one buffer (bounded memory; a block is valid until the next one is asked for). Reading verifies
-    every chunk's checksum; with ``check_values``, NaN/Inf features are refused."""
+    """The rows of ``dset`` in whole-chunk blocks of ~``_CHECK_BLOCK_BYTES`` in one reused buffer (a
+    block is valid until the next); with ``check_values``, NaN/Inf is refused."""
     row_bytes = dset.dtype.itemsize * int(np.prod(dset.shape[1:]))
     step = max(1, _CHECK_BLOCK_BYTES // max(1, row_bytes))
     if dset.chunks:
@@ -457,8 +424,7 @@ def _store_datasets(K: int) -> list[str]:
 
 
 def _check_values(f: h5py.File, K: int, path: Path) -> None:
-    """Read every embeddings/<k> and masks/<k> block by block (bounded memory), which verifies
-    every chunk's checksum, and refuse NaN/Inf features."""
+    """Read every array block by block (verifying checksums); refuse NaN/Inf features."""
     for name in _store_datasets(K):
         for _ in _blocks(f[name], path, name, check_values=True):
             pass
@@ -468,10 +434,8 @@ def _open(path: Path) -> h5py.File:
     if not path.is_file():
         raise PipelineError(f"{path}: embedding file does not exist")
     try:
-        # No chunk cache: reads of a protein's rows are partial chunks, and with the cache on
-        # HDF5 first loads each whole chunk (~1.5-2.5x slower, measured).
-        # No file locks: a file is only read after its atomic rename and a temp has one writer,
-        # so locks protect nothing, and they fail on cluster filesystems without flock.
+        # No chunk cache: partial-chunk reads were ~1.5-2.5x slower with it (measured). No locks:
+        # files are read only after the atomic rename, and flock fails on cluster filesystems.
         return h5py.File(path, "r", rdcc_nbytes=0, locking=False)
     except OSError as e:
         detail = (str(e).splitlines() or [type(e).__name__])[0]
@@ -501,13 +465,9 @@ def validate_shard(
     expected_attrs: Mapping[str, Any],
     check_values: bool = True,
 ) -> None:
-    """Raise PipelineError (one line naming ``path``) unless it is a complete, consistent shard.
-
-    Checks: readable HDF5, ``complete`` set, datasets present with consistent shapes,
-    ids equal to ``expected_ids`` (as a set), every ``expected_attrs`` entry equal, and
-    (``check_values``) every array readable with valid checksums and no NaN/Inf, scanned in
-    bounded blocks. Also works on a gathered file.
-    """
+    """Raise PipelineError (one line naming ``path``) unless it is a complete, consistent shard
+    or gathered file: ``complete`` set, consistent shapes, ids == ``expected_ids`` (as a set),
+    ``expected_attrs`` equal, and (``check_values``) valid checksums and no NaN/Inf."""
     _validate(Path(path), expected_ids, expected_attrs, check_values)
 
 
@@ -523,10 +483,8 @@ class _Shard(NamedTuple):
 
 
 class _ChunkAppender:
-    """Appends row blocks to a chunked dataset, writing whole chunks only: the rows short of a
-    chunk wait (copied, less than a chunk) for the next block or :meth:`finish`. Shards start
-    anywhere in a gathered dataset, so without this every chunk across a shard boundary would be
-    written twice, the second time after reading it back."""
+    """Appends row blocks to a chunked dataset, writing whole chunks only (a partial chunk waits):
+    otherwise every chunk across a shard boundary would be written twice, with a read-back."""
 
     def __init__(self, dset: h5py.Dataset):
         self.dset, self.chunk = dset, dset.chunks[0]
@@ -565,8 +523,7 @@ class _ChunkAppender:
 
 
 def _create_like(f: h5py.File, name: str, src: h5py.Dataset, rows: int) -> h5py.Dataset:
-    """An empty dataset of ``rows`` rows stored as ``src`` is (dtype, chunk shape, compression,
-    shuffle), with Fletcher32 checksums (also where ``src``, of an older writer, has none)."""
+    """An empty dataset of ``rows`` rows stored like ``src``, always with Fletcher32 checksums."""
     shape = (rows,) + src.shape[1:]
     if src.chunks:
         chunks = src.chunks
@@ -585,22 +542,14 @@ def gather(
     expected_attrs: Mapping[str, Any] | None = None,
     check_values: bool = True,
 ) -> None:
-    """Join validated shards into one self-contained file ``out_path`` (atomic), in
-    ``shard_paths`` order: ``ids``, rebased ``offsets`` and the attributes, and every
-    ``embeddings/<k>`` and ``masks/<k>`` copied into a real dataset stored like the first
-    shard's (dtype, chunk shape, compression) with Fletcher32 checksums. Plain h5py reads the
-    result; the shards may be deleted afterwards.
+    """Join shards, in ``shard_paths`` order, into one self-contained file ``out_path`` (atomic).
 
-    Every shard's layout, ids and attributes are checked before anything is written; its arrays
-    are then read once, shard by shard in blocks of whole chunks (memory bounded by
-    ``_CHECK_BLOCK_BYTES`` plus a chunk per dataset, whatever the split's size), which verifies
-    their checksums and (``check_values``) refuses NaN/Inf, and written as they are read. Any
-    failure removes the temp file: nothing appears at ``out_path``.
+    Layouts, ids and attributes are checked before anything is written; arrays are read once in
+    whole-chunk blocks (memory bounded whatever the split's size), verified, and written as read.
     """
     out_path = Path(out_path)
     if not shard_paths:
         raise PipelineError(f"{out_path}: no shards to gather")
-    # the layout, ids and attributes of every shard first; their arrays are checked as they are copied
     shards = [_Shard(Path(p), *_validate(Path(p), None, expected_attrs, False)) for p in shard_paths]
 
     ref = shards[0]
@@ -669,12 +618,9 @@ def gather(
 
 
 def plan_shards(proteins: list[Protein], num_shards: int) -> list[list[Protein]]:
-    """Cut a split into ``num_shards`` parts of about equal residue counts: the shards the embed stage
-    writes (:func:`check_store_ids` knows a shard's proteins by it).
+    """Cut a split into ``num_shards`` parts of about equal residue counts (the embed stage's shards).
 
-    Longest first onto the lightest shard (ties by index), then each shard
-    keeps the split's order. Deterministic; a shard may be empty only when
-    there are fewer proteins than shards.
+    Longest first onto the lightest shard (ties by index); each keeps the split's order. Deterministic.
     """
     loads = [0] * num_shards
     members: list[list[int]] = [[] for _ in range(num_shards)]
@@ -700,9 +646,7 @@ def check_store_settings(path: str | os.PathLike, settings: Settings) -> None:
 class EmbeddingReader:
     """Reads one protein's (or a batch's) embeddings of one replicate from a shard or gathered file.
 
-    The h5py handle is opened on first access and reopened when ``os.getpid()``
-    changes: HDF5 handles must not cross a fork, so each DataLoader worker opens
-    its own. Pickling drops the handle. ids/offsets/attrs are loaded once.
+    The handle is reopened when ``os.getpid()`` changes: HDF5 handles must not cross a fork.
     """
 
     def __init__(self, path: str | os.PathLike):
@@ -713,8 +657,7 @@ class EmbeddingReader:
 
     def _h5(self) -> h5py.File:
         if self._file is None or self._pid != os.getpid():
-            # An inherited handle belongs to the parent: drop it and its datasets (so HDF5 does
-            # not hand back the inherited file id) and never use it.
+            # Drop the parent's handle and datasets, so HDF5 does not hand back its file id.
             self._file, self._emb, self._mask = None, [], []
             f = _open(self.path)
             try:
@@ -756,8 +699,7 @@ class EmbeddingReader:
             raise PipelineError(f"{self.path}: unknown protein id {id!r}") from None
 
     def row_counts(self, ids: Sequence[str]) -> np.ndarray:
-        """Stored rows per protein of ``ids`` (int64 array), from the offsets loaded once. Rows, not
-        residues: the embed stage stores residues + 2 (``<cls>``, the residues, ``<eos>``)."""
+        """Stored rows (not residues: the embed stage stores L + 2) per protein of ``ids``, int64."""
         offsets = self._metadata()[2]
         i = np.array([self.index(x) for x in ids], dtype=np.int64)
         return offsets[i + 1] - offsets[i]
@@ -782,8 +724,7 @@ class EmbeddingReader:
             raise _damaged(f"{self.path}: {what} replicate {replicate}", e) from None
 
     def get(self, id: str, replicate: int) -> tuple[np.ndarray, np.ndarray]:
-        """Features (rows, dim) float16 and mask (rows,) bool of protein ``id``, replicate ``replicate``
-        (rows = L + 2 for the embed stage: <cls>, the L residues, <eos>)."""
+        """Features (rows, dim) float16 and mask (rows,) bool of protein ``id``, one replicate."""
         offsets = self._metadata()[2]
         i = self.index(id)
         return self._read(replicate, int(offsets[i]), int(offsets[i + 1]), f"protein {id!r}")
@@ -835,22 +776,14 @@ _MASK_BLOCK_ROWS = 2**22  # rows of a mask read at once by check_store_ids (bool
 
 def check_store_ids(store: "EmbeddingReader | str | os.PathLike", proteins: Sequence, *, masks: bool = True) -> None:
     """Refuse embeddings whose ids do not name their own rows, in one line naming the file and the
-    first protein (its position in ``ids``) that is wrong.
+    first wrong protein.
 
-    ``proteins`` are the split's (``Protein`` s); the store is one shard (``shard_index``: that
-    shard's part of the split, :func:`plan_shards`), a gathered file or a store
-    written whole (the whole split). The store must be made for this split (``split_fingerprint``)
-    and hold exactly its proteins; and the rows at each position must be those of the protein
-    named there: as many as its residues + 2, and, with ``masks``, its stored random masks the
-    ones the embed stage draws from its id (:func:`ptm_mamba.masking.replicate_mask`). So ids
-    edited into another order, two ids swapped, or two proteins' rows swapped are refused
-    (proteins are stored in the order ESM-2 finished them, so the order itself proves nothing).
-    The ``split_fingerprint`` alone sees none of these: it is a hash of the split file, recorded
-    when the store is written, not of the store's ids or rows.
-
-    Limits: a swap of two proteins of the same length whose masks agree (likely only for a few
-    residues) passes, and with ``training.mask_prob`` 0 (every mask empty) masks tell nothing.
-    Cost: ~25 us per protein and replicate (the masks are drawn again), ~5 s for 100k proteins.
+    The store (one shard of :func:`plan_shards` with ``shard_index``, or the whole split) must
+    match ``split_fingerprint``, hold exactly the split's proteins, and at each position have
+    residues + 2 rows and (``masks``) the random masks drawn from that id
+    (:func:`ptm_mamba.masking.replicate_mask`), so swapped ids or rows are caught; the
+    fingerprint hashes the split file, not the store. Misses a swap of two same-length proteins
+    whose masks agree (always so with ``training.mask_prob`` 0). Cost: ~5 s for 100k proteins.
     """
     from .split import split_fingerprint
 

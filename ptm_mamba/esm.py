@@ -3,18 +3,9 @@
 Which weights ``esm.model`` names and how they are read (fair-esm files, the Hugging Face layout)
 is :mod:`ptm_mamba.esm_weights`; :func:`load_esm` puts them into an :class:`EsmModel`.
 
-The forward (``esm_forward``) re-implements fair-esm's ``ESM2.forward`` over the same
-weights, with fused q/k/v projections and ``F.scaled_dot_product_attention`` under a
-key-padding mask. It reproduces fair-esm exactly, quirks included: ESM-2 checkpoints
-set ``token_dropout``, and fair-esm applies it in eval too: ``<mask>`` embeddings are
-zeroed and every embedding is scaled by ``(1 - 0.15 * 0.8) / (1 - mask_ratio)``, where
-``mask_ratio`` is the sequence's fraction of ``<mask>`` tokens over its length with
-``<cls>``/``<eos>`` (so 0.88 for a sequence without masks).
-
-``embed`` runs length-sorted batches under a padded-token budget, splits sequences
-longer than ``window`` residues into overlapping windows (averaged where they
-overlap), and yields one float32 ``(L + 2, embed_dim)`` array per key: ESM-2's
-output at ``<cls>``, at each residue, and at ``<eos>``.
+``esm_forward`` re-implements fair-esm's ``ESM2.forward`` (fused q/k/v, SDPA) and reproduces it
+exactly, quirks included: fair-esm applies ``token_dropout`` in eval too, zeroing ``<mask>``
+embeddings and scaling every embedding by ``(1 - 0.15 * 0.8) / (1 - mask_ratio)`` (0.88 without masks).
 """
 
 from __future__ import annotations
@@ -64,7 +55,6 @@ class EsmModel:
     @classmethod
     def wrap(cls, model: ESM2, alphabet, name: str, repr_layer: int | None = None,
              device: str | torch.device = "cpu") -> "EsmModel":
-        """Put ``model`` in eval mode without gradients on ``device`` and check ``repr_layer``."""
         if not isinstance(model, ESM2):
             raise PipelineError(f"ESM model {name} is {type(model).__name__}, not ESM-2")
         model = model.eval().requires_grad_(False).to(device)
@@ -79,8 +69,6 @@ class EsmModel:
     def device(self) -> torch.device:
         return self.model.embed_tokens.weight.device
 
-
-# ----------------------------------------------------------------------------- loading
 
 def load_esm(model: str, repr_layer: int | None = None, device: str | torch.device = "cpu") -> EsmModel:
     """Load ESM-2 by fair-esm pretrained name (e.g. esm2_t33_650M_UR50D), fair-esm ``.pt`` path,
@@ -99,8 +87,7 @@ def load_esm(model: str, repr_layer: int | None = None, device: str | torch.devi
 
 
 def load_esm_of(settings: Settings, device: str | torch.device | None = None) -> EsmModel:
-    """The ESM-2 of ``settings.esm`` on ``device`` (default: the embed stage's, chosen by
-    :func:`ptm_mamba.device.choose_device` from ``settings.device``)."""
+    """The ESM-2 of ``settings.esm`` on ``device`` (default: chosen from ``settings.device``)."""
     from ptm_mamba.device import choose_device, describe, summary
 
     embedding = settings.embedding
@@ -112,8 +99,6 @@ def load_esm_of(settings: Settings, device: str | torch.device | None = None) ->
         print(f"ESM-2 runs on {summary(describe(device))}", flush=True)  # stdout: stderr is for what went wrong
     return load_esm(settings.esm.model, settings.esm.repr_layer, device=device)
 
-
-# ----------------------------------------------------------------------------- tokens and batches
 
 def esm_token_ids(alphabet, residues: str, mask: np.ndarray | None = None, key: Hashable = None) -> np.ndarray:
     """Token ids (L,) uint8 of ``residues`` without <cls>/<eos>; positions where ``mask`` is True get <mask>."""
@@ -138,15 +123,12 @@ def esm_token_ids(alphabet, residues: str, mask: np.ndarray | None = None, key: 
 
 
 def window_starts(length: int, window: int, overlap: int) -> list[int]:
-    """Starts of the fewest ``window``-long windows covering ``length`` residues with at least
-    ``overlap`` residues shared by neighbours, spread evenly; ``[0]`` when it fits in one."""
+    """Starts of the fewest ``window``-long windows covering ``length`` with ``overlap``, spread evenly."""
     if length <= window:
         return [0]
     n = math.ceil((length - overlap) / (window - overlap))
     return [i * (length - window) // (n - 1) for i in range(n)]
 
-
-# ----------------------------------------------------------------------------- forward
 
 class _Layer(NamedTuple):
     ln1: tuple[torch.Tensor, torch.Tensor, float]
@@ -174,8 +156,7 @@ def _ln(norm: torch.nn.Module, device) -> tuple[torch.Tensor, torch.Tensor, floa
 
 @torch.no_grad()
 def _weights(esm_model: EsmModel, device: torch.device, dtype: torch.dtype) -> _Weights:
-    """The model's weights on ``device``: matmul weights in ``dtype``, the rest in fp32.
-    Cached on the EsmModel (one device/dtype at a time)."""
+    """The weights on ``device`` (matmuls in ``dtype``, the rest fp32), cached for one device/dtype."""
     key = (str(device), dtype)
     if key not in esm_model._weights:
         esm_model._weights.clear()
@@ -221,9 +202,8 @@ def esm_forward(esm_model: EsmModel, tokens: torch.Tensor, layer: int | None = N
     """Hidden states (B, T, D) after ``layer`` (default: repr_layer) for tokens (B, T) with
     <cls>/<eos>/<pad>, equal to fair-esm's ``model(tokens, repr_layers=[layer])["representations"][layer]``.
 
-    Runs on ``device`` (default: the tokens') under inference_mode; on CUDA under autocast
-    (bf16, else fp16) with the residual stream and layer norms in fp32, on CPU in fp32.
-    Returns fp32 on ``device``. Give CPU tokens to avoid a device sync (padding is checked there).
+    On CUDA under autocast (bf16, else fp16) with residual stream and norms in fp32; returns fp32.
+    Give CPU tokens to avoid a device sync (padding is checked there).
     """
     layer = esm_model.repr_layer if layer is None else layer
     m = esm_model.model
@@ -261,8 +241,6 @@ def esm_forward(esm_model: EsmModel, tokens: torch.Tensor, layer: int | None = N
             x = F.layer_norm(x, (D,), *w.final_ln[:2], eps=w.final_ln[2])
         return x.float()
 
-
-# ----------------------------------------------------------------------------- embedding
 
 class _Piece(NamedTuple):
     item: int  # index into the item list
@@ -307,12 +285,9 @@ def embed(
     ``<cls> residues <eos>`` with <mask> where ``mask`` is True. An empty sequence gives the
     2 rows of ``<cls><eos>``.
 
-    Batches are length-sorted (longest first) with ``batch * max_len <= max_tokens_per_batch``
-    padded tokens, <cls>/<eos> included. Sequences longer than ``window`` are embedded as
-    overlapping windows (each its own ESM input with its own <cls>/<eos>) and their residue
-    rows averaged where windows overlap; <cls> is the first window's, <eos> the last's.
-    Keys come out in the order their batches finish, each exactly once. On CUDA the next
-    batch is computed while the current one is being yielded.
+    Batches are length-sorted under a padded-token budget. Sequences longer than ``window`` are
+    embedded as overlapping windows, averaged where they overlap. Keys come out in the order their
+    batches finish, each exactly once.
     """
     from ptm_mamba.config import schema_default  # None: the embedding section's defaults
 
@@ -348,7 +323,6 @@ def embed(
     partial: dict[int, tuple[np.ndarray, np.ndarray, int]] = {}  # item -> (row sums, counts, windows left)
 
     def launch(batch: list[int]):
-        """Start the forward of one batch; returns what ``collect`` needs."""
         bp = [pieces[j] for j in batch]
         width = max(p.length for p in bp)
         toks = np.full((len(bp), rows_of(width)), alphabet.padding_idx, dtype=np.int64)

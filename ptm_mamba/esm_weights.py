@@ -1,29 +1,16 @@
 """Which ESM-2 weights ``esm.model`` names, where they are, and how they are read.
 
-A fair-esm pretrained name (``esm2_t33_650M_UR50D``) is fetched into the torch hub cache
-(``torch.hub.get_dir()/checkpoints/``, the folder fair-esm itself uses) and read as a local file:
-fair-esm's hub path is not used because ``torch.hub.load_state_dict_from_url`` loads with
-``weights_only=False``. A fair-esm ``.pt`` file is read by fair-esm's own loader
-(``esm.pretrained.load_model_and_alphabet_local``) under ``torch.load``'s ``weights_only=True``,
-allowing only ``argparse.Namespace`` (fair-esm checkpoints' config) besides tensors.
+A fair-esm pretrained name is fetched into the torch hub cache and read as a local file, since
+``torch.hub.load_state_dict_from_url`` loads with ``weights_only=False``; ``.pt`` files are read
+under ``weights_only=True``, allowing only ``argparse.Namespace`` besides tensors.
 
-ESM-2 in the Hugging Face layout (transformers' ``EsmModel``/``EsmForMaskedLM``: a folder with
-``config.json`` and ``model.safetensors``, or a Hub id such as ``facebook/esm2_t33_650M_UR50D``,
-fetched with huggingface_hub into its cache) is read from safetensors (no pickle) and its weights
-are put into fair-esm's ``ESM2`` module under fair-esm's names, so :mod:`ptm_mamba.esm` runs on it
-unchanged. The conventions agree: transformers scales the query by ``head_dim**-0.5`` before the
-rotary embedding as fair-esm does, uses the same rotary tables (``inv_freq`` from the file, else from
-``rope_theta``), the same exact GELU and pre-LayerNorm layers with a final ``emb_layer_norm_after``,
-and the same token dropout when given the attention mask; the LayerNorm epsilon is the config's
-``layer_norm_eps``. Only ESM-2's shape is taken: rotary positions, no embedding LayerNorm,
-feed-forward width 4 x hidden, fair-esm's 33-token alphabet. The MLM head, unused here, is the
-file's when it has one (EsmForMaskedLM), else zeros.
+ESM-2 in the Hugging Face layout (a folder, or a Hub id) is read from safetensors (no pickle) into
+fair-esm's ``ESM2`` under fair-esm's names, so :mod:`ptm_mamba.esm` runs on it unchanged: the
+conventions (query scaling, rotary tables, GELU, pre-LayerNorm, token dropout) agree. Only ESM-2's
+shape is taken; the unused MLM head is the file's, else zeros.
 
-The identity of the weights (:func:`esm_identity`: what the embed and train stages' settings record)
-is their content hash, so other bytes under the same name are other settings.
-
-Nothing here imports torch or fair-esm until weights are actually looked up or read: the
-Snakefile asks for identities at every parse.
+The weights' identity (:func:`esm_identity`) is their content hash. Nothing here imports torch or
+fair-esm until weights are looked up or read: the Snakefile asks for identities at every parse.
 """
 
 from __future__ import annotations
@@ -61,7 +48,6 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-# ----------------------------------------------------------------------------- fair-esm files
 
 def hub_checkpoint_dir() -> Path:
     """The folder where fair-esm (through torch.hub) caches pretrained weights."""
@@ -75,7 +61,7 @@ def _checkpoint_files(name: str) -> tuple[str, str]:
 
 
 def _download(url: str, dest: Path) -> None:
-    """Fetch ``url`` into ``dest`` atomically (temp file in the same folder, then rename)."""
+    """Fetch ``url`` into ``dest`` atomically."""
     with atomic_path(dest) as tmp, urllib.request.urlopen(url, timeout=_DOWNLOAD_TIMEOUT_S) as response, \
             open(tmp, "wb") as out:
         size = int(getattr(response, "headers", {}).get("Content-Length", 0) or 0) or None
@@ -105,9 +91,7 @@ def cached_pretrained(name: str) -> Path:
 
 
 def weight_files(model: str) -> list[Path]:
-    """The local files that hold ``esm.model``'s weights, without downloading anything: a fair-esm
-    name's files in the hub cache, a ``.pt`` path (and its contact-regression file), a Hub-layout
-    folder's files. A Hub id's files live in the Hugging Face cache and are not listed."""
+    """The local files that hold ``esm.model``'s weights, downloading nothing (a Hub id's are not listed)."""
     model = str(model)
     if model in esm2_names():
         return [hub_checkpoint_dir() / file for file in _checkpoint_files(model)]
@@ -120,8 +104,7 @@ def weight_files(model: str) -> list[Path]:
 
 
 def load_fair_esm(path: Path):
-    """fair-esm's ``(ESM2, Alphabet)`` of a ``.pt`` file: its local loader under weights_only=True,
-    allowing only argparse.Namespace."""
+    """fair-esm's ``(ESM2, Alphabet)`` of a ``.pt`` file (weights_only, see the module docstring)."""
     import argparse
     import pickle
 
@@ -148,7 +131,6 @@ def load_fair_esm(path: Path):
         raise PipelineError(f"cannot load ESM checkpoint {path}: {one_line(e, 300)}") from None
 
 
-# ----------------------------------------------------------------------------- Hugging Face layout
 
 HUB_FILES = ["config.json", "vocab.txt", "model.safetensors", "model.safetensors.index.json",
              "model-*-of-*.safetensors"]  # what is fetched of a Hub repository (no pickles, no TF/Flax)
@@ -184,8 +166,7 @@ def _hub_complete(folder: Path) -> bool:
 
 
 def cached_hub(repo_id: str) -> Path:
-    """The Hub repository's folder in the Hugging Face cache, downloading what is missing
-    (only the files in HUB_FILES)."""
+    """The Hub repository's cached folder, downloading missing HUB_FILES."""
     import huggingface_hub
     from huggingface_hub import constants
 
@@ -329,8 +310,7 @@ def load_hub_folder(folder: Path, where: str):
 
 
 def model_name(model: str) -> str:
-    """The name a model goes by (stored with its embeddings): the pretrained name, the Hub id,
-    the local Hugging Face folder's name, or the .pt file's stem."""
+    """The name a model goes by, stored with its embeddings."""
     model = str(model)
     if model in esm2_names():
         return model
@@ -346,12 +326,9 @@ def model_name(model: str) -> str:
                         "folder with its config.json and model.safetensors")
 
 
-# ----------------------------------------------------------------------------- identity
 
 def hub_model_files(folder: str | os.PathLike) -> list[Path]:
-    """The files of a model folder in the Hugging Face layout that make the model (those the ESM-2
-    loader reads): ``config.json``, ``vocab.txt`` when there, and the weights: ``model.safetensors``,
-    or ``model.safetensors.index.json`` and the shards it names."""
+    """The files of a Hugging Face model folder that the ESM-2 loader reads."""
     folder = Path(folder).expanduser()
     files = [folder / "config.json"] + ([folder / "vocab.txt"] if (folder / "vocab.txt").is_file() else [])
     index = folder / "model.safetensors.index.json"
@@ -365,8 +342,7 @@ def hub_model_files(folder: str | os.PathLike) -> list[Path]:
 
 
 def pretrained_weights(model: str) -> Path | None:
-    """Where fair-esm caches the weights of a pretrained ESM-2 name (``<torch hub>/checkpoints/<name>.pt``,
-    there or not yet); None when ``model`` is not such a name (a path, a folder, a Hub id)."""
+    """Where fair-esm caches a pretrained name's weights (there or not yet); None for other models."""
     model = str(model)
     if not re.fullmatch(r"esm2_t\w+", model):  # not a name: no need to import torch and fair-esm
         return None
@@ -381,11 +357,8 @@ def first_seen_sha256(name: str, path: str | os.PathLike, sha256: str) -> str | 
     """The content hash first seen in the cached weights file ``path`` of the pretrained name ``name``;
     when none is recorded, ``sha256`` (the file's bytes now) is recorded and returned.
 
-    The record (``esm-first-seen.json`` beside the hash cache, one entry per name and resolved path,
-    shared by every project using that torch hub cache) is what lets a name keep its identity when its
-    weights are downloaded: before, the identity is the name (no file); after, it is still the name,
-    as long as the bytes stay those first seen. None when the record can be neither read nor written
-    (then the name is all that can be said)."""
+    The record (``esm-first-seen.json`` beside the hash cache) lets a name keep its identity once
+    its weights are downloaded, while the bytes stay those first seen. None when it cannot be kept."""
     import datetime as dt
 
     record = _first_seen_path()
@@ -415,11 +388,9 @@ def first_seen_sha256(name: str, path: str | os.PathLike, sha256: str) -> str | 
 
 
 def esm_identity(model: str) -> str:
-    """Which ESM-2 weights ``esm.model`` means: the content hash of a local checkpoint file or of
-    a local Hugging Face model folder (its :func:`hub_model_files`); for a fair-esm pretrained
-    name, the name while its cached weights are not there yet or hold the bytes first seen there
-    (:func:`first_seen_sha256`), else ``<name>@sha256:<hex>`` of the bytes they hold (other weights
-    under the same name: another identity); a Hub id is its name."""
+    """Which ESM-2 weights ``esm.model`` means: a local file's or folder's content hash; for a
+    pretrained name the name, or ``<name>@sha256:<hex>`` once its cached bytes differ from those
+    first seen (:func:`first_seen_sha256`); for a Hub id its name."""
     model = str(model)
     weights = pretrained_weights(model)
     if weights is not None:
@@ -435,9 +406,7 @@ def esm_identity(model: str) -> str:
 
 
 def esm_sha256(model: str) -> str | None:
-    """The content hash of the ESM-2 weights ``esm.model`` names, as they are now: of the cached
-    checkpoint of a pretrained name, of a ``.pt`` file, or of a local Hugging Face folder (its
-    files' hashes, as :func:`esm_identity`); None for a Hub id or weights that are not there."""
+    """The content hash of ``esm.model``'s weights as they are now; None for a Hub id or absent weights."""
     model = str(model)
     weights = pretrained_weights(model)
     if weights is not None:

@@ -31,15 +31,13 @@ def fsync_path(path: str | os.PathLike) -> None:
 
 
 class WriteError(PipelineError, OSError):
-    """A file that could not be written (disk full, quota, no permission, I/O error), as one line
-    naming the file and the free space of its file system (the CLI prints it, exit 2). Also an
-    OSError: code that tolerates an optional file it cannot write (``except OSError``) still does."""
+    """A file that could not be written, as one line with the free space (the CLI exits 2). An
+    OSError, so ``except OSError`` around optional files still works."""
 
     reason = ""  # "no space left on device"
     free = ""  # "12.0 KiB free on /scratch", when the write failed
 
 
-# errno -> how a write error reads; other errnos read as the OS words them
 _FULL = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded"}
 _HDF5_ERRNO = re.compile(r"\berrno = (\d+)")  # HDF5 reports the system error inside its message
 _LOW_SPACE = 2**20  # an unexplained write failure with less free space than this is a full disk
@@ -127,8 +125,7 @@ def write_error(path: str | os.PathLike, exc: OSError) -> WriteError:
 
 
 def os_error_line(exc: OSError) -> str:
-    """An OSError that reached the CLI as one line: the file, the reason, and for a full disk or
-    quota the free space there."""
+    """An OSError that reached the CLI, as one line."""
     if isinstance(exc, WriteError):
         return str(exc)
     where = exc.filename
@@ -149,10 +146,8 @@ def leftover_temp_files(path: str | os.PathLike) -> list[Path]:
 
 
 class AtomicFile:
-    """A file written under a hidden temp name beside ``path`` (``.name.tmp-*``, which no stage
-    reads) and renamed onto ``path`` by :meth:`commit`. Every writer of the pipeline goes through
-    it: a kill at any moment leaves ``path`` as it was, or complete.
-    """
+    """A file written under a hidden temp name (``.name.tmp-*``) and renamed onto ``path`` by
+    :meth:`commit`: a kill leaves ``path`` as it was, or complete."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
@@ -170,16 +165,14 @@ class AtomicFile:
             raise write_error(self.path, exc) from None
 
     def error(self, exc: BaseException) -> BaseException:
-        """Remove the temp file; return ``exc``, raised while writing it, as the error to raise: an
-        OSError about the file as a :class:`WriteError` naming the target (other errors as they are)."""
+        """Remove the temp file; return ``exc`` as the error to raise (a file's OSError as :class:`WriteError`)."""
         if isinstance(exc, OSError) and not isinstance(exc, _NOT_WRITING):
             exc = write_error(self.path, exc)  # the free space as it was, before the temp file goes
         self.abort()
         return exc
 
     def commit(self) -> None:
-        """Sync the temp file, rename it onto the target, and sync the folder (the rename). On a
-        failure the temp file is removed and the target untouched (:class:`WriteError`)."""
+        """Sync, rename onto the target and sync the folder; on failure the target is untouched."""
         try:
             fsync_path(self.tmp)  # a file system that allocates late (NFS, XFS) reports a full disk here
             os.replace(self.tmp, self.path)
@@ -196,11 +189,7 @@ class AtomicFile:
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it onto ``path`` on success.
-
-    On any exception the temporary file is removed (a kill leaves it behind under its
-    hidden name) and ``path`` is untouched.
-    """
+    """Yield a temporary path beside ``path``; rename it onto ``path`` on success, else remove it."""
     out = AtomicFile(path)
     try:
         yield out.tmp
@@ -237,11 +226,9 @@ def _link_aside(path: Path) -> Path | None:
 def write_together(files: dict[str | os.PathLike, str]) -> None:
     """Write several text files as one unit: all of them, or (on any error) none.
 
-    Every file is written and synced under a temp name first; then they are renamed into
-    place in the given order, so the last one can serve as the unit's commit record. If a
-    rename fails, the files already replaced get their previous contents back (hard-linked
-    aside before the first rename). A kill during the renames can still leave a mix; readers
-    detect it through the record written last (see ``split.load_split_dir``).
+    Renamed in the given order, so the last is the unit's commit record; a failed rename restores
+    the files already replaced. A kill during the renames can leave a mix, which readers detect
+    through the record (``split.load_split_dir``).
     """
     staged: list[tuple[AtomicFile, Path | None]] = []  # (the new file, a backup of the old target)
     done: list[tuple[Path, Path | None]] = []

@@ -1,16 +1,9 @@
 """Nothing a user points at is lost: no output replaces or deletes a file that an input names.
 
-One rule for every command and every rule. :func:`refuse_overwrite` compares what a command is
-about to write (files, and folders it owns whole, such as a run folder that Snakemake clears
-before a rerun) with every file it reads: the files named on its command line and the files its
-config names (:func:`config_inputs`: the dataset or its source, the ESM-2 weights, the checkpoints
-a run starts from, predict inputs). Paths are compared resolved (symlinks, ``..``) and by inode
-(hard links). The Snakefile runs the same check on the workflow's outputs when it starts, before
-Snakemake deletes anything.
-
-:func:`check_run_owner` keeps a run folder shared by two projects (the same ``output_dir`` and
-``run_name``) from being adopted or replaced by the other: ``provenance.json`` records the project
-that wrote it and the settings of every stage behind the run.
+:func:`refuse_overwrite` compares what a command will write (files, and folders it owns whole,
+such as a run folder Snakemake clears before a rerun) with every file it reads, resolved and by
+inode (hard links); the Snakefile runs it before Snakemake deletes anything.
+:func:`check_run_owner` keeps two projects sharing a run folder from replacing each other's run.
 """
 
 from __future__ import annotations
@@ -81,11 +74,7 @@ def refuse_overwrite(outputs: Mapping[str, PathLike] | Iterable[tuple[str, PathL
                      inputs: Mapping[str, PathLike], folders: Mapping[str, PathLike] | None = None,
                      reader: str = "this command", fix: str = "write it elsewhere") -> None:
     """A one-line :class:`PipelineError` if an output file is an input, or an input lies in a folder
-    the command writes whole (``folders``: label -> folder, e.g. the run folder).
-
-    ``outputs`` (label, path) pairs or a mapping, and ``inputs`` map labels (an option or config
-    key) to paths.
-    """
+    the command writes whole (``folders``); labels are option or config keys."""
     for out_label, out in outputs.items() if isinstance(outputs, Mapping) else outputs:
         for in_label, path in inputs.items():
             if same_file(out, path):
@@ -108,10 +97,8 @@ def refuse_files_in_the_way(folders: Mapping[str, PathLike]) -> None:
 
 
 def check_workflow(settings: Settings, run_name: str, prediction_files: list[PathLike]) -> None:
-    """The Snakefile's check when it starts, before Snakemake deletes any output: every input the
-    config names is there (a missing dataset is an error, never "nothing to be done"), none is one
-    of the workflow's outputs or lies in the run folder, no output folder is a file, and the run
-    folder is this project's (or holds the same computation)."""
+    """The Snakefile's check before Snakemake deletes any output (a missing dataset is an error,
+    never "nothing to be done")."""
     emb, run_dir = settings.training.embeddings_dir, layout.run_dir(settings.training.output_dir, run_name)
     outputs = [*(("the split stage's output", p) for p in layout.split_paths(layout.SPLIT_DIR).values()),
                *(("the embed stage's output", layout.split_store_path(emb, s)) for s in layout.SPLITS),
@@ -128,11 +115,8 @@ def check_workflow(settings: Settings, run_name: str, prediction_files: list[Pat
     check_run_owner(settings, run_dir)
 
 
-# ----------------------------------------------------------------------------- whose run folder
-
 def run_record(settings: Settings) -> dict:
-    """What ``provenance.json`` records of who made a run: the project folder (the working
-    directory: Snakemake's, or the CLI's) and the settings of every stage behind the run."""
+    """What ``provenance.json`` records of who made a run: the working directory and every stage's settings."""
     return {"project": str(Path.cwd().resolve()), "settings": run_settings(settings)}
 
 
@@ -157,8 +141,7 @@ def _short(value: object) -> str:
 
 
 def _recorded_run(run_dir: PathLike) -> dict | None:
-    """What the run in ``run_dir`` recorded of who made it (:func:`run_record`), or None: no finished
-    run there, or one that says nothing of it."""
+    """The :func:`run_record` of the run in ``run_dir``, or None."""
     try:
         recorded = json.loads((Path(run_dir) / layout.PROVENANCE_FILE).read_text())
     except (OSError, ValueError):
@@ -179,8 +162,7 @@ def settings_changes(settings: Settings, run_dir: PathLike) -> list[str]:
 def check_run_owner(settings: Settings, run_dir: PathLike) -> None:
     """Refuse a run folder that another project wrote from other data, split or settings.
 
-    A folder this project wrote (the same working directory) is its own to rerun; one from another
-    project with the very same settings is the same computation and may be shared.
+    Another project's folder with the very same settings is the same computation and may be shared.
     """
     recorded = _recorded_run(run_dir)
     if recorded is None or not isinstance(recorded.get("project"), str):

@@ -1,28 +1,14 @@
 """How the train rule starts training: ``accelerate launch`` on one machine or on several.
 
-:func:`launch_command` is the command prefix the train rule puts before
-``-m ptm_mamba train ...`` (``workflow/rules/common.smk``), and ``python -m
-ptm_mamba.launch`` is what that prefix runs on each machine:
+:func:`launch_command` is the prefix the train rule puts before ``-m ptm_mamba train ...``
+(``workflow/rules/common.smk``): ``python -m ptm_mamba.launch`` runs ``accelerate launch`` on each
+machine; N > 1 machines are one SLURM job, one ``srun`` task per node (static rendezvous).
 
-- ``training.num_machines: 1`` (the default): ``exec python -m ptm_mamba.launch
-  --num_machines 1 --num_processes P --`` runs ``accelerate launch --num_machines 1
-  --num_processes P --dynamo_backend no [--multi_gpu]``, as the rule always did;
-- ``training.num_machines: N > 1`` (one SLURM job over N nodes): ``srun`` starts one task
-  per node, and each runs ``accelerate launch --num_machines N --num_processes N*P
-  --machine_rank $SLURM_NODEID --main_process_ip <first node of the job>
-  --main_process_port <port>`` (accelerate's multi-node launch, static rendezvous).
-
-Signals. SLURM stops a job by signalling *every* process of its job steps: SIGTERM at the
-time limit, or on preemption, and the signal of ``sbatch --signal`` before it. Training saves
-its exact state on SIGTERM/SIGUSR1 and exits (``ptm_mamba.train.StopSignals``), but only if
-the processes around it stay alive until it is done: when the job step's first process exits,
-SLURM kills what is left of the step (proctrack/cgroup). So this launcher runs accelerate in its
-own process, does not exit on SIGTERM/SIGUSR1 (it waits for the training processes, which got
-the signal from SLURM themselves), and keeps torch's elastic agent (``--multi_gpu``) from
-killing them 30 s after a SIGTERM. The rule ``exec``-s it, so no shell that SIGTERM would end
-sits above it; Snakemake's job process above that (the SLURM plugin's ``srun ... snakemake``)
-finishes its running job on SIGTERM, but dies on SIGUSR1: hence ``--signal=TERM@...`` in the
-SLURM profiles.
+Signals: SLURM signals every process of a job step, and kills the rest of the step when its
+first process exits. Training saves its state on SIGTERM/SIGUSR1 (``train.StopSignals``), so
+this launcher waits for it instead of exiting, and keeps torch's elastic agent from killing the
+workers 30 s after a SIGTERM. Snakemake's SLURM job dies on SIGUSR1 but finishes on SIGTERM:
+hence ``--signal=TERM@...`` in the SLURM profiles.
 """
 
 from __future__ import annotations
@@ -48,29 +34,21 @@ WAIT_FOR_TRAINING = (signal.SIGTERM, signal.SIGUSR1)
 
 
 def launch_command(num_machines: int, num_processes: int, log: str | None = None) -> str:
-    """The shell prefix of the train rule's command (``-m ptm_mamba train ...`` follows it).
-
-    ``num_processes`` is per machine (one per GPU). Several machines need a SLURM job with
-    ``num_machines`` nodes and one task per node (the rule's resources ask for it). With ``log``,
-    the training's output goes to the terminal (or the SLURM job's output) and is appended to
-    ``log``, each segment of a resumed run under a header of its own.
-    """
+    """The shell prefix of the train rule's command; ``num_processes`` is per machine. With
+    ``log``, output is also appended to ``log``, each segment of a resumed run under a header."""
     logging = f" --log {shlex.quote(log)}" if log else ""
     args = f"--num_machines {num_machines} --num_processes {num_processes}{logging} --"
     if num_machines == 1:
         return f"exec python -m ptm_mamba.launch {args}"
-    # One task per node; each task gets the job's CPUs per task (srun does not pass them on
-    # by itself since SLURM 22.05); a task that fails ends the others instead of leaving them
-    # waiting in a collective.
+    # srun stopped passing CPUs per task in SLURM 22.05; a failed task must end the others,
+    # not leave them waiting in a collective.
     return (f"exec srun --nodes={num_machines} --ntasks={num_machines} --ntasks-per-node=1"
             " --cpus-per-task=${SLURM_CPUS_PER_TASK:-1} --kill-on-bad-exit=1"
             f" python -m ptm_mamba.launch {args}")
 
 
 def slurm_resources(num_machines: int, num_processes: int) -> dict:
-    """The train rule's resources: GPUs for one machine as ever; several machines are one SLURM
-    job with a node and a task per machine, GPUs per node (``--gres``), and the launcher's own
-    ``srun`` (the ``mpi`` resource keeps the SLURM plugin from wrapping the job in one)."""
+    """The train rule's resources (the ``mpi`` resource keeps the SLURM plugin from adding its own srun)."""
     if num_machines == 1:
         return {"gpu": num_processes}
     return {"gpu": 0, "gres": f"gpu:{num_processes}", "nodes": num_machines, "tasks": num_machines,
@@ -90,12 +68,8 @@ def first_host(nodelist: str) -> str:
 
 
 def rendezvous(num_machines: int, env: dict) -> list[str]:
-    """This machine's rank and the main process's address for a multi-machine launch.
-
-    Read from SLURM (``SLURM_NODEID``, ``SLURM_JOB_NODELIST``, ``SLURM_JOB_ID``);
-    ``MACHINE_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT`` win when set (another scheduler, or
-    several "machines" on one host).
-    """
+    """This machine's rank and the main process's address, from SLURM; ``MACHINE_RANK``,
+    ``MASTER_ADDR`` and ``MASTER_PORT`` win when set (another scheduler, or one host)."""
     rank = env.get("MACHINE_RANK", env.get("SLURM_NODEID"))
     if rank is None:
         raise PipelineError(f"training.num_machines: {num_machines} runs as one SLURM job over {num_machines} "
@@ -111,7 +85,7 @@ def rendezvous(num_machines: int, env: dict) -> list[str]:
         if "SLURM_JOB_NODELIST" not in env:
             raise PipelineError("MASTER_ADDR is not set and there is no SLURM_JOB_NODELIST to take it from")
         address = first_host(env["SLURM_JOB_NODELIST"])
-    # A port of its own per job (29500 + job id mod 10000), so that jobs sharing a node do not clash.
+    # A port per job, so that jobs sharing a node do not clash.
     port = env.get("MASTER_PORT") or str(29500 + int(env.get("SLURM_JOB_ID", "0")) % 10000)
     return ["--machine_rank", str(int(rank)), "--main_process_ip", address, "--main_process_port", port]
 
@@ -119,8 +93,7 @@ def rendezvous(num_machines: int, env: dict) -> list[str]:
 def accelerate_args(num_machines: int, num_processes: int, env: dict) -> list[str]:
     """``accelerate launch`` options (without the command): ``num_processes`` per machine."""
     total = num_machines * num_processes
-    # --mixed_precision no: only the launcher's default (accelerate warns when it has to pick one); the
-    # training sets its precision from training.mixed_precision, which wins over it
+    # --mixed_precision no only silences accelerate's warning; training.mixed_precision wins over it
     args = ["--num_machines", str(num_machines), "--num_processes", str(total), "--dynamo_backend", "no",
             "--mixed_precision", "no"]
     if num_machines > 1:
@@ -134,11 +107,9 @@ def accelerate_args(num_machines: int, num_processes: int, env: dict) -> list[st
 
 @contextlib.contextmanager
 def output_to_log(log: str | None, machine_rank: int) -> Iterator[None]:
-    """Copy everything this process and its children write (stdout and stderr) to the terminal as
-    before and, on the first machine, to the end of ``log`` and of :func:`segments_log` (Snakemake
-    deletes a failed job's log before it resubmits the job: that file keeps every segment of a
-    resumed run). The tee lives in the launcher, which outlives the training processes on SIGTERM,
-    so their last words (the saved state) are kept."""
+    """Tee this process's and its children's output, on the first machine, to ``log`` and
+    :func:`segments_log` (Snakemake deletes a failed job's log before resubmitting). The launcher
+    outlives training on SIGTERM, so the last words are kept."""
     if log is None:
         yield
         return
@@ -182,8 +153,7 @@ def segments_log(log: str | os.PathLike) -> Path:
 
 
 def _wait_for_training(signum, frame) -> None:
-    """SIGTERM/SIGUSR1 reached the launcher: the training processes got it too (SLURM signals
-    every process of the step); keep waiting for them to save and exit."""
+    """SIGTERM/SIGUSR1: training got it too from SLURM; keep waiting for it to save and exit."""
 
 
 def run(argv: list[str]) -> int:
@@ -227,8 +197,7 @@ def run(argv: list[str]) -> int:
 
 
 def exit_status(returncode: int) -> int:
-    """A child's status as a shell reports it: 128 + N for a child ended by signal N (so that
-    a training run stopped by SIGTERM ends the launcher with 143 too)."""
+    """A child's status as a shell reports it: 128 + N for signal N."""
     return returncode if returncode > 0 else 128 - returncode if returncode < 0 else 1
 
 

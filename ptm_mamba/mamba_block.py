@@ -14,13 +14,10 @@ move between the two with strict=True. Per block, for hidden states (B, L, d_mod
 Position t only ever reads positions <= t (causal conv, forward scan), so right-padded batches need
 no mask: the padding cannot change the outputs at real positions.
 
-The choice of kernels, `scan` (the config key model.scan): "fused" runs all of the above in
-mamba-ssm's `mamba_inner_fn`, as mamba-ssm's own block does (it needs mamba-ssm with its CUDA
-extensions and causal-conv1d); "triton" and "torch" run the steps above in PyTorch with the
-selective scan on the Triton kernels or in PyTorch (`ptm_mamba.scan`); "auto" takes the fused
-kernels on CUDA inputs where mamba-ssm is installed, else the scan's own "auto". Kernels that fail
-at run time warn once and leave the process on the PyTorch path (`ptm_mamba.kernels.fall_back`); a
-choice that cannot run here at all is an error when the block is made (`check_scan`).
+`scan` (model.scan): "fused" runs it all in mamba-ssm's `mamba_inner_fn` (needs its CUDA extensions
+and causal-conv1d); "triton"/"torch" pick the selective scan's kernels; "auto" takes "fused" on CUDA
+where installed, else the scan's "auto". Run-time failures warn once and fall back to PyTorch
+(`ptm_mamba.kernels.fall_back`); a choice that cannot run here is refused by `check_scan`.
 """
 
 from __future__ import annotations
@@ -46,9 +43,7 @@ SCANS = ("auto", "torch", "triton", "fused")
 
 @functools.cache
 def fused_ops() -> ModuleType | None:
-    """mamba-ssm's `selective_scan_interface` (its fused kernels), or None where mamba-ssm is not
-    installed. Where it is installed but does not import (a CUDA extension that does not load), this
-    raises what the import raised. Imported once per process."""
+    """mamba-ssm's fused kernels, or None where not installed; a broken install raises its import error."""
     try:
         return importlib.import_module("mamba_ssm.ops.selective_scan_interface")
     except ModuleNotFoundError as exc:
@@ -84,8 +79,7 @@ def check_scan(scan: str) -> None:
 class Mamba(nn.Module):
     """mamba-ssm's `Mamba` block (same signature, parameters and math) on `selective_scan`.
 
-    `use_fast_path` is accepted for compatibility and ignored; `scan` picks the kernels (see the
-    module's docstring; `make_mixer` checks that they can run). hidden_states: (B, L, d_model) -> (B, L, d_model).
+    `use_fast_path` is accepted for compatibility and ignored.
     """
 
     def __init__(
@@ -119,8 +113,7 @@ class Mamba(nn.Module):
         self.use_fast_path = use_fast_path
         self.layer_idx = layer_idx
         self.scan = scan
-        # The scan function, after mamba-ssm's block if that was asked for and failed; tests swap in
-        # `selective_scan_ref` on an instance.
+        # Used when the fused block is not (or fails); tests swap in `selective_scan_ref`.
         self.scan_fn = functools.partial(selective_scan, scan="torch" if scan == "fused" else scan)
 
         self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=bias, **factory)
@@ -161,7 +154,6 @@ class Mamba(nn.Module):
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias, **factory)
 
     def forward(self, hidden_states: Tensor, inference_params: Any = None) -> Tensor:
-        """hidden_states: (B, L, d_model) -> (B, L, d_model)."""
         if inference_params is not None:
             raise NotImplementedError("step-by-step decoding (inference_params) is not implemented")
         seqlen = hidden_states.shape[1]
@@ -185,14 +177,12 @@ class Mamba(nn.Module):
         return self.out_proj(y.transpose(1, 2))
 
     def _wants_fused(self, hidden_states: Tensor) -> bool:
-        """Whether to try mamba-ssm's kernels: with "fused" always, with "auto" on CUDA inputs; never once
-        they have failed in this process."""
+        """Whether to try mamba-ssm's kernels (never once they have failed in this process)."""
         wanted = self.scan == "fused" or (self.scan == "auto" and hidden_states.is_cuda)
         return wanted and not has_failed("fused")
 
     def _fused(self, xz: Tensor, A: Tensor) -> Tensor | None:
-        """The block in mamba-ssm's `mamba_inner_fn` (its own block's fast path), or None where
-        mamba-ssm is not installed (with "auto"; "fused" was checked by `make_mixer`)."""
+        """The block in mamba-ssm's `mamba_inner_fn`, or None where mamba-ssm is not installed."""
         ops = fused_ops()
         if ops is None:
             return None
@@ -204,7 +194,6 @@ class Mamba(nn.Module):
 
 
 def make_mixer(d_model: int, layer_idx: int | None = None, scan: str = "auto", **ssm_cfg: Any) -> Mamba:
-    """A Mamba block running the kernels `scan` names (one of SCANS), checked to be able to run here
-    (`check_scan`). ssm_cfg: the other `Mamba` constructor arguments."""
+    """A Mamba block on the kernels `scan` names, checked to run here; ssm_cfg: other `Mamba` arguments."""
     check_scan(scan)
     return Mamba(d_model, layer_idx=layer_idx, scan=scan, **ssm_cfg)

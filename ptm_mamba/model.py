@@ -9,19 +9,10 @@ Follows the published model (Peng et al., programmablebio/ptm-mamba, ``lm.py``):
     for each layer: prenorm residual Mamba blocks (mamba-ssm ``Block`` order)
     logits = lm_head(norm_f(h + residual)),  lm_head tied to the embedding
 
-One deliberate change: the backward stack of the bidirectional model reads each
-protein reversed *within its own length* (:func:`reverse_padded`), not the whole
-padded batch flipped. The original's ``flip([1])`` puts the padding in front of
-the reversed protein, so a protein's outputs depended on how long its batch mates
-were. Here padding stays at the end in both directions and a protein's outputs do
-not depend on padding or batch mates. On an unpadded batch both are the same.
-
-The unidirectional ``model_type: mamba`` uses the same gated fusion, so the two types
-differ only in direction (the original's unidirectional model had no gate and let ESM
-features replace the token embedding; no checkpoint of it was published).
-
-Parameter names follow the original checkpoint layout (``backbone.embedding``,
-``backbone.forward_layers.{i}.mixer.*``, ``lm_head``, ``esm_head`` ...).
+Deliberate changes: the backward stack reverses each protein within its own length
+(:func:`reverse_padded`); the original's ``flip([1])`` put padding first, so outputs depended on
+batch mates. ``model_type: mamba`` uses the same gate (the original's had none; never published).
+Parameter names follow the original checkpoint layout.
 """
 
 from __future__ import annotations
@@ -44,13 +35,8 @@ MODEL_TYPES = ("bidirectional_mamba", "mamba")
 class ModelConfig:
     """Network shape. Plain values only, so it round-trips through YAML and checkpoints.
 
-    ``scan`` (config key ``model.scan``) picks the kernels of the Mamba blocks (see
-    :mod:`ptm_mamba.mamba_block`): "auto" (mamba-ssm's fused CUDA kernels where they run,
-    else the Triton scan on a GPU, else PyTorch), "torch", "triton" or "fused". It changes
-    speed, not the model: the state-dict layout is the same and results agree to rounding.
-    Checkpoints before it was named ``scan`` call it ``backend``.
-
-    The defaults are the config schema's ``model.*`` ones (tests/test_model.py checks they agree).
+    ``scan`` picks the Mamba blocks' kernels (:mod:`ptm_mamba.mamba_block`): speed, not the model.
+    Older checkpoints call it ``backend``. Defaults match the config schema's (tests/test_model.py).
     """
 
     model_type: str = "bidirectional_mamba"
@@ -94,8 +80,7 @@ class ModelOutput(NamedTuple):
 def reverse_padded(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     """Reverse each row of ``x`` (B, L, ...) within its length; positions >= length stay put.
 
-    ``out[b, t] = x[b, len_b - 1 - t]`` for ``t < len_b``, else ``x[b, t]``.
-    The map is its own inverse, so the same call undoes it.
+    Its own inverse.
     """
     batch, seq_len = x.shape[:2]
     t = torch.arange(seq_len, device=x.device).expand(batch, seq_len)
@@ -108,8 +93,7 @@ def reverse_padded(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
 class Block(nn.Module):
     """mamba-ssm's prenorm block: residual += hidden; hidden = mixer(norm(residual)).
 
-    The add and the norm are unfused (same math as the fused kernel); the residual
-    stream is kept in fp32. Returns (hidden, residual), both (B, L, d_model).
+    Unfused (same math); the residual stream is kept in fp32.
     """
 
     def __init__(self, d_model: int, layer_idx: int, config: ModelConfig):
@@ -144,7 +128,6 @@ class Backbone(nn.Module):
         self.norm_f = nn.RMSNorm(d, eps=config.norm_eps)
 
     def fuse(self, tok: torch.Tensor, esm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Gate token and ESM embeddings (both (B, L, d)); returns (fused (B, L, d), gate (B, L, 1))."""
         g = torch.sigmoid(self.gate(torch.cat([tok, esm], dim=-1)))
         return g * tok + (1 - g) * esm, g
 
@@ -169,9 +152,7 @@ class Backbone(nn.Module):
 
 
 def no_weight_decay(name: str) -> bool:
-    """True for parameters AdamW must not decay, decided by name: biases, the SSM's
-    ``A_log`` and ``D``, and RMSNorm weights (``*.norm.weight``, ``norm_f.weight``).
-    Matrices (projections, conv kernels, the tied embedding/LM head) are decayed."""
+    """True for parameters AdamW must not decay: biases, ``A_log``, ``D`` and RMSNorm weights."""
     parts = name.split(".")
     leaf, owner = parts[-1], (parts[-2] if len(parts) > 1 else "")
     return leaf in ("bias", "A_log", "D") or owner in ("norm", "norm_f")
@@ -190,9 +171,7 @@ class PTMMamba(nn.Module):
         self.lm_head.weight = self.backbone.embedding.weight  # tied: one tensor, two names
 
     def _init_weights(self, initializer_range: float = 0.02) -> None:
-        """The original's init: zero Linear biases (except ones tagged ``_no_reinit``, the
-        mixer's dt bias), N(0, 0.02) embedding, and GPT-2 style 1/sqrt(n_layer) scaling of
-        each mixer's ``out_proj`` (one residual branch per layer)."""
+        """The original's init (GPT-2 style 1/sqrt(n_layer) scaling of each ``out_proj``)."""
         for module in self.modules():
             if isinstance(module, nn.Linear) and module.bias is not None:
                 if not getattr(module.bias, "_no_reinit", False):
@@ -211,11 +190,8 @@ class PTMMamba(nn.Module):
         esm_features: torch.Tensor | None = None,
         lengths: torch.Tensor | None = None,
     ) -> ModelOutput:
-        """input_ids (B, L) long, right-padded with ``<pad>``; esm_features (B, L, esm_dim)
-        or None; lengths (B,) long, else counted as the non-pad tokens of each row.
-
-        ESM features are ignored when ``config.use_esm`` is false; missing ones count as
-        zeros (the gate is still applied, as in the original)."""
+        """input_ids (B, L) right-padded; esm_features (B, L, esm_dim) or None (zeros, the gate
+        still applied, as in the original); lengths (B,), else the non-pad tokens of each row."""
         if lengths is None:
             lengths = (input_ids != PAD_ID).sum(dim=1)
         esm = None
@@ -231,9 +207,7 @@ class PTMMamba(nn.Module):
         return ModelOutput(logits=self.lm_head(hidden), hidden_states=hidden)
 
     def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
-        """AdamW groups: [decayed, not decayed], split by :func:`no_weight_decay` on the names
-        (the original trained with decay on every parameter). The tied embedding/LM head
-        appears once, as ``backbone.embedding.weight``, and is decayed."""
+        """AdamW groups [decayed, not decayed] (the original decayed every parameter)."""
         decay, no_decay = [], []
         for name, p in self.named_parameters():
             if p.requires_grad:

@@ -1,15 +1,9 @@
 """Inference: logits and per-residue hidden states of a trained PTM-Mamba for PTM sequences.
 
-``ptm-mamba predict`` reads a CSV with the columns ``unique_id`` and ``ptm_seq``
-(:data:`ptm_mamba.dataset.ID_COLUMN`, :data:`~ptm_mamba.dataset.SEQUENCE_COLUMN`) or a FASTA
-file whose sequences carry PTM tokens, and writes the final hidden states to an HDF5 file in
-the embedding-store layout (read it with ``EmbeddingReader``): per protein ``L + 2`` rows,
-``<cls>``, the L residues, ``<eos>``, as the stored ESM-2 features and :func:`predict` gives
-them; its attributes are ``split`` ("predict") and ``split_fingerprint`` (a hash of the ids
-and sequences). With
-``pooled`` (the default) the file also holds each protein's mean hidden state over
-its residues, in float32: dataset ``pooled`` (n, d_model), row i for ``ids[i]``;
-:func:`read_pooled` reads the rows of the ids asked for, not the whole file.
+``ptm-mamba predict`` reads a CSV (``unique_id``, ``ptm_seq``) or FASTA of PTM sequences and
+writes the final hidden states in the embedding-store layout (``EmbeddingReader``; ``split`` is
+"predict"). With ``pooled`` the file also holds dataset ``pooled`` (n, d_model) float32, each
+protein's mean over its residues (:func:`read_pooled`).
 """
 
 from __future__ import annotations
@@ -84,11 +78,9 @@ def predict_batches(model, proteins: list[Protein], esm_model=None, max_tokens_p
 
 def predict(model, sequences: list[str], esm_model=None, max_tokens_per_batch: int | None = None, *,
             esm: EsmSettings | None = None, trained_esm: str | None = None) -> list:
-    """Per PTM sequence, a ``ModelOutput`` of logits (L+2, V) and hidden states (L+2, d) at ``<cls>``,
-    the residues and ``<eos>``. When the model uses ESM-2, features are computed here, with PTM
-    positions masked as in training: by ``esm_model``, or else by the ESM-2 ``esm`` names, refused
-    unless its weights are ``trained_esm`` (the identity the run recorded). A checkpoint gives both:
-    ``TrainedModel.esm`` and ``.trained_esm`` (:func:`ptm_mamba.checkpoint.load_model`)."""
+    """Per PTM sequence, a ``ModelOutput`` of logits (L+2, V) and hidden states (L+2, d). ESM-2
+    features (PTMs masked as in training) come from ``esm_model``, else ``esm``, refused unless its
+    weights are ``trained_esm`` (both from :func:`ptm_mamba.checkpoint.load_model`)."""
     from .model import ModelOutput
 
     proteins = _proteins(sequences)
@@ -172,8 +164,6 @@ def write_predictions(checkpoint_path: str | os.PathLike, input_path: str | os.P
     digest = hashlib.sha256("".join(p.id + p.sequence for p in proteins).encode()).hexdigest()[:24]
     attrs = {"split": "predict", "split_fingerprint": digest}
     means = np.zeros((len(proteins), model.config.d_model), dtype=np.float32)  # rows in writing order
-    # one atomic HDF5 file: the store and its pooled rows appear together or not at all; a failed
-    # write (a full disk) is one line naming the output, and leaves neither it nor a temp file
     with ShardWriter(output, dim=model.config.d_model, replicates=1, attrs=attrs) as writer:
         batches = predict_batches(model, proteins, None, max_tokens_per_batch, progress, trained.esm,
                                   trained.trained_esm)

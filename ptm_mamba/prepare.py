@@ -3,26 +3,15 @@
 Formats (``dataset.source.format``):
 
 - ``uniprot_tsv``: a UniProtKB TSV export (plain or .gz) with the columns Entry, Sequence,
-  Modified residue, Glycosylation and Lipidation. A cell holds the MOD_RES / CARBOHYD / LIPID
-  features, several per cell, each written ``MOD_RES 12; /note="Phosphoserine; by PKA";
-  /evidence="ECO:..."``. Positions are 1-based.
-- ``ptm_mamba_sites``: the original PTM-Mamba's per-site table (programmablebio/ptm-mamba,
-  ``ptm_labels.csv``): one row per site with the columns ``ori_seq`` (the sequence), ``pos``
-  and ``token`` (``<Phosphoserine>``; a bare name is read as ``<name>``), and optionally
-  ``AC_ID`` (its accession) and an unnamed pandas index. ``pos`` is 0-based: its
-  ``label_preprocess.py`` subtracts 1 from UniProt's position, and ``ptm_dataset.py`` puts the
-  token at ``sequence[pos]``. Rows are grouped by ``ori_seq``, as there, so a sequence
-  shared by several accessions is one protein; its id is the first ``AC_ID``, else a hash of
-  the PTM sequence (as ``dataset.id_column_name: null`` makes).
+  Modified residue, Glycosylation and Lipidation; features are written ``MOD_RES 12;
+  /note="Phosphoserine; by PKA"; /evidence="ECO:..."``, positions 1-based.
+- ``ptm_mamba_sites``: the original PTM-Mamba's ``ptm_labels.csv``: one row per site with
+  ``ori_seq``, ``pos`` and ``token``, optionally ``AC_ID``. ``pos`` is 0-based (its
+  ``label_preprocess.py`` subtracts 1). Rows are grouped by ``ori_seq``, as there; the id is the
+  first ``AC_ID``, else a hash of the PTM sequence.
 
-The rules (datasets/README.md): a feature's description is its ``/note`` up to the first ``;``
-(``Phosphoserine; by PKA`` is ``Phosphoserine``); a feature is skipped when its position is
-uncertain (``?``, ``<12``, ``12..15``) or outside the sequence, when the description is not in
-the vocabulary, when the residue there is not the PTM's residue, or when the residue already has a
-PTM (the first listed stays). Entries without a PTM left are not written. Every skip is counted
-per reason, printed, and written to ``NAME.summary.json`` beside ``NAME.csv``; the two files are
-written together, the summary last, and the summary records the source it was made from
-(:func:`check_prepared` holds a CSV to it).
+The skip rules are in datasets/README.md; skips are counted per reason in ``NAME.summary.json``,
+written last beside ``NAME.csv`` with the source it was made from (:func:`check_prepared`).
 """
 
 from __future__ import annotations
@@ -103,8 +92,6 @@ def ptm_tokens(entry: Entry, tally: Tally) -> list[str] | None:
     return tokens
 
 
-# ----------------------------------------------------------------------------- reading the sources
-
 def _open_text(path: Path) -> io.TextIOBase:
     if not path.is_file():
         raise PipelineError(f"source file not found: {path}")
@@ -113,9 +100,8 @@ def _open_text(path: Path) -> io.TextIOBase:
 
 
 def _rows(path: Path, delimiter: str, required: tuple[str, ...], what: str) -> Iterator[tuple[int, dict]]:
-    """The rows of a delimited file, with the line each ends on, after checking that its header has
-    ``required``. UniProt's TSV quotes nothing (its notes hold quotes), the per-site table is an
-    ordinary CSV."""
+    """The rows of a delimited file with the line each ends on; UniProt's TSV quotes nothing (its
+    notes hold quotes)."""
     quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
     with _open_text(path) as fh:
         reader = csv.DictReader(fh, delimiter=delimiter, quoting=quoting)
@@ -134,9 +120,8 @@ def _rows(path: Path, delimiter: str, required: tuple[str, ...], what: str) -> I
 
 
 class PositionError(ValueError):
-    """A position written with a digit other than 0-9 (``²``, ``٣``, ``３``): Python's ``int`` and
-    ``float`` read some of them (``int("٣") == 3``) and fail on others (``int("²")``); either way it
-    is a damaged file, not a position to guess."""
+    """A position with a non-ASCII digit (``int("٣") == 3``, ``int("²")`` fails): a damaged file, not
+    a position to guess."""
 
     def __init__(self, text: str, char: str):
         super().__init__(f"position {text!r} holds {char!r} ({unicodedata.name(char, 'a non-ASCII character')}), "
@@ -145,7 +130,6 @@ class PositionError(ValueError):
 
 
 def _ascii_position(text: str) -> str:
-    """``text``, refused (:class:`PositionError`) when it holds a non-ASCII digit or number."""
     bad = next((ch for ch in text if not ch.isascii() and ch.isnumeric()), None)
     if bad is not None:
         raise PositionError(text, bad)
@@ -204,8 +188,6 @@ def read_ptm_mamba_sites(path: Path) -> Iterator[Entry]:
 READERS = {"uniprot_tsv": read_uniprot_tsv, "ptm_mamba_sites": read_ptm_mamba_sites}
 
 
-# ----------------------------------------------------------------------------- the stage
-
 def check_output_path(csv_path: str | os.PathLike) -> None:
     """Refuse to write over a CSV that the prepare stage did not make (e.g. datasets/demo.csv)."""
     summary = prepared_summary_path(csv_path)
@@ -216,7 +198,7 @@ def check_output_path(csv_path: str | os.PathLike) -> None:
 
 
 def prepare(fmt: str, source: str | os.PathLike, output: str | os.PathLike) -> dict:
-    """Build ``output`` (CSV) from ``source`` in format ``fmt``; write it with its summary; return the summary."""
+    """Build ``output`` (CSV) and its summary from ``source``; return the summary."""
     if fmt not in READERS:
         raise PipelineError(f"unknown source format {fmt!r} (known: {', '.join(FORMATS)})")
     source, output = Path(source), Path(output)

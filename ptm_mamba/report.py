@@ -11,14 +11,10 @@
                                             the tables (and config.yaml) as self-contained HTML pages:
                                             Snakemake's report shows .html items inline, .tsv/.yaml as downloads
 
-``metrics.json`` is the list ``train.py`` writes: a header (``split_sizes``,
-``longer_than_max_sequence_length``, ``num_parameters``),
-one record per training step (``train_*``, ``lr``, ``tokens``, and ``tokens_per_s``,
-``loader_wait_fraction``, ``peak_memory_gib`` -- null on the CPU), per validation/test batch
-(``val_*``/``test_*`` with ``batch``) and one average per evaluation (``avg_val_*``/``avg_test_*``;
-the test average also holds ``test_ptm_acc_by_type``). Every part but the file itself is optional:
-a run still in progress has no test records, a run without PTM sites in its test set has no
-per-type accuracies; the figures then say so instead of failing, so every output always exists.
+``metrics.json`` is the list ``train.py`` writes: a header, one record per training step
+(throughput fields null on the CPU), per validation/test batch, and one average per evaluation
+(``avg_val_*``/``avg_test_*``). Every part but the file is optional (a run in progress has no
+test records): the figures then say so instead of failing, so every output always exists.
 """
 
 from __future__ import annotations
@@ -47,8 +43,6 @@ MAX_PTM_BARS = 40  # the bar chart shows the most frequent types; the TSV holds 
 COLORS = {"train": "tab:blue", "val": "tab:orange", "test": "tab:green", "ptm": "tab:purple"}
 
 
-# ----------------------------------------------------------------------------- reading metrics.json
-
 @dataclass
 class RunMetrics:
     """metrics.json sorted into its kinds; records of one kind are sorted by step, one per step."""
@@ -59,7 +53,6 @@ class RunMetrics:
     test: dict | None = None  # avg_test_* (+ test_ptm_acc_by_type), the last one written
 
     def series(self, kind: str, key: str) -> tuple[np.ndarray, np.ndarray]:
-        """(steps, values) of ``key`` over the records of ``kind`` ("train" or "val") that have it."""
         rows = [(r["Step"], r[key]) for r in getattr(self, kind) if r.get(key) is not None]
         steps, values = zip(*rows) if rows else ((), ())
         return np.asarray(steps, dtype=float), np.asarray(values, dtype=float)
@@ -120,8 +113,7 @@ def moving_average(values: np.ndarray, window: int) -> np.ndarray:
 
 
 def smoothing_window(num_steps: int) -> int:
-    """About 1/25 of the run (3 to 500 steps): smooth enough to read, short enough to follow trends.
-    Under 20 steps every point is shown as it is."""
+    """About 1/25 of the run (3 to 500 steps); under 20 steps 1 (no smoothing)."""
     return 1 if num_steps < 20 else int(np.clip(round(num_steps / 25), 3, 500))
 
 
@@ -130,10 +122,7 @@ def ptm_name(token: str) -> str:
     return token[1:-1] if token.startswith("<") and token.endswith(">") else token
 
 
-# ----------------------------------------------------------------------------- figures
-
 def _figure(height: float = FIGSIZE[1], rows: int = 1):
-    """A figure and its axes (one, or an array of ``rows`` stacked)."""
     from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend (renders with Agg)
 
     fig = Figure(figsize=(FIGSIZE[0], height), dpi=DPI, layout="constrained")
@@ -162,7 +151,6 @@ def _epoch_lines(ax, m: RunMetrics) -> None:
 
 
 def _train_curve(ax, m: RunMetrics, key: str, label: str, color: str) -> None:
-    """The per-step values (faint) and their moving average."""
     steps, values = m.series("train", key)
     if steps.size == 0:
         return
@@ -251,8 +239,7 @@ def plot_learning_rate(m: RunMetrics, path: Path) -> Path:
 
 
 def plot_throughput(m: RunMetrics, path: Path) -> Path:
-    """Whether training is fed: training tokens per second, the fraction of each step spent waiting
-    for the data loader and (on a GPU) the peak memory, per optimiser step."""
+    """Whether training is fed: tokens/s, loader-wait fraction and (GPU) peak memory per step."""
     fig, axes = _figure(height=7.2, rows=3)
     fig.suptitle("Throughput: is the data loader or the model the limit?")
     recorded = m.series("train", "tokens_per_s")[0].size > 0
@@ -305,8 +292,7 @@ def plot_test_ptm_accuracy(m: RunMetrics, path: Path) -> Path:
 
 
 def plot_metrics(metrics_path: str | Path, out_dir: str | Path) -> dict[str, Path]:
-    """Write the PNG of each of :data:`FIGURES` into ``out_dir`` (``layout.report_files``) and return
-    ``{name: path}``. Every figure is always written (a note replaces missing data)."""
+    """Write each of :data:`FIGURES` as PNG into ``out_dir``; a note replaces missing data."""
     m = load_metrics(metrics_path)
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     files = report_files(out_dir)
@@ -314,8 +300,6 @@ def plot_metrics(metrics_path: str | Path, out_dir: str | Path) -> dict[str, Pat
              "throughput": plot_throughput, "test_ptm_accuracy": plot_test_ptm_accuracy}
     return {name: plots[name](m, files[name]) for name in FIGURES}
 
-
-# ----------------------------------------------------------------------------- tables
 
 def _write_tsv(path: str | Path, header: Sequence[str], rows: Iterable[Sequence]) -> Path:
     buf = io.StringIO(newline="")
@@ -333,8 +317,7 @@ def _fmt(v) -> str:
 
 
 def test_results_table(metrics_path: str | Path, out_tsv: str | Path) -> Path:
-    """Columns ``scope metric sites value``: the overall test metrics (scope ``all``), then the
-    accuracy per PTM type, most frequent first. Only the header when there are no test results."""
+    """Columns ``scope metric sites value``: overall (scope ``all``), then per PTM type, most frequent first."""
     m = load_metrics(metrics_path)
     rows: list[tuple] = []
     if m.test is not None:
@@ -388,8 +371,7 @@ def split_table(summary_json: str | Path, out_tsv: str | Path) -> Path:
 
 
 def provenance_table(provenance_json: str | Path, out_tsv: str | Path) -> Path:
-    """The run's provenance.json as ``item value`` rows (nested keys joined with dots); a run
-    without one (made before provenance was recorded) gets one row saying so."""
+    """provenance.json as ``item value`` rows, nested keys joined with dots."""
     path = Path(provenance_json)
     if not path.exists():
         return _write_tsv(out_tsv, ("item", "value"), [("provenance", f"not recorded ({path.name} not found)")])
@@ -421,12 +403,8 @@ def _sample_rows(total: int, budget: int, blocks: int = 16) -> list[slice]:
 
 
 def embedding_stats(h5_paths: Sequence[str | Path], out_tsv: str | Path, max_values: int = 4_000_000) -> Path:
-    """One row per embedding file (a gathered ``{split}_embeddings.h5`` or a shard).
-
-    Sizes and settings come from the file's index and attributes; mean, std and the masked
-    fraction from a sample of replicate 0 of at most ``max_values`` numbers (rows spread over the
-    file in 16 contiguous runs), so the cost does not grow with the file.
-    """
+    """One row per embedding file; value statistics from a bounded sample of replicate 0, so the
+    cost does not grow with the file."""
     import h5py
 
     from .embedding_store import EmbeddingReader
@@ -453,8 +431,6 @@ def embedding_stats(h5_paths: Sequence[str | Path], out_tsv: str | Path, max_val
     return _write_tsv(out_tsv, EMBEDDING_COLUMNS, rows)
 
 
-# ----------------------------------------------------------------------------- the run at a glance
-
 def _read_yaml(path: Path) -> dict:
     import yaml
 
@@ -470,7 +446,6 @@ def _read_yaml(path: Path) -> dict:
 
 
 def _num(v, digits: int = 4) -> str:
-    """A number to read: integers with thousands separators, floats to ``digits`` significant digits."""
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         return str(v)
     if isinstance(v, int):
@@ -483,7 +458,6 @@ def _plural(n: int, word: str) -> str:
 
 
 def _when(created) -> str:
-    """provenance.json's ISO time, to the minute."""
     import datetime as dt
 
     try:
@@ -497,12 +471,8 @@ def _when(created) -> str:
 def run_summary(metrics_path: str | Path, summary_json: str | Path | None = None,
                 config_yaml: str | Path | None = None,
                 provenance_json: str | Path | None = None) -> list[tuple[str, str]]:
-    """What the run was and how it did, as a dozen ``(item, value)`` rows: run, when and where, data
-    and split, split sizes, ESM-2 model, model and size, steps, validation and test results.
-
-    Only ``metrics.json`` is needed: rows whose file is not given are left out, and what an unfinished
-    run lacks yet is said in words. Short enough for the report's front page.
-    """
+    """The run at a glance, as a dozen ``(item, value)`` rows for the report's front page.
+    Only ``metrics.json`` is needed; what an unfinished run lacks is said in words."""
     m = load_metrics(metrics_path)
     config = _read_yaml(Path(config_yaml)) if config_yaml else {}
     split_summary = _read_json(Path(summary_json), "split summary not found") if summary_json else None
@@ -585,10 +555,7 @@ def run_summary(metrics_path: str | Path, summary_json: str | Path | None = None
     return rows
 
 
-# ----------------------------------------------------------------------------- tables as HTML pages
-
-# Snakemake's report shows .html items inline (in a frame), while .tsv and .yaml items are downloads.
-# Each table is also written as a small self-contained page: inline CSS, no scripts, nothing fetched.
+# Snakemake's report shows .html inline but .tsv/.yaml as downloads: hence self-contained pages.
 PAGE_CSS = """
 body { font-family: ui-sans-serif, system-ui, -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial,
        "Noto Sans", "DejaVu Sans", sans-serif; color: #1e293b; margin: 0; padding: 1.25rem 1.5rem 3rem;
@@ -634,7 +601,6 @@ def _is_number(text: str) -> bool:
 
 
 def _words(name: str) -> str:
-    """A column name to read (and to wrap): ``ptm_sites_per_100_residues`` -> ``ptm sites per 100 residues``."""
     return name.replace("_", " ")
 
 
@@ -647,13 +613,9 @@ def html_page(title: str, body: str) -> str:
 def html_table(header: Sequence[str] | None, rows: Sequence[Sequence], key_columns: Sequence[int] = (),
                wrap_columns: Sequence[int] = (), label_columns: Sequence[int] = (), row_class=None,
                extra=None, numeric_rows: bool = False) -> str:
-    """An HTML table of the cells as they are (the column names with spaces for ``_``, to wrap).
-
-    A column whose non-empty cells are all numbers is right-aligned (``numeric_rows``: a row's cells
-    after the first, for a table with a field per row); ``key_columns`` are set as code,
-    ``label_columns`` as labels, ``wrap_columns`` may break anywhere (paths, hashes). ``row_class(row)``
-    may name a row's CSS class (``total``; ``section``: a heading row of one cell), ``extra(row)`` add
-    raw HTML cells after a row's own; ``header=None``: no header row."""
+    """An HTML table of the cells as they are; all-number columns are right-aligned (``numeric_rows``:
+    per row instead). ``row_class(row)`` may name a CSS class (``total``, ``section``); ``extra(row)``
+    adds raw HTML cells."""
     rows = [["" if v is None else str(v) for v in row] for row in rows]
     classes = [row_class(row) if row_class else None for row in rows]
     width = len(header) if header else max((len(r) for r in rows), default=0)
@@ -809,11 +771,8 @@ def config_html(config_yaml: str | Path, out_html: str | Path) -> Path:
     return _write_page(out_html, title, _heading(title, note) + "<pre>" + "\n".join(lines) + "</pre>")
 
 
-# ----------------------------------------------------------------------------- command line
-
 def cmd_plots(args: argparse.Namespace) -> None:
-    """``ptm-mamba plots``: the figures and tables of one run into ``--output_dir``; each table both as
-    TSV and as an HTML page (which Snakemake's report shows inline)."""
+    """``ptm-mamba plots``: the figures and tables (TSV and HTML) of one run into ``--output_dir``."""
     from .guard import refuse_overwrite
 
     out = report_files(args.output_dir)

@@ -6,28 +6,15 @@ For every batch b, channel d and state n (u, delta: (B, D, L); A: (D, N); B, C: 
     h_t     = exp(delta_t * A) * h_{t-1} + delta_t * B_t * u_t,    h_{-1} = 0
     out_t   = sum_n C_t h_t + D * u_t,    then  out_t * silu(z_t)  when z is given
 
-`selective_scan` has the signature and semantics of mamba-ssm's `selective_scan_fn` for real A and
-per-position B, C of shape (B, N, L). It never loops over positions in Python: the linear recurrence
-runs as an in-place Blelloch scan over time, 2*log2(L) rounds of whole-tensor ops on strided views.
-The scan only multiplies the decays exp(delta*A) together: no division and no exponent other than
-delta*A itself, so with delta >= 0 and A < 0 (as in Mamba) every factor is <= 1 and nothing can
-overflow, however strong the decay. The backward pass is written by hand: it saves only the
-inputs, recomputes the (B, L, N, D) states, and runs the adjoint recurrence as a second scan, so
-memory stays at three (B, L, N, D) tensors and never (B, D, L, L). On the CPU those three live in
-scratch buffers reused from call to call (`_Workspace`; `release_workspace()` frees them).
+The recurrence runs as an in-place Blelloch scan over time (2*log2(L) rounds of whole-tensor
+ops), never a Python loop over positions. It only multiplies the decays exp(delta*A), with no
+division, so with delta >= 0 and A < 0 every factor is <= 1 and nothing can overflow. The
+hand-written backward saves only the inputs and recomputes the states: memory stays at three
+(B, L, N, D) tensors, never (B, D, L, L). Internally time-major, so each scan step touches
+contiguous N*D blocks; arithmetic in fp32 (fp64 for fp64 inputs), output in u's dtype.
 
-Internally everything is time-major, (B, L, N, D) for states and (B, L, D) / (B, L, N) for the
-rest, so each step of the scan touches contiguous blocks of N*D numbers. The arithmetic is fp32
-(fp64 when an input is fp64) whatever the input dtype; the output has u's dtype.
-
-`selective_scan(..., scan=)` may run the Triton kernels of `ptm_mamba.scan_triton` instead: "auto"
-on CUDA inputs, "triton" on any inputs the kernels take (CPU ones too under Triton's interpreter),
-"torch" never; first the kernels must pass a check against this module's scan, once per device
-and process (`triton_agrees`). A check that fails or raises, or a kernel that fails to compile or
-launch, warns once and leaves the process on the PyTorch scan; `ptm_mamba.kernels` keeps that
-record (`what_ran()`).
-
-`selective_scan_ref` is the plain loop over positions, for tests and benchmarks only.
+`scan=` may run the Triton kernels of `ptm_mamba.scan_triton` instead, once they pass
+`triton_agrees` on the device; any failure warns once and stays on PyTorch (`ptm_mamba.kernels`).
 """
 
 from __future__ import annotations
@@ -63,12 +50,8 @@ def _check_shapes(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor) -> 
 
 
 def _rounds(length: int) -> Iterator[tuple[int, int]]:
-    """(first target index, stride s) of each round of a Blelloch scan over `length` positions.
-
-    Round (first, s) updates j = first, first + 2s, ... from j - s. The up-sweep (first = 2s-1)
-    leaves at every index j with (j + 1) % 2s == 0 the composition of the 2s steps ending at j; the
-    down-sweep (first = 3s-1, largest s first) then completes the remaining prefixes.
-    """
+    """(first target index, stride s) of each Blelloch round: round (first, s) updates j = first,
+    first + 2s, ... from j - s; up-sweep first = 2s-1, then down-sweep first = 3s-1, largest s first."""
     s = 1
     while 2 * s <= length:
         yield 2 * s - 1, s
@@ -84,9 +67,7 @@ def _scan_(a: Tensor, b: Tensor, reverse: bool = False) -> Tensor:
 
     Forward:  b[:, t] <- a[:, t] * b[:, t-1] + b[:, t]   (b[:, -1] = 0)
     reverse:  b[:, t] <- a[:, t] * b[:, t+1] + b[:, t]   (b[:, L] = 0)
-    a, b: (B, L, ...) of one shape, any L. Returns b, which then holds the states; a is clobbered
-    (it ends up holding partial products of decays). 2*log2(L) rounds, each two fused in-place ops on
-    disjoint strided views; the reverse scan runs the same rounds on mirrored indices.
+    a, b: (B, L, ...) of one shape, any L. Returns b, holding the states; a is clobbered.
     """
     length = a.shape[1]
     rounds = [(first, s) for first, s in _rounds(length) if first < length]
@@ -105,14 +86,9 @@ def _scan_(a: Tensor, b: Tensor, reverse: bool = False) -> Tensor:
 
 
 class _Workspace(threading.local):
-    """Scratch memory for the (B, L, N, D) tensors, kept between calls on the CPU.
-
-    A fresh 100 MB CPU tensor costs several times more in page faults than the arithmetic done in
-    it, so the scan writes its big intermediates into a few reused flat buffers ("slots"). Each
-    slot holds one live tensor at a time; nothing carved from a slot is returned to the caller.
-    On other devices the framework's caching allocator already does this, so slots are plain
-    allocations there. `release_workspace()` frees the memory.
-    """
+    """Reused CPU scratch buffers ("slots", one live tensor each, never returned to the caller):
+    a fresh 100 MB CPU tensor costs more in page faults than its arithmetic. Elsewhere the caching
+    allocator does this already."""
 
     def __init__(self) -> None:
         self.buffers: dict[tuple[int, torch.device, torch.dtype], Tensor] = {}
@@ -138,7 +114,6 @@ def release_workspace() -> None:
 
 
 class _Inputs(NamedTuple):
-    """Time-major copies of the small inputs in the compute dtype."""
 
     u: Tensor  # (B, L, D)
     raw: Tensor  # (B, L, D) delta + delta_bias, before softplus
@@ -153,7 +128,6 @@ class _Inputs(NamedTuple):
 
 
 def _time_major(x: Tensor, f: torch.dtype) -> Tensor:
-    """(B, X, L) -> contiguous (B, L, X) in dtype f."""
     return x.transpose(1, 2).to(f).contiguous()
 
 
@@ -277,12 +251,9 @@ def selective_scan(
 ) -> Tensor | tuple[Tensor, Tensor]:
     """mamba-ssm's `selective_scan_fn` in plain PyTorch (real A; B, C of shape (B, N, L)).
 
-    u, delta, z: (B, D, L); A: (D, N); B, C: (B, N, L); D, delta_bias: (D,). Returns out (B, D, L)
-    in u's dtype (strided as out.transpose(1, 2) contiguous, so "b d l -> b l d" is free), or
-    (out, last_state (B, D, N)) when return_last_state; like mamba-ssm, no gradient flows through
-    last_state. Inputs that are transposed views of (B, L, X) tensors, as in the Mamba block, are
-    read without copies. scan: "auto", "triton" or "torch", which may run the Triton kernels instead
-    (see the module's docstring); return_last_state always takes the PyTorch scan.
+    Returns out (B, D, L) in u's dtype, stored time-major (so "b d l -> b l d" is free), or
+    (out, last_state (B, D, N)), without gradient, like mamba-ssm. return_last_state always takes
+    the PyTorch scan.
     """
     _check_shapes(u, delta, A, B, C)
     if not return_last_state and _wants_triton(scan, u, delta, A, B, C, D, z, delta_bias):
@@ -309,14 +280,10 @@ def _wants_triton(scan: str, *tensors: Tensor | None) -> bool:
 
 
 def triton_agrees(device: torch.device | str) -> bool:
-    """Whether the Triton kernels match this module's scan on `device`: checked once per device and
-    process, before their first use, on a small problem (batch 2, 24 channels: a partial channel
-    block; 16 states; 40 positions: two chunks, the second partial), out and every gradient.
-
-    A kernel that compiles but computes wrong numbers (a compiler or driver fault) would otherwise
-    train a model silently wrong; on a mismatch this calls `fall_back` (one warning) and
-    `selective_scan` keeps to PyTorch. A kernel that fails to compile or launch raises. The global
-    RNG is left untouched (exact resume depends on it).
+    """Whether the Triton kernels match this module's scan on `device` (once per device and process,
+    on `TRITON_CHECK_SHAPE`): a miscompiled kernel would otherwise train a model silently wrong.
+    A mismatch calls `fall_back`; a compile or launch failure raises. Leaves the global RNG alone
+    (exact resume depends on it).
     """
     key = str(torch.device(device))
     if not passed_check(key) and not has_failed("triton"):
@@ -336,8 +303,7 @@ TRITON_CHECK_SHAPE = (2, 24, 16, 40)
 
 
 def _triton_error(device: torch.device) -> float:
-    """The largest difference, relative to the larger of 1 and the biggest PyTorch value, between the
-    Triton and the PyTorch scan's out and gradients on `triton_agrees`'s problem."""
+    """Largest Triton-vs-PyTorch difference of out and gradients, relative to max(1, biggest value)."""
     g = torch.Generator().manual_seed(0)
     batch, dim, nstate, length = TRITON_CHECK_SHAPE
     shapes = {"u": (batch, dim, length), "delta": (batch, dim, length), "B": (batch, nstate, length),
@@ -370,10 +336,7 @@ def selective_scan_ref(
     delta_softplus: bool = False,
     return_last_state: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
-    """The recurrence as a plain loop over positions (the math of mamba-ssm's `selective_scan_ref`).
-
-    Slow; for tests and benchmarks. Same arguments, dtypes and results as `selective_scan`.
-    """
+    """The recurrence as a plain loop over positions (mamba-ssm's `selective_scan_ref`), for tests."""
     _check_shapes(u, delta, A, B, C)
     f = _compute_dtype(u, delta, A, B, C, D, z, delta_bias)
     uf, delta, A, B, C = (t.to(f) for t in (u, delta, A, B, C))

@@ -1,42 +1,16 @@
 """Mamba's selective scan as Triton kernels: the fast path of `ptm_mamba.scan.selective_scan` on CUDA.
 
-Same semantics as `selective_scan` (mamba-ssm's `selective_scan_fn` for real A and per-position B, C);
-u, delta, z: (B, D, L); A: (D, N); B, C: (B, N, L); D, delta_bias: (D,).
-
 One program owns one batch row and BLOCK_D channels and walks the sequence in chunks of CHUNK
-positions. A chunk's inputs arrive as (CHUNK, BLOCK_D) tiles, one load each, and for each state n
-the recurrence h_t = a_t h_{t-1} + b_t (a_t = exp(dt_t A_n), b_t = dt_t u_t B_t[n]) is solved for
-the whole chunk at once by a parallel scan (`tl.associative_scan` over affine maps), the state that
-enters the chunk folded into its first element. Sequential work is L / CHUNK steps, not L: a kernel
-that stepped position by position was latency-bound (same 5.8 ms on an H100 at batch 1 and 16).
+positions; within a chunk, for each state n, h_t = a_t h_{t-1} + b_t is solved at once by
+`tl.associative_scan` over affine maps. Sequential work is L / CHUNK steps, not L: a kernel that
+stepped position by position was latency-bound (same 5.8 ms on an H100 at batch 1 and 16).
+The forward keeps the state entering each chunk, (B, chunks, N_PAD, D) fp32, for the backward,
+which recomputes h and runs the adjoint scan over the chunks in reverse.
 
-    forward   out_t = (C_t . h_t + D u_t) silu(z_t); the state entering each chunk is kept,
-              (B, chunks, N_PAD, D) fp32, when a gradient will be asked for
-    backward  chunks in reverse; per state n: h recomputed from the kept state by the same scan,
-              G_t = dLoss/dh_t = g_t C_t[n] + a_{t+1} G_{t+1} by the same scan over the chunk's
-              rows reversed (carried between chunks), and a_t h_{t-1} = h_t - b_t for the
-              gradient of dt A. Compiled with triton 3.6 and 3.9 for sm_90 (all CONFIGS, 1-3 s
-              each); not yet timed on a GPU.
-
-Per-channel gradients (u, delta, z) are written per chunk; dA, dD and d(delta_bias) are summed over
-positions in registers and over the batch in torch; dB_t, dC_t (sums over channels) are written as
-one partial per channel block, (B, blocks, L, N_PAD), and summed in torch: no atomics, so the result
-is deterministic. Arithmetic is fp32 whatever the input dtype (bf16 inputs are upcast on load); out
-has u's dtype and each gradient its input's dtype.
-
-Tensors are read time-major, (B, L, D) and (B, L, N): transposed views of (B, L, X) tensors, which
-is what the Mamba block passes, cost no copy; out and the gradients of u, delta, z are (B, D, L)
-views of (B, L, D) memory, like `selective_scan`'s. fp64 inputs and return_last_state are left to
-the PyTorch scan (see `supports`).
-
-BLOCK_D and the warps per program are autotuned (`CONFIGS`) once per D, N, dtypes and batch and L
-rounded up to powers of two; CHUNK is `DEFAULT_CHUNK`. `configure` changes both for the calls that
-follow (benchmarks: bench/scan.py --chunk/--block); training keeps the defaults.
-
-`unavailable()` says why the kernels cannot run in this process (None when triton imports and there
-is a GPU, or Triton's interpreter); `supports` whether they take given inputs. Without triton this
-module still imports (the kernels are then plain, never-called functions). The tests also run the
-kernels on CPU tensors under Triton's interpreter (TRITON_INTERPRET=1, set before triton is imported).
+dB and dC are written as one partial per channel block and summed in torch: no atomics, so the
+result is deterministic. Arithmetic is fp32; outputs take their inputs' dtypes. fp64 and
+return_last_state are left to the PyTorch scan (`supports`). Without triton this module still
+imports; the tests run the kernels on CPU under Triton's interpreter (TRITON_INTERPRET=1).
 """
 
 import contextlib
@@ -64,8 +38,7 @@ INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def broken() -> str | None:
-    """Why an installed triton does not import (a broken install, a missing library), or None when it
-    imports or is simply not installed."""
+    """Why an installed triton does not import, or None (imports, or not installed)."""
     if _IMPORT_ERROR is None or (isinstance(_IMPORT_ERROR, ModuleNotFoundError) and _IMPORT_ERROR.name == "triton"):
         return None
     return one_line(_IMPORT_ERROR)
@@ -93,12 +66,8 @@ _TUNING: dict = {"chunk": DEFAULT_CHUNK, "config": None}  # set by `configure`
 
 
 def configure(chunk: int = DEFAULT_CHUNK, block: str | None = None) -> None:
-    """CHUNK for the forward calls that follow, and one "BLOCK_DxWARPS" config (e.g. "32x4") in place
-    of autotuning for the (batch, D, L, N, dtypes) keys not tuned yet; no arguments: the defaults.
-
-    For benchmarks, which sweep chunks and keep autotuning out of timed steps; a forward's CHUNK is
-    kept for its backward.
-    """
+    """For benchmarks: CHUNK for later forwards, and one "BLOCK_DxWARPS" config (e.g. "32x4") in
+    place of autotuning for keys not tuned yet; no arguments: the defaults."""
     if chunk < 2 or chunk & (chunk - 1):
         raise ValueError(f"chunk {chunk}: want a power of two >= 2")
     config = None
@@ -114,16 +83,12 @@ def configure(chunk: int = DEFAULT_CHUNK, block: str | None = None) -> None:
 
 
 def _pinned_config(configs, named_args, **kwargs):
-    """The configs to try: all, or the one `configure` pinned."""
     return configs if _TUNING["config"] is None else [_TUNING["config"]]
 
 
 def _tuned(fn):
-    """Autotune BLOCK_D and warps; one config under the interpreter (it is slow).
-
-    Tuned once per (D, N, CHUNK, dtypes, batch and L rounded up to powers of two): training batches
-    vary in shape, and each new key costs a benchmark of every config.
-    """
+    """Autotune BLOCK_D and warps (one config under the slow interpreter); batch and L are rounded
+    up to powers of two, as each new key costs a benchmark of every config."""
     if triton is None:
         return fn
     configs = [triton.Config({"BLOCK_D": bd}, num_warps=w) for bd, w in (CONFIGS[:1] if INTERPRET else CONFIGS)]
@@ -160,19 +125,15 @@ def _scan(a, b, h0, offs_t):
 
 @_jit
 def _scan_back(a, b, h0, offs_t, CHUNK: tl.constexpr):
-    """All h_t = a_t h_{t+1} + b_t of a chunk, from its last row (entered with h0) to its first.
-
-    The rows are reversed (tl.gather), scanned forward and put back: associative_scan's reverse=True
-    has been reported to combine non-commutative operators in the wrong order when compiled
-    (triton-lang/triton#4362), and affine maps do not commute.
-    """
+    """All h_t = a_t h_{t+1} + b_t of a chunk, last row first. Rows are reversed and scanned
+    forward: associative_scan's reverse=True is reported to misorder non-commutative operators
+    (triton-lang/triton#4362)."""
     flip = tl.zeros_like(a).to(tl.int32) + (CHUNK - 1 - offs_t)[:, None]
     return tl.gather(_scan(tl.gather(a, flip, 0), tl.gather(b, flip, 0), h0, offs_t), flip, 0)
 
 
 @_jit
 def _row(tile, offs, i):
-    """Row i of a tile whose rows are numbered by offs: (rows, X) -> (X,)."""
     return tl.sum(tl.where(offs[:, None] == i, tile, 0.0), axis=0)
 
 
@@ -183,8 +144,7 @@ def _set_row(tile, offs, i, row):
 
 @_jit
 def _chunk_tiles(pid_b, c, offs_t, offs_d, mask_d, length, dim, CHUNK: tl.constexpr):
-    """Chunk c's rows: positions (CHUNK,), which are in the sequence, and the offsets and mask of its
-    (CHUNK, BLOCK_D) tiles in the (B, L, D) tensors."""
+    """Chunk c's positions, and its tiles' offsets and mask in the (B, L, D) tensors."""
     rows = c * CHUNK + offs_t
     mask_t = rows < length
     offs = (pid_b * length + rows)[:, None] * dim + offs_d[None, :]
@@ -193,7 +153,6 @@ def _chunk_tiles(pid_b, c, offs_t, offs_d, mask_d, length, dim, CHUNK: tl.conste
 
 @_jit
 def _raw_tile(delta_ptr, bias, offs, mask):
-    """delta + bias as an fp32 tile."""
     return tl.load(delta_ptr + offs, mask=mask, other=0.0).to(tl.float32) + bias[None, :]
 
 
@@ -229,7 +188,6 @@ def _state_inputs(A_ptr, B_ptr, C_ptr, n, dim, bc_offs, offs_d, mask_t, mask_d, 
 @_jit
 def _program_tiles(D_ptr, bias_ptr, dim, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr, N_PAD: tl.constexpr,
                    HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr):  # fmt: skip
-    """This program's channels, chunk rows and states, and the per-channel D and bias (BLOCK_D,)."""
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = offs_d < dim
     Dskip = tl.zeros((BLOCK_D,), tl.float32)
@@ -290,11 +248,8 @@ def _bwd_kernel(
     NSTATE: tl.constexpr, N_PAD: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    """Grid (B, cdiv(D, BLOCK_D)); states: the forward's, same CHUNK.
-
-    Writes du, ddelta, dz (B, L, D) in their dtypes and fp32 partials dA (B, N_PAD, D), dD and dbias
-    (B, D), dB and dC (B, nblocks, L, N_PAD).
-    """
+    """Grid (B, cdiv(D, BLOCK_D)); states from the forward. Writes du, ddelta, dz (B, L, D) and fp32
+    partials dA (B, N_PAD, D), dD and dbias (B, D), dB and dC (B, nblocks, L, N_PAD)."""
     offs_d, mask_d, offs_t, offs_n, Dskip, bias = _program_tiles(
         D_ptr, bias_ptr, dim, BLOCK_D, CHUNK, N_PAD, HAS_D, HAS_BIAS
     )
@@ -307,8 +262,7 @@ def _bwd_kernel(
     for i in range(nchunks):
         c = nchunks - 1 - i
         rows, mask_t, offs, mask = _chunk_tiles(pid_b, c, offs_t, offs_d, mask_d, length, dim, CHUNK)
-        # Only what the loop over states needs stays in registers through it; u, z, dout and
-        # delta are read again after it (cache hits) rather than held.
+        # Keep registers for the state loop: u, z, dout and delta are re-read after it (cache hits).
         dt = _dt_tile(delta_ptr, bias, offs, mask, SOFTPLUS)
         dt_next = _dt_tile(delta_ptr, bias, offs + dim, (rows + 1 < length)[:, None] & mask_d[None, :], SOFTPLUS)
         dtu = dt * tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -369,7 +323,6 @@ def supports(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, *optiona
 
 
 def _time_major(x: Tensor) -> Tensor:
-    """(B, X, L) -> contiguous (B, L, X); free when x is a transposed view of a (B, L, X) tensor."""
     return x.transpose(1, 2).contiguous()
 
 
@@ -389,8 +342,7 @@ def _launch(kernel, batch: int, dim: int, length: int, *args: Tensor | int, **fl
 
 
 def _kernel_inputs(u, delta, A, B, C, D, z, delta_bias) -> list[Tensor]:
-    """Both kernels' first eight arguments: u, delta (B, L, D); A (N, D); B, C (B, L, N); D; z (B, L, D);
-    delta_bias. An absent D, z or delta_bias is stood in for by u: the kernels never read it."""
+    """Both kernels' first eight arguments; an absent D, z or delta_bias is stood in for by u (never read)."""
     ut = _time_major(u)
     return [
         ut, _time_major(delta), A.t().contiguous(), _time_major(B), _time_major(C),

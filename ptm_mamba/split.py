@@ -6,11 +6,8 @@ same split, so no sequence is in two of them. With ``dataset.split_by: cluster``
 clusters (:mod:`ptm_mamba.cluster`) go to one split each, so no val/test protein is a close homolog
 of a training one.
 
-The five files (:func:`ptm_mamba.layout.split_paths`) are one unit: they are renamed into place
-together, with ``summary.json`` last, and it records the settings the split was made with and the
-sha256 of the other four. :func:`load_split_dir` is how later stages read a split: it refuses files
-of another split (an interrupted or edited split), a split made from other data or settings, and
-splits that share an id or a sequence.
+The five files are one unit, renamed into place with ``summary.json`` last; it records the
+settings and the sha256 of the other four, which :func:`load_split_dir` checks.
 """
 
 from __future__ import annotations
@@ -57,12 +54,8 @@ def _targets(n: int, val_size: float, test_size: float, source: str) -> tuple[in
 
 def split_proteins(proteins: list[Protein], *, val_size: float, test_size: float,
                    seed: int, source: str = "dataset") -> dict[str, list[Protein]]:
-    """Split into train/val/test; sizes are counts or fractions of the whole.
-
-    Proteins are visited in a seeded random order; the first one of each duplicate group
-    seen takes its whole group to the split being filled (val, then test, then train), so
-    val and test can exceed their size by a group's extra members.
-    """
+    """Split into train/val/test; sizes are counts or fractions. A duplicate group goes whole to
+    the split being filled, so val and test can exceed their size by its extra members."""
     n = len(proteins)
     n_val, n_test = _targets(n, val_size, test_size, source)
     ordered = sorted(proteins, key=lambda p: p.id)
@@ -88,9 +81,7 @@ def split_clusters(proteins: list[Protein], clusters: dict[str, str], *, val_siz
                    seed: int, source: str = "dataset") -> dict[str, list[Protein]]:
     """Split whole clusters (id -> cluster) into train/val/test; sizes as in :func:`split_proteins`.
 
-    Clusters are visited in a seeded random order; each goes to val if it fits in what val still
-    lacks, else to test if it fits there, else to train. So val and test never exceed their size,
-    and fall short of it only when no cluster left is small enough.
+    A cluster goes to val or test only where it fits, so they never exceed their size.
     """
     n_val, n_test = _targets(len(proteins), val_size, test_size, source)
     members: dict[str, list[Protein]] = {}

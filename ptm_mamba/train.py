@@ -1,27 +1,12 @@
 """The train stage: masked-token training of PTM-Mamba on ``accelerate``.
 
-Reads top to bottom: set-up (processes, output folder, data, model,
-optimiser), restore, the loop (train step, periodic validation, checkpoints),
-then the test set scored with ``best.ckpt``. Runs on one CPU, one GPU, or
-several processes (``accelerate launch``/``torchrun``); only the main process
-writes files.
+Set-up, restore, the loop (step, periodic validation, checkpoints), then the test set scored
+with ``best.ckpt``. One CPU, one GPU or several processes; only the main process writes files.
 
-Outputs in ``{output_dir}/ptm-mamba-{run_name}/``: :data:`ptm_mamba.layout.RUN_FILES`
-(``config.yaml``, ``split_mapping.json``, ``metrics.json``, ``best.ckpt``, ``last.ckpt``,
-``provenance.json``) and ``logs/`` when ``training.log_with`` names a tracker. Each step record
-of metrics.json also says whether training is fed (:class:`Throughput`). While running,
-``resume/state.ckpt`` holds everything needed to continue exactly where a killed run stopped (it
-is not a Snakemake output, so it survives Snakemake's clean-up of an interrupted job).
-
-Where a run starts (:meth:`Run.restore`): its own ``resume/state.ckpt`` when that
-was written with the same settings; else ``training.resume_from_checkpoint``, a
-``last.ckpt`` whose model, optimiser, schedule, position, metrics and best
-weights it continues (a ``best.ckpt`` holds no optimiser state and is refused:
-``training.init_from`` starts a new run from its weights); else
-``training.init_from``'s weights; else a fresh model.
-
-A "step" is an optimiser step: ``training.gradient_accumulation_steps`` batches
-on each process.
+Outputs in ``{output_dir}/ptm-mamba-{run_name}/``: :data:`ptm_mamba.layout.RUN_FILES` and
+``logs/`` for ``training.log_with``. ``resume/state.ckpt`` lets a killed run continue exactly; it
+is not a Snakemake output, so it survives Snakemake's clean-up of an interrupted job.
+A "step" is an optimiser step: ``training.gradient_accumulation_steps`` batches on each process.
 """
 
 from __future__ import annotations
@@ -61,16 +46,10 @@ from .tokenizer import PTM_MARKER_ID, VOCAB
 log = logging.getLogger(__name__)
 
 
-# ----------------------------------------------------------------------------- set-up
 
 def processes(settings: Settings):
-    """The processes of this run (accelerate's state, which the Accelerator made later shares).
-
-    On a GPU when one can be used, on the CPU when none was asked for (:mod:`ptm_mamba.device`
-    stops a run that asked for one and cannot have it). On the CPU, accelerate forms a process
-    group (gloo) only when told cpu=True; else every process launched by torchrun/accelerate
-    would train alone.
-    """
+    """The processes of this run (accelerate's state). On the CPU, accelerate forms a process
+    group (gloo) only when told cpu=True; else every launched process would train alone."""
     from accelerate import PartialState
 
     device = choose_device(settings.device, config_gpu_requests(settings), "train")
@@ -185,18 +164,16 @@ def lr_factor(step: int, *, warmup: int, total: int, schedule: str, min_ratio: f
 
 
 def resume_fingerprint(settings: Settings, world_size: int) -> str:
-    """What must match for a saved state to be continued exactly: the train stage's settings
-    (see ``stages.DEPENDS_ON``), the number of processes and, when set, the checkpoint the run
-    was resumed from (so that a state is continued only by the run that began where it began)."""
+    """What must match for a saved state to be continued: the stage's settings, the process
+    count and the checkpoint resumed from (a state is continued only by a run begun there)."""
     source = settings.training.resume_from_checkpoint
     return fingerprint_of({**stage_settings(settings, TRAIN), "world_size": world_size,
                            **({"resume_from_checkpoint": str(source)} if source is not None else {})})
 
 
 class StopSignals:
-    """Catch SIGTERM (SLURM's time limit or preemption, a kill), SIGUSR1 (SLURM's ``--signal``)
-    and SIGINT (Ctrl-C) during training: the run saves its state at the end of the current step
-    and stops. A second SIGINT stops at once."""
+    """On SIGTERM/SIGUSR1 (SLURM) and SIGINT, save the state after the current step and stop; a
+    second SIGINT stops at once."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
@@ -220,12 +197,9 @@ class StopSignals:
             signal.signal(sig, handler)
 
 
-# ----------------------------------------------------------------------------- one step, one evaluation
 
 def backward_batch(model, batch: Batch, accelerator, esm_model, *, scale: float, sync: bool) -> torch.Tensor:
-    """Forward and backward of one training batch, its mean loss times ``scale`` (1 / the batches
-    per optimiser step); gradients are all-reduced across processes only when ``sync`` (the step's
-    last batch). Returns the batch's :data:`SUM_FIELDS`."""
+    """Forward and backward of one batch (loss times ``scale``); gradients all-reduced only when ``sync``."""
     with contextlib.nullcontext() if sync else accelerator.no_sync(model):
         with accelerator.autocast():
             logits = forward_batch(model, batch, esm_model).logits
@@ -269,23 +243,19 @@ def evaluate(model, loader, accelerator, esm_model, prefix: str, epoch: int, ste
     return avg, records
 
 
-# ----------------------------------------------------------------------------- the run
 
 THROUGHPUT_FIELDS = ("tokens_per_s", "loader_wait_fraction", "peak_memory_gib")
 
 
 def without_throughput(records: list[dict]) -> list[dict]:
-    """metrics.json records without :data:`THROUGHPUT_FIELDS`, which measure the machine (wall time,
-    memory) rather than the model: what a resumed or repeated run reproduces exactly."""
+    """metrics.json records without the machine's :data:`THROUGHPUT_FIELDS`: what a rerun reproduces exactly."""
     return [{k: v for k, v in r.items() if k not in THROUGHPUT_FIELDS} for r in records]
 
 
 class Throughput:
-    """Whether training is fed, over one optimiser step: its wall time, the part of it this
-    process spent blocked waiting for training batches (in ``next()`` on the data loader, which
-    includes assembling them when ``training.num_workers`` is 0, and starting the loader at an
-    epoch's start) and the most GPU memory the process has allocated so far. A step's time runs
-    from the end of the previous step (after its validation and checkpoints) to its optimiser step."""
+    """Whether training is fed: per optimiser step, wall time, time blocked in the loader's
+    ``next()`` (includes assembly when ``num_workers`` is 0) and peak GPU memory. A step's time
+    runs from the end of the previous step (after its validation and checkpoints)."""
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -295,7 +265,6 @@ class Throughput:
         self.started, self.waited = time.perf_counter(), 0.0
 
     def timed(self, items):
-        """``items`` as they come, the time blocked in each ``next()`` counted as waiting."""
         items = iter(items)
         while True:
             began = time.perf_counter()
@@ -308,14 +277,13 @@ class Throughput:
             yield item
 
     def local(self) -> list[float]:
-        """This process's seconds spent waiting and its peak GPU memory in bytes (0 on the CPU)."""
+        """Seconds waited and peak GPU memory in bytes (0 on the CPU)."""
         cuda = self.device.type == "cuda"
         return [self.waited, float(torch.cuda.max_memory_allocated(self.device)) if cuda else 0.0]
 
     def fields(self, tokens: int, ranks: torch.Tensor) -> dict:
-        """A step record's :data:`THROUGHPUT_FIELDS`, from the step's tokens (all processes') and each
-        process's :meth:`local` (a row of ``ranks``). The wait is the longest any process waited (the
-        others wait for it at the gradients' all-reduce); the memory, the largest; null on the CPU."""
+        """A step's :data:`THROUGHPUT_FIELDS`: the longest wait of any process (the others wait for
+        it at the all-reduce) and the largest memory (null on the CPU)."""
         seconds = time.perf_counter() - self.started
         waited, peak = ranks.amax(0).tolist()
         return {"tokens_per_s": tokens / seconds, "loader_wait_fraction": min(1.0, waited / seconds),
@@ -323,8 +291,7 @@ class Throughput:
 
 
 def throughput_line(steps: list[dict]) -> str:
-    """The log line's part on step records ``steps``: tokens per second and the fraction of time
-    spent waiting for data over all of them (each step weighted by its wall time), the peak memory."""
+    """Log text for ``steps``: tokens/s, wall-time-weighted waiting fraction, peak memory."""
     seconds = [r["tokens"] / r["tokens_per_s"] for r in steps]  # each step's wall time
     wait = sum(r["loader_wait_fraction"] * s for r, s in zip(steps, seconds)) / sum(seconds)
     peaks = [r["peak_memory_gib"] for r in steps if r["peak_memory_gib"] is not None]
@@ -352,8 +319,7 @@ def check_finite_weights(weights: dict, what: str) -> None:
 
 
 class TrainData:
-    """The splits as this process sees them: the batch builders, the evaluation loaders and the
-    training batches of each epoch, cut into optimiser steps."""
+    """The splits as this process sees them, training batches cut into optimiser steps."""
 
     def __init__(self, settings: Settings, split_dir: str | None, accelerator):
         tr = settings.training
@@ -371,8 +337,8 @@ class TrainData:
                                    tr.per_device_train_batch_size)
             self.eval_loaders[name] = torch.utils.data.DataLoader(
                 EvalBatches(self.builders[name], batches, self.rank, self.world), **self.loader_args)
-        # An optimiser step takes `accum` batches on each process: world * accum batches of the epoch's
-        # plan (batches n, n + world, ... on process n): 1 process x 2 batches is 2 processes x 1 batch.
+        # A step is `accum` batches per process, process n taking batches n, n + world, ...:
+        # 1 process x 2 batches is 2 processes x 1 batch.
         self.accum = tr.gradient_accumulation_steps
         self.batches_per_epoch = len(self.plan(0)) // self.world
         self.total_steps = self.batches_per_epoch // self.accum * tr.num_train_epochs
@@ -386,8 +352,7 @@ class TrainData:
                              world_size=self.world * self.accum)
 
     def steps(self, epoch: int, start: int):
-        """This process's optimiser steps of ``epoch`` from its batch ``start`` on: for each step,
-        an iterator over its ``accum`` batches (built as they are used)."""
+        """This process's steps of ``epoch`` from batch ``start``, each an iterator over its batches."""
         loader = torch.utils.data.DataLoader(
             EpochBatches(self.builders["train"], self.plan(epoch), seed=self.settings.seed, epoch=epoch,
                          replicate=epoch % self.settings.embedding.mask_replicates, rank=self.rank,
@@ -399,11 +364,7 @@ class TrainData:
 
 
 class Run:
-    """One training run: the model, optimiser and schedule, where training is (``position``), the
-    records so far (``metrics``, what metrics.json holds) and the best validation's weights.
-
-    Every process holds one; only the main process writes files.
-    """
+    """One training run (model, optimiser, schedule, ``position``, ``metrics``, best weights), on every process."""
 
     def __init__(self, settings: Settings, accelerator, data: TrainData, out: Path):
         tr = settings.training
@@ -428,7 +389,6 @@ class Run:
         self.best_weights: dict | None = None  # the best validation's model: best.ckpt can always be written
         self.throughput = Throughput(accelerator.device)
 
-    # --- checkpoints
 
     def model_state(self, weights: dict) -> dict:
         """What best.ckpt holds: a model's weights, its config and the run's config and settings."""
@@ -438,14 +398,14 @@ class Run:
                 "vocab": list(VOCAB)}
 
     def checkpoint_state(self) -> dict:
-        """What last.ckpt and resume/state.ckpt hold: the model's, and everything to continue exactly."""
+        """What last.ckpt and resume/state.ckpt hold."""
         return {**self.model_state(self.accelerator.unwrap_model(self.model).state_dict()),
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "position": dict(self.position), "metrics": self.metrics, "best_model": self.best_weights,
                 "fingerprint": self.fingerprint}
 
     def restore(self) -> None:
-        """Start where the run should: its own interrupted state, an explicit last.ckpt, or init_from's weights."""
+        """Start from the run's own state, else resume_from_checkpoint, else init_from, else fresh."""
         tr = self.settings.training
         own = self.own_state()
         if own is not None:
@@ -492,25 +452,21 @@ class Run:
         self.accelerator.print(f"resumed from {source} at step {self.position['step']}")
 
     def follow_schedule(self) -> None:
-        """Set the lr to this run's schedule at the loaded step. A run continued from another run's
-        last.ckpt with another max_steps has another (decaying) schedule than the saved lr belongs
-        to; for a run resuming its own state the value is the saved one, bit for bit."""
+        """Set the lr to this run's schedule at the loaded step (another run's last.ckpt may have had
+        another max_steps)."""
         sched = self.scheduler
         for group, base, factor in zip(self.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
             group["lr"] = base * factor(sched.last_epoch)
         sched._last_lr = [group["lr"] for group in self.optimizer.param_groups]  # what get_last_lr() reads
 
     def save_progress(self) -> None:
-        """resume/state.ckpt and metrics.json as they are now."""
         if self.main:
             checkpoint.save(self.checkpoint_state(), self.state_path)
             atomic_write_json(self.out / METRICS_FILE, self.metrics)
         self.accelerator.wait_for_everyone()
 
-    # --- the run's start and end
 
     def start(self) -> None:
-        """Hand the model and optimiser to accelerate, write the run's config files, open the trackers."""
         accelerator, data, out = self.accelerator, self.data, self.out
         self.model, self.optimizer = accelerator.prepare(self.model, self.optimizer)
         if self.main:
@@ -529,7 +485,7 @@ class Run:
         accelerator.print(f"device {summary(describe(accelerator.device))}; precision {accelerator.mixed_precision}")
 
     def runtime(self) -> dict:
-        """What runs where, for provenance.json: device, GPU, driver, CUDA runtime, precision, kernels."""
+        """What runs where, for provenance.json."""
         return {**describe(self.accelerator.device), "precision": self.accelerator.mixed_precision,
                 "kernels": what_ran()}
 
@@ -559,13 +515,10 @@ class Run:
         accelerator.wait_for_everyone()
         accelerator.end_training()
 
-    # --- a step, a validation
 
     def backward_step(self, batches, signals: StopSignals) -> tuple[torch.Tensor, bool, torch.Tensor]:
-        """Forward and backward of one step's batches; returns the step's :data:`SUM_FIELDS` over all
-        processes, whether any process received a stop signal and every process's
-        :meth:`Throughput.local`, a row each. One reduction carries all three (each process fills
-        its own row of the last, the sum holds them all)."""
+        """One step's forward and backward; one all-reduce carries the :data:`SUM_FIELDS`, any stop
+        signal and each process's :meth:`Throughput.local` (its own row)."""
         accum, device = self.data.accum, self.accelerator.device
         pending = torch.zeros(len(SUM_FIELDS), dtype=torch.float64, device=device)
         for number, batch in enumerate(batches, start=1):  # gradients are all-reduced after the last one
@@ -579,8 +532,7 @@ class Run:
         return shared[:n], int(shared[n]) != 0, shared[n + 1:].view(-1, 2)
 
     def optimizer_step(self, sums: torch.Tensor, ranks: torch.Tensor) -> dict:
-        """The optimiser step after a step's batches (refused on a NaN/Inf loss); returns its record.
-        ``ranks``: each process's :meth:`Throughput.local`, as :meth:`backward_step` returns them."""
+        """The optimiser step (refused on a NaN/Inf loss); returns its record."""
         tr, step = self.settings.training, self.position["step"] + 1
         if not math.isfinite(float(sums[0])):
             raise PipelineError(
@@ -637,8 +589,7 @@ class Run:
 
 
 class ProgressLines:
-    """Without a progress bar (a log, a job's output): a line every ``EVERY_S`` seconds with the step,
-    the loss, tokens/s and the time left, so a person watching the log sees training move."""
+    """Without a progress bar (a log file): a line every ``EVERY_S`` seconds, so training is seen to move."""
 
     EVERY_S = 30.0
 
@@ -667,12 +618,8 @@ def _duration(seconds: float) -> str:
 
 
 def train_loop(run: Run, signals: StopSignals, *, progress: bool) -> None:
-    """Optimiser steps from the run's position to its last step, epoch after epoch.
-
-    Validates every ``training.log_steps`` steps (and saves the state) and at the last step; the
-    time spent getting batches is counted as waiting (:class:`Throughput`). Two
-    ways out: the last step (returns; a stop signal received by then is let finish the run), or a
-    stop signal (saves the state at the step just taken and raises :class:`StopRequested`).
+    """Steps from the run's position to the last, validating every ``log_steps``. A stop signal
+    saves the state and raises :class:`StopRequested`, except at the last step (the run finishes).
     """
     data, log_steps, total = run.data, run.settings.training.log_steps, run.data.total_steps
     tokens_seen, started, pace = 0.0, time.perf_counter(), run.throughput
@@ -709,10 +656,8 @@ def train(settings: Settings, *, split_dir: str | None = None, run_name: str | N
           progress: bool = True) -> Path:
     """Train PTM-Mamba as ``settings`` say; returns the run's output folder.
 
-    Stops with :class:`StopRequested` (state saved at the current step) on SIGTERM/SIGUSR1/SIGINT;
-    calling it again continues exactly where it stopped. The signals are caught from the start: one
-    that arrives while the run sets up stops it after its first step, one during the final test is
-    let finish the run.
+    Stops with :class:`StopRequested` (state saved) on SIGTERM/SIGUSR1/SIGINT; calling it again
+    continues exactly. A signal during set-up stops after the first step.
     """
     with StopSignals() as signals:
         return _train(settings, signals, split_dir=split_dir, run_name=run_name, progress=progress)
@@ -720,15 +665,12 @@ def train(settings: Settings, *, split_dir: str | None = None, run_name: str | N
 
 def _train(settings: Settings, signals: StopSignals, *, split_dir: str | None, run_name: str | None,
            progress: bool) -> Path:
-    # --- set-up: the run folder (named once, by the main process), processes, data, model and optimiser
     out = run_dir(settings, run_name)
     accelerator = make_accelerator(settings, out)
     data = TrainData(settings, split_dir, accelerator)
     run = Run(settings, accelerator, data, out)
-    # --- restore: the run's own interrupted state, training.resume_from_checkpoint, or training.init_from
     run.restore()
     run.start()
-    # --- the loop, then last.ckpt, best.ckpt and the test set scored with the best weights
     train_loop(run, signals, progress=progress)
     run.finish()
     return out

@@ -346,4 +346,6 @@ def checkpoint(embedded_project, tmp_path_factory) -> Path:
     path = write_config(tmp_path_factory.mktemp("trained") / "c.yaml", **cfg)
     result = run_cli("train", "--config", path, "--split_dir", root / "split", "--no_progress")
     assert result.returncode == 0, result.stderr
-    return root / "outputs" / "ptm-mamba-trained" / "best.ckpt"
+    from ptm_mamba.layout import BEST_CKPT, run_dir
+
+    return run_dir(root / "outputs", "trained") / BEST_CKPT

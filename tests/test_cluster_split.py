@@ -25,6 +25,7 @@ from ptm_mamba.cluster import identity_to_train, read_clusters, search
 from ptm_mamba.config import load_config
 from ptm_mamba.dataset import residue_key
 from ptm_mamba.errors import PipelineError
+from ptm_mamba.layout import CLUSTERS_FILE, SPLIT_DIR, report_files, split_paths
 from ptm_mamba.split import SPLITS, load_split_dir, run_split, split_clusters
 from ptm_mamba.stages import CLUSTER, SPLIT, stage_settings
 from ptm_mamba.tokenizer import PTMTokenizer
@@ -69,7 +70,7 @@ def made(data) -> dict:
     assert result.returncode == 0, result.stderr
     config = load_config(data["config"])
     return {"config": config, "splits": load_split_dir(root / "split", settings_for(config)), "stdout": result.stdout, "root": root,
-            "summary": json.loads((root / "split" / "summary.json").read_text())}
+            "summary": json.loads(split_paths(root / "split")["summary"].read_text())}
 
 
 def where(splits: dict) -> dict[str, str]:
@@ -132,7 +133,8 @@ def test_sizes_counts_and_summary(made):
     # the report's splits table shows the clusters and the test set's highest identity to training
     from ptm_mamba.report import split_table
 
-    table = split_table(made["root"] / "split" / "summary.json", made["root"] / "splits.tsv").read_text()
+    summary_file = split_paths(made["root"] / "split")["summary"]
+    table = split_table(summary_file, report_files(made["root"])["splits"]).read_text()
     header, *rows = [line.split("\t") for line in table.splitlines()]
     assert header[-3:] == ["clusters", "max_identity_to_train", "fingerprint"]
     assert [(r[0], r[-3]) for r in rows] == [("train", str(summary["splits"]["train"]["clusters"])),
@@ -144,8 +146,8 @@ def test_sizes_counts_and_summary(made):
 def test_split_is_deterministic_and_depends_on_the_seed(data, made):
     root, config = data["root"], made["config"]
     run_split(settings_for(config), root / "in-process", threads=1)  # no clusters file: clustered here (other threads)
-    for name in ("train.csv", "val.csv", "test.csv", "split_mapping.json"):
-        assert (root / "in-process" / name).read_bytes() == (root / "split" / name).read_bytes(), name
+    for key in (*SPLITS, "mapping"):
+        assert split_paths(root / "in-process")[key].read_bytes() == split_paths(root / "split")[key].read_bytes(), key
     other = copy.deepcopy(config)
     other["dataset"]["split_seed"] = 7
     run_split(settings_for(other), root / "seed7", clusters_file=root / "clusters.tsv")
@@ -230,7 +232,7 @@ def test_stage_settings_change_only_with_data_and_clustering_keys(data):
 def snakemake(root: Path, *args: str) -> str:
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     result = subprocess.run([sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--cores", "2",
-                             "results/split/summary.json", *args, "--directory", str(root),
+                             str(split_paths(SPLIT_DIR)["summary"]), *args, "--directory", str(root),
                              "--configfile", str(root / "config.yaml")], capture_output=True, text=True, env=env,
                             timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -248,7 +250,7 @@ def test_snakemake_reruns_the_cluster_stage_only_when_its_settings_change(data, 
     config["dataset"]["dataset_location"] = "data.csv"
     write_config(tmp_path / "config.yaml", **config)
     assert jobs(snakemake(tmp_path)) == {"cluster", "split"}
-    assert (tmp_path / "results" / "clusters" / "clusters.tsv").is_file()
+    assert (tmp_path / CLUSTERS_FILE).is_file()
     assert "Nothing to be done" in snakemake(tmp_path, "-n")
     assert jobs(snakemake(tmp_path, "-n", "--config", "dataset={split_seed: 7}")) == {"split"}
     assert jobs(snakemake(tmp_path, "-n", "--config", "dataset={cluster_coverage: 0.5}")) == {"cluster", "split"}

@@ -18,6 +18,7 @@ from conftest import SEQS, error_line, run_cli, settings_for, write_config
 from ptm_mamba import device as device_module
 from ptm_mamba.device import CudaFacts, choose_device, config_gpu_requests, job_gpu_requests, why_no_gpu
 from ptm_mamba.errors import PipelineError
+from ptm_mamba.layout import PROVENANCE_FILE, run_dir, split_csv
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
 
@@ -43,7 +44,7 @@ def test_each_stage_in_a_slurm_gpu_job_with_a_cpu_torch_stops_in_one_line(slurm_
     cfg = write_config(tmp_path / "c.yaml", **{**config, "run_name": "gpu-job"})
     shard = tmp_path / "shard.h5"
     train = run_cli("train", "--config", cfg, "--split_dir", root / "split", "--no_progress")
-    embed = run_cli("embed-shard", "--config", cfg, "--split", "val", "--split_file", root / "split" / "val.csv",
+    embed = run_cli("embed-shard", "--config", cfg, "--split", "val", "--split_file", split_csv(root / "split", "val"),
                     "--shard", "0", "--num_shards", "1", "--output", shard)
     fasta = tmp_path / "p.fasta"
     fasta.write_text(f">a\n{SEQS['a']}\n")
@@ -53,7 +54,7 @@ def test_each_stage_in_a_slurm_gpu_job_with_a_cpu_torch_stops_in_one_line(slurm_
         line = error_line(result, f"{stage}: a GPU was asked for", "SLURM_GPUS_ON_NODE=1", "CUDA_VISIBLE_DEVICES=0",
                           "CPU-only build", "pip install -r requirements-gpu.txt", cpu)
         assert torch.__version__ in line
-    assert not (root / "outputs" / "ptm-mamba-gpu-job").exists()  # nothing written
+    assert not run_dir(root / "outputs", "gpu-job").exists()  # nothing written
     assert not shard.exists() and not (tmp_path / "h.h5").exists()
 
 
@@ -69,7 +70,7 @@ def test_device_cpu_runs_on_the_cpu_in_a_gpu_job(slurm_gpu_job, embedded_project
     root, config = embedded_project
     cfg = write_config(tmp_path / "c.yaml", **{**config, "device": "cpu"})
     shard = tmp_path / "shard.h5"
-    result = run_cli("embed-shard", "--config", cfg, "--split", "val", "--split_file", root / "split" / "val.csv",
+    result = run_cli("embed-shard", "--config", cfg, "--split", "val", "--split_file", split_csv(root / "split", "val"),
                      "--shard", "0", "--num_shards", "1", "--output", shard)
     assert result.returncode == 0, result.stderr
     assert "ESM-2 runs on cpu" in result.stdout and shard.exists()
@@ -82,7 +83,7 @@ def test_without_a_request_the_stages_run_on_the_cpu_and_say_so(no_gpu_request, 
                      "--no-progress")
     assert result.returncode == 0, result.stderr
     assert f"predict runs on cpu (torch {torch.__version__})" in result.stdout
-    provenance = json.loads((checkpoint.parent / "provenance.json").read_text())
+    provenance = json.loads((checkpoint.parent / PROVENANCE_FILE).read_text())
     assert provenance["runtime"]["device"] == "cpu" and provenance["runtime"]["precision"] == "no"
     assert provenance["runtime"]["kernels"].startswith("torch")
 
@@ -103,7 +104,7 @@ def test_a_config_that_asks_for_a_gpu_stops_without_one(no_gpu_request, embedded
     assert config_gpu_requests(settings_for(cfg)) == [named]
     result = run_cli("train", "--config", write_config(tmp_path / "c.yaml", **cfg), "--split_dir", root / "split")
     error_line(result, f"train: a GPU was asked for ({named}) but cannot be used", "CPU-only build")
-    assert not (root / "outputs" / "ptm-mamba-asks").exists()
+    assert not run_dir(root / "outputs", "asks").exists()
 
 
 @pytest.mark.parametrize("env, asked", [

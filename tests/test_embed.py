@@ -17,7 +17,7 @@ from conftest import run_cli, tiny_config, write_config, write_csv
 from ptm_mamba.data import BatchBuilder
 from ptm_mamba.embed import embed_proteins, store_attrs
 from ptm_mamba.embedding_store import EmbeddingReader, plan_shards
-from ptm_mamba.layout import shard_path
+from ptm_mamba.layout import shard_path, split_csv, split_paths, split_store_path
 from ptm_mamba.esm import load_esm_of
 from ptm_mamba.dataset import Protein
 from ptm_mamba.masking import replicate_mask
@@ -113,7 +113,7 @@ def test_embedding_is_deterministic(embedded_project, tmp_path):
     root, config = embedded_project
     out = tmp_path / "again.h5"
     result = run_cli("embed-shard", "--config", root / "config.yaml", "--split", "val",
-                     "--split_file", root / "split" / "val.csv", "--shard", 1, "--num_shards", 2, "--output", out)
+                     "--split_file", split_csv(root / "split", "val"), "--shard", 1, "--num_shards", 2, "--output", out)
     assert result.returncode == 0, result.stderr
     again, before = EmbeddingReader(out), EmbeddingReader(shard_path(root / "embeddings", "val", 1, 2))
     assert again.ids == before.ids
@@ -124,12 +124,12 @@ def test_embedding_is_deterministic(embedded_project, tmp_path):
 
 def test_killed_shard_leaves_nothing_gather_accepts(embedded_project, tmp_path):
     root, config = embedded_project
-    out = tmp_path / "shards" / "train" / "0-of-2.h5"
+    out = shard_path(tmp_path, "train", 0, 2)
     cfg = dict(config)
     cfg["embedding"] = dict(config["embedding"], max_tokens_per_batch=300)  # many small batches
     cfg_path = write_config(tmp_path / "c.yaml", **cfg)
     proc = subprocess.Popen([sys.executable, "-m", "ptm_mamba", "embed-shard", "--config", str(cfg_path),
-                             "--split", "train", "--split_file", str(root / "split" / "train.csv"),
+                             "--split", "train", "--split_file", str(split_csv(root / "split", "train")),
                              "--shard", "0", "--num_shards", "2", "--output", str(out)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
@@ -139,14 +139,14 @@ def test_killed_shard_leaves_nothing_gather_accepts(embedded_project, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not out.exists()
-    result = run_cli("gather", "--config", cfg_path, "--split", "train", "--split_file", root / "split" / "train.csv",
-                     "--shards", out, shard_path(root / "embeddings", "train", 1, 2), "--output", tmp_path / "g.h5")
-    assert result.returncode == 2 and "0-of-2.h5" in result.stderr, result.stderr
+    result = run_cli("gather", "--config", cfg_path, "--split", "train",
+                     "--split_file", split_csv(root / "split", "train"), "--shards", out, shard_path(root / "embeddings", "train", 1, 2), "--output", tmp_path / "g.h5")
+    assert result.returncode == 2 and out.name in result.stderr, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "g.h5").exists()
     # the rerun of the job clears the killed try's temporary file and writes a complete shard
     rerun = run_cli("embed-shard", "--config", cfg_path, "--split", "train", "--split_file",
-                    root / "split" / "train.csv", "--shard", 0, "--num_shards", 2, "--output", out)
+                    split_csv(root / "split", "train"), "--shard", 0, "--num_shards", 2, "--output", out)
     assert rerun.returncode == 0, rerun.stderr
     assert out.exists() and not list(out.parent.glob(".*tmp*"))
 
@@ -154,10 +154,11 @@ def test_killed_shard_leaves_nothing_gather_accepts(embedded_project, tmp_path):
 def test_corrupt_or_stale_shard_is_refused(embedded_project, tmp_path):
     root, config = embedded_project
     good = [shard_path(root / "embeddings", "val", i, 2) for i in range(2)]
-    bad = tmp_path / "0-of-2.h5"
+    bad = tmp_path / good[0].name
     data = good[0].read_bytes()
     bad.write_bytes(data[: len(data) // 2])
-    args = ["gather", "--config", root / "config.yaml", "--split", "val", "--split_file", root / "split" / "val.csv"]
+    args = ["gather", "--config", root / "config.yaml", "--split", "val",
+            "--split_file", split_csv(root / "split", "val")]
     result = run_cli(*args, "--shards", bad, good[1], "--output", tmp_path / "g.h5")
     assert result.returncode == 2 and str(bad) in result.stderr and "Traceback" not in result.stderr
     # a shard of another split (stale fingerprint / wrong ids) is refused too
@@ -177,8 +178,8 @@ def test_seed_style_embed_command_with_two_processes(tmp_path):
                             capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     for split, n in (("train", 22), ("val", 4), ("test", 4)):
-        store = EmbeddingReader(tmp_path / "emb" / f"{split}_embeddings.h5")
+        store = EmbeddingReader(split_store_path(tmp_path / "emb", split))
         assert len(store) == n
         assert store.attrs["split"] == split
     assert sorted(p.name for p in (tmp_path / "emb" / "split").iterdir()) == \
-        ["split_mapping.json", "summary.json", "test.csv", "train.csv", "val.csv"]
+        sorted(p.name for p in split_paths(tmp_path / "emb" / "split").values())

@@ -27,7 +27,7 @@ from ptm_mamba.data import BatchBuilder
 from ptm_mamba.embed import embed_all, split_proteins_of
 from ptm_mamba.embedding_store import EmbeddingReader, check_store_ids
 from ptm_mamba.errors import PipelineError
-from ptm_mamba.layout import shard_path, split_store_path
+from ptm_mamba.layout import BEST_CKPT, run_dir, shard_path, split_csv, split_store_path
 from ptm_mamba.split import run_split, split_fingerprint
 
 SHARDS = 2
@@ -58,7 +58,7 @@ def copy_project(project, tmp_path):
     cfg = copy.deepcopy(config)
     cfg["run_name"] = "ids"
     cfg["training"].update(embeddings_dir=str(emb), output_dir=str(tmp_path / "outputs"))
-    proteins = split_proteins_of(settings_for(config), "train", root / "split" / "train.csv")
+    proteins = split_proteins_of(settings_for(config), "train", split_csv(root / "split", "train"))
     return emb, proteins, cfg, write_config(tmp_path / "c.yaml", **cfg)
 
 
@@ -113,7 +113,7 @@ def train_cli(config_file: Path, root: Path):
 
 def gather_cli(emb: Path, root: Path, out: Path):
     return run_cli("gather", "--config", root / "config.yaml", "--split", "train",
-                   "--split_file", root / "split" / "train.csv",
+                   "--split_file", split_csv(root / "split", "train"),
                    "--shards", *[shard(emb, i) for i in range(SHARDS)], "--output", out)
 
 
@@ -148,7 +148,7 @@ def test_untouched_stores_pass(project, embedded_project, which):
 
 def test_a_store_of_another_split_is_refused(project):
     root, config = project
-    val = split_proteins_of(settings_for(config), "val", root / "split" / "val.csv")
+    val = split_proteins_of(settings_for(config), "val", split_csv(root / "split", "val"))
     with pytest.raises(PipelineError, match=r"train_embeddings\.h5: made for another train split than the one "
                                             r"given \(split_fingerprint '\w+', the split's '\w+'\)"):
         check_store_ids(split_store_path(root / "embeddings", "train"), val)
@@ -196,7 +196,7 @@ def test_training_refuses_a_damaged_gathered_file(project, copy_of, how):
     path, detail = damage_gathered(emb, how)
     line = error_line(train_cli(config_file, root), f"error: {path}: ")
     assert re.search(detail, line), line
-    assert not (Path(cfg["training"]["output_dir"]) / "ptm-mamba-ids" / "best.ckpt").exists()
+    assert not (run_dir(cfg["training"]["output_dir"], "ids") / BEST_CKPT).exists()
 
 
 def test_training_refuses_swapped_ids_of_proteins_of_other_lengths(embedded_project, tmp_path):
@@ -240,7 +240,7 @@ def test_gather_refuses_a_damaged_shard(project, copy_of, tmp_path, how):
     root, _ = project
     emb, proteins, _, _ = copy_of
     path, detail = damage_shard(emb, proteins, how)
-    out = tmp_path / "train_embeddings.h5"
+    out = split_store_path(tmp_path, "train")
     line = error_line(gather_cli(emb, root, out), f"error: {path}: ")
     assert re.search(detail, line), line
     assert not out.exists()

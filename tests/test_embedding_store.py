@@ -19,6 +19,7 @@ import torch
 
 from ptm_mamba.embedding_store import FORMAT_VERSION, EmbeddingReader, ShardWriter, gather, validate_shard
 from ptm_mamba.errors import PipelineError
+from ptm_mamba.layout import split_store_path
 
 DIM, K = 16, 2
 ATTRS = {
@@ -167,12 +168,12 @@ def test_killed_writer_leaves_only_an_unusable_temp(tmp_path):
     (tmp,) = tmp_path.iterdir()
     assert tmp.name.startswith(".s.h5.tmp-")
     with pytest.raises(PipelineError, match=r"s\.h5: embedding file does not exist"):
-        gather([tmp_path / "s.h5"], tmp_path / "train_embeddings.h5")
+        gather([tmp_path / "s.h5"], split_store_path(tmp_path, "train"))
     with pytest.raises(PipelineError, match=str(tmp)):  # not complete, or not even readable
         validate_shard(tmp, expected_ids=None, expected_attrs=ATTRS)
     with pytest.raises(PipelineError, match=str(tmp)):
-        gather([tmp], tmp_path / "train_embeddings.h5")
-    assert not (tmp_path / "train_embeddings.h5").exists()
+        gather([tmp], split_store_path(tmp_path, "train"))
+    assert not (split_store_path(tmp_path, "train")).exists()
 
 
 def concatenated(everything: dict, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -183,7 +184,7 @@ def concatenated(everything: dict, k: int) -> tuple[np.ndarray, np.ndarray]:
 
 def test_gather_copies_the_shards_into_real_datasets(tmp_path):
     paths, everything = three_shards(tmp_path / "emb" / "shards", n=8, dim=64)
-    out = tmp_path / "emb" / "train_embeddings.h5"
+    out = split_store_path(tmp_path / "emb", "train")
     gather(paths, out, expected_ids=list(everything), expected_attrs=ATTRS)
     assert no_temp_files(tmp_path / "emb")
     with h5py.File(paths[0], "r") as shard, h5py.File(out, "r") as f:
@@ -215,10 +216,10 @@ def test_the_gathered_file_stands_alone(tmp_path, monkeypatch):
     """Copied elsewhere, with the shards deleted: plain h5py and EmbeddingReader read the same values
     (the virtual datasets of before read as NaN there, without error)."""
     paths, everything = three_shards(tmp_path / "emb" / "shards")
-    gather(paths, tmp_path / "emb" / "train_embeddings.h5")
+    gather(paths, split_store_path(tmp_path / "emb", "train"))
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    shutil.copy(tmp_path / "emb" / "train_embeddings.h5", elsewhere / "copy.h5")
+    shutil.copy(split_store_path(tmp_path / "emb", "train"), elsewhere / "copy.h5")
     shutil.rmtree(tmp_path / "emb")
     monkeypatch.chdir(elsewhere)
     with h5py.File(elsewhere / "copy.h5", "r") as f:
@@ -254,7 +255,7 @@ def test_gather_streams_in_blocks_of_whole_chunks(tmp_path, monkeypatch, block_b
                 w.add(pid, feats, masks)
         paths.append(tmp_path / "shards" / f"{s}.h5")
         everything.update(proteins)
-    out = tmp_path / "train_embeddings.h5"
+    out = split_store_path(tmp_path, "train")
     gather(paths, out, expected_ids=list(everything), expected_attrs=ATTRS)
     with h5py.File(out, "r") as f:
         assert f["embeddings/0"].chunks == (7, DIM) and f["embeddings/0"].compression == "gzip"
@@ -287,7 +288,7 @@ def test_chunk_appender_writes_whole_chunks_in_order(tmp_path):
 def test_a_gathered_file_of_virtual_datasets_is_refused(tmp_path):
     """The earlier gather's layout: virtual datasets over the shards. Refused in one line, shards or not."""
     paths, everything = three_shards(tmp_path / "shards")
-    old = tmp_path / "train_embeddings.h5"
+    old = split_store_path(tmp_path, "train")
     with h5py.File(old, "w") as f:
         offsets, ids = [0], []
         for p in paths:
@@ -420,7 +421,7 @@ class _ReaderDataset(torch.utils.data.Dataset):
 
 def test_reader_in_forked_dataloader(tmp_path):
     paths, everything = three_shards(tmp_path / "shards")
-    out = tmp_path / "train_embeddings.h5"
+    out = split_store_path(tmp_path, "train")
     gather(paths, out)
     reader = EmbeddingReader(out)
     ids = list(everything)

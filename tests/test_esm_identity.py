@@ -23,6 +23,7 @@ from ptm_mamba.config import validate
 from ptm_mamba.errors import PipelineError
 from ptm_mamba.esm import load_esm
 from ptm_mamba.esm_weights import esm_identity, hub_checkpoint_dir
+from ptm_mamba.layout import split_store_path
 from ptm_mamba.stages import EMBED, TRAIN, check_settings, stage_fingerprint, stage_settings
 from ptm_mamba.testing import write_tiny_esm2_checkpoint
 
@@ -205,10 +206,10 @@ def test_snakemake_downloads_once_and_reruns_embed_for_other_bytes(tmp_path, mon
     from ptm_mamba.embedding_store import check_store_settings
 
     for split in ("train", "val", "test"):  # the stores record the name
-        check_store_settings(root / "embeddings" / f"{split}_embeddings.h5", settings_for(config))
+        check_store_settings(split_store_path(root / "embeddings", split), settings_for(config))
 
     write_tiny_esm2_checkpoint(cached, **TINY, seed=1)  # other weights under the name
     planned = snakemake("-n")
     assert "embed_shard" in planned and "gather_embeddings" in planned, planned[-2000:]
     with pytest.raises(PipelineError, match=f"made with esm.model = '{NAME}', but the config gives '{NAME}@sha256:"):
-        check_store_settings(root / "embeddings" / "train_embeddings.h5", settings_for(config))
+        check_store_settings(split_store_path(root / "embeddings", "train"), settings_for(config))

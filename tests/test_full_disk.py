@@ -20,6 +20,7 @@ from conftest import demo_subset, error_line, run_cli, write_config
 from ptm_mamba import checkpoint as ckpt
 from ptm_mamba.errors import PipelineError
 from ptm_mamba.fileio import WriteError, atomic_write_json, write_error
+from ptm_mamba.layout import LAST_CKPT, METRICS_FILE, shard_path, split_csv, split_store_path
 from ptm_mamba.testing import write_tiny_esm2_checkpoint
 
 SIZE = 256 * 1024  # the tmpfs: every output below is bigger, or the disk is filled first
@@ -89,7 +90,7 @@ def test_embed_shard_onto_a_full_disk_is_one_line(embedded_project, disk):
     root, _ = embedded_project
     out = disk / "shards" / "train_0.h5"  # ~380 KiB
     result = run_cli("embed-shard", "--config", root / "config.yaml", "--split", "train",
-                     "--split_file", root / "split" / "train.csv", "--shard", "0", "--num_shards", "2",
+                     "--split_file", split_csv(root / "split", "train"), "--shard", "0", "--num_shards", "2",
                      "--output", out, own_process=True, timeout=300)
     refused(result, out, disk)
 
@@ -97,12 +98,12 @@ def test_embed_shard_onto_a_full_disk_is_one_line(embedded_project, disk):
 @pytest.mark.parametrize("leave", [0, 2048, 6144])
 def test_gather_onto_a_full_disk_is_one_line(embedded_project, disk, leave):
     root, config = embedded_project
-    shards = sorted((root / "embeddings" / "shards" / "train").glob("*.h5"))
+    shards = sorted(shard_path(root / "embeddings", "train", 0, config["embedding"]["shards"]).parent.glob("*.h5"))
     assert len(shards) == config["embedding"]["shards"]
     fill(disk, leave)  # the gathered file (a copy of the shards' rows) fails somewhere along its copy
-    out = disk / "train_embeddings.h5"
+    out = split_store_path(disk, "train")
     result = run_cli("gather", "--config", root / "config.yaml", "--split", "train",
-                     "--split_file", root / "split" / "train.csv", "--shards", *shards, "--output", out,
+                     "--split_file", split_csv(root / "split", "train"), "--shards", *shards, "--output", out,
                      own_process=True, timeout=300)
     refused(result, out, disk)
 
@@ -112,9 +113,9 @@ def test_gather_onto_a_full_disk_is_one_line(embedded_project, disk, leave):
 def test_checkpoint_save_onto_a_full_disk(disk):
     state = {"format_version": ckpt.FORMAT_VERSION, "model": {"w": torch.randn(100_000)}}  # 400 KB
     with pytest.raises(WriteError) as err:
-        ckpt.save(state, disk / "run" / "last.ckpt")
+        ckpt.save(state, disk / "run" / LAST_CKPT)
     message = str(err.value)
-    assert message.startswith(f"{disk / 'run' / 'last.ckpt'}: {FULL} (") and f"free on {disk})" in message
+    assert message.startswith(f"{disk / 'run' / LAST_CKPT}: {FULL} (") and f"free on {disk})" in message
     assert isinstance(err.value, PipelineError) and isinstance(err.value, OSError)
     assert files_under(disk) == []
     ckpt.save({"w": torch.zeros(10)}, disk / "run" / "small.ckpt")  # the space is back
@@ -123,8 +124,8 @@ def test_checkpoint_save_onto_a_full_disk(disk):
 
 def test_metrics_json_onto_a_full_disk(disk):
     fill(disk, 0)
-    with pytest.raises(WriteError, match=rf"^{re.escape(str(disk / 'metrics.json'))}: {FULL} \(0 B free on "):
-        atomic_write_json(disk / "metrics.json", {"loss": list(range(10_000))})
+    with pytest.raises(WriteError, match=rf"^{re.escape(str(disk / METRICS_FILE))}: {FULL} \(0 B free on "):
+        atomic_write_json(disk / METRICS_FILE, {"loss": list(range(10_000))})
     assert files_under(disk) == []
 
 

@@ -158,7 +158,7 @@ def test_predict_refuses_to_overwrite_its_checkpoint(checkpoint: Path, tmp_path:
     before = checkpoint.read_bytes()
     error_line(predict(checkpoint, fasta(tmp_path / "in.fasta"), checkpoint), "is the checkpoint (", "which this command reads")
     assert checkpoint.read_bytes() == before
-    assert not list(checkpoint.parent.glob(".best.ckpt.tmp-*"))
+    assert not list(checkpoint.parent.glob(f".{checkpoint.name}.tmp-*"))
 
 
 def test_predict_refuses_a_directory_as_output(checkpoint: Path, tmp_path: Path):

@@ -59,3 +59,18 @@ def test_the_repository_s_sets_agree(tmp_path):
 def test_a_variant_that_drifts_from_the_gpu_set_fails(tmp_path, edit, says):
     result = check(tmp_path, edit)
     assert result.returncode != 0 and says in result.stderr, result.stderr
+
+
+def test_the_user_install_has_what_snakemake_report_needs():
+    """`snakemake --report` imports the packages of Snakemake's "reports" extra (pygments) only when it
+    runs; the dev extra's pytest brings pygments too, so a test run would not notice a user install
+    (`pip install -r requirements-gpu.txt -e .`) without it."""
+    import importlib.metadata
+    import re
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    ours = {re.split(r"[\s<>=!~;\[(]", d, maxsplit=1)[0].lower() for d in project["dependencies"]}
+    needed = {re.split(r"[\s<>=!~;\[(]", r, maxsplit=1)[0].lower()
+              for r in importlib.metadata.requires("snakemake") or [] if re.search(r"extra\s*==\s*.reports.", r)}
+    assert needed and needed <= ours, needed - ours

@@ -17,6 +17,7 @@ import yaml
 from conftest import error_line, run_cli, toy_rows, write_config, write_csv
 from ptm_mamba.config import load_schema, validate
 from ptm_mamba.errors import PipelineError
+from ptm_mamba.layout import split_paths
 from ptm_mamba.settings import Settings
 from ptm_mamba.stages import DEPENDS_ON, stage_fingerprint, stage_settings
 
@@ -139,7 +140,7 @@ def test_split_seed_42_0_through_the_cli_makes_the_same_split(tmp_path: Path, ba
         assert result.returncode == 0, result.stderr
         outputs[name] = {p.name: p.read_bytes() for p in sorted((tmp_path / name).iterdir())}
     assert outputs["float"] == outputs["int"]
-    assert {"train.csv", "val.csv", "test.csv", "summary.json"} <= set(outputs["int"])
+    assert {path.name for path in split_paths("").values()} <= set(outputs["int"])
 
 
 def test_seed_7_5_through_the_cli_is_one_line(tmp_path: Path, base):

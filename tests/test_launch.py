@@ -27,6 +27,7 @@ import pytest
 
 from conftest import REPO, settings_for, tiny_config, write_config
 from ptm_mamba.errors import PipelineError
+from ptm_mamba.layout import METRICS_FILE, RESUME_DIR, run_dir, split_csv
 from ptm_mamba.launch import accelerate_args, launch_command, rendezvous, slurm_resources
 from ptm_mamba.train import without_throughput
 
@@ -133,19 +134,19 @@ def test_two_machines_train_like_two_processes_on_one(project):
                          env=env(MASTER_PORT=str(free_port())))
     assert one.returncode == 0, one.stdout[-3000:] + one.stderr[-3000:]
     out = Path(config["training"]["output_dir"])
-    two = without_throughput(json.loads((out / "ptm-mamba-two-machines" / "metrics.json").read_text()))
-    assert two == without_throughput(json.loads((out / "ptm-mamba-one-machine" / "metrics.json").read_text()))
+    two = without_throughput(json.loads((run_dir(out, "two-machines") / METRICS_FILE).read_text()))
+    assert two == without_throughput(json.loads((run_dir(out, "one-machine") / METRICS_FILE).read_text()))
 
     # every step counts the tokens of both ranks' batches (batches 2k and 2k+1 of the epoch) ...
     steps = [m for m in two if "train_loss" in m]
     assert [m["Step"] for m in steps] == [1, 2, 3, 4]
-    train = BatchBuilder(read_split(split / "train.csv"), max_sequence_length=1024, mask_prob=0.15,
+    train = BatchBuilder(read_split(split_csv(split, "train")), max_sequence_length=1024, mask_prob=0.15,
                          random_mask_only_prob=0.2)
     batches = epoch_batches(train.lengths, 3000, 3, seed=config["seed"], epoch=0, world_size=2)
     assert steps[0]["tokens"] == sum(train.lengths[i] for b in batches[:2] for i in b)
     assert len(set(map(tuple, batches[:2]))) == 2  # two different batches: the machines did not repeat each other
     # ... and each validation scores all of the split's batches, each once, over both machines
-    val = BatchBuilder(read_split(split / "val.csv"), max_sequence_length=1024, mask_prob=0.15,
+    val = BatchBuilder(read_split(split_csv(split, "val")), max_sequence_length=1024, mask_prob=0.15,
                        random_mask_only_prob=0.2)
     n_val = len(plan_batches(val.lengths, 3000, 3))
     assert n_val >= 2
@@ -178,7 +179,7 @@ def test_launcher_outlives_the_training_it_started_when_every_process_gets_sigte
     config = copy.deepcopy(config)
     config["training"]["max_steps"] = 100000  # never ends by itself
     path = write_config(path.with_name(f"{name}.yaml"), **config)
-    run = Path(config["training"]["output_dir"]) / f"ptm-mamba-{name}"
+    run = run_dir(config["training"]["output_dir"], name)
     log = path.with_name(f"{name}.log")
     train = shlex.join(launch(1, processes, path, split, name)[-10:])  # -m ptm_mamba train ...
     log.write_text("the earlier segment's lines\n")
@@ -188,7 +189,7 @@ def test_launcher_outlives_the_training_it_started_when_every_process_gets_sigte
                              env=env(MASTER_PORT=str(free_port())), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                              text=True)
     deadline = time.monotonic() + 300
-    while not (run / "resume" / "state.ckpt").exists() and shell.poll() is None and time.monotonic() < deadline:
+    while not (run / RESUME_DIR / "state.ckpt").exists() and shell.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     assert shell.poll() is None, log.read_text()[-3000:]
     tree = process_tree(shell.pid)

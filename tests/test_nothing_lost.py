@@ -19,6 +19,8 @@ import pytest
 from conftest import SEQS, error_line, run_cli, settings_for, write_config, write_csv, toy_rows
 from ptm_mamba.guard import check_run_owner
 from ptm_mamba.errors import PipelineError
+from ptm_mamba.layout import (BEST_CKPT, CONFIG_FILE, LAST_CKPT, METRICS_FILE, PROVENANCE_FILE, RUN_PREFIX,
+                              report_files, shard_path, split_csv, split_paths)
 
 
 def digest(path: Path) -> str:
@@ -61,24 +63,24 @@ def test_split_cluster_embed_and_gather_refuse_their_inputs(embedded_project, tm
     root, config = embedded_project
     # a dataset named like a split file, in the folder the split writes
     (tmp_path / "split").mkdir()
-    data = write_csv(tmp_path / "split" / "train.csv", toy_rows(30))
+    data = write_csv(split_csv(tmp_path / "split", "train"), toy_rows(30))
     cfg = write_config(tmp_path / "c.yaml", **{**config, "dataset": {**config["dataset"], "dataset_location": str(data)}})
     before = digest(data)
     error_line(run_cli("split", "--config", cfg, "--output_dir", tmp_path / "split"),
-               "--output_dir (train.csv)", "is dataset.dataset_location")
+               f"--output_dir ({data.name})", "is dataset.dataset_location")
     error_line(run_cli("cluster", "--config", cfg, "--output", data), "--output", "is dataset.dataset_location")
     assert digest(data) == before
 
-    split = root / "split"
-    shards = [root / "embeddings" / "shards" / "val" / f"{i}-of-2.h5" for i in range(2)]
-    before = {p: digest(p) for p in (split / "val.csv", split / "summary.json", *shards)}
+    split = split_paths(root / "split")
+    shards = [shard_path(root / "embeddings", "val", i, 2) for i in range(2)]
+    before = {p: digest(p) for p in (split["val"], split["summary"], *shards)}
     cfg = write_config(tmp_path / "c2.yaml", **config)
-    shard = ["embed-shard", "--config", cfg, "--split", "val", "--split_file", split / "val.csv",
+    shard = ["embed-shard", "--config", cfg, "--split", "val", "--split_file", split["val"],
              "--shard", "0", "--num_shards", "2"]
-    error_line(run_cli(*shard, "--output", split / "val.csv"), "is --split_file")
-    error_line(run_cli(*shard, "--output", split / "summary.json"), "is --split_unit")
+    error_line(run_cli(*shard, "--output", split["val"]), "is --split_file")
+    error_line(run_cli(*shard, "--output", split["summary"]), "is --split_unit")
     error_line(run_cli(*shard, "--output", esm_file(config)), "is esm.model")
-    error_line(run_cli("gather", "--config", cfg, "--split", "val", "--split_file", split / "val.csv",
+    error_line(run_cli("gather", "--config", cfg, "--split", "val", "--split_file", split["val"],
                        "--shards", *shards, "--output", shards[1]), f"is --shards ({shards[1]})")
     assert {p: digest(p) for p in before} == before
 
@@ -88,8 +90,8 @@ def test_train_refuses_a_start_checkpoint_in_its_own_run_folder(checkpoint, embe
     root, config = embedded_project
     run = checkpoint.parent
     before = {p.name: digest(p) for p in run.iterdir() if p.is_file()}
-    for key, file in (("init_from", "best.ckpt"), ("resume_from_checkpoint", "last.ckpt")):
-        cfg = {**config, "run_name": run.name.removeprefix("ptm-mamba-"),
+    for key, file in (("init_from", BEST_CKPT), ("resume_from_checkpoint", LAST_CKPT)):
+        cfg = {**config, "run_name": run.name.removeprefix(RUN_PREFIX),
                "training": {**config["training"], key: str(run / file)}}
         result = run_cli("train", "--config", write_config(tmp_path / "c.yaml", **cfg), "--split_dir", root / "split")
         error_line(result, f"training.{key} {run / file} lies in the run folder {run}/", "new run_name")
@@ -102,8 +104,8 @@ def test_a_run_folder_knows_whose_it_is(checkpoint, embedded_project, tmp_path, 
     from ptm_mamba.config import load_config
 
     root, run = embedded_project[0], checkpoint.parent
-    cfg = load_config(run / "config.yaml")  # the settings the run was made with
-    recorded = json.loads((run / "provenance.json").read_text())
+    cfg = load_config(run / CONFIG_FILE)  # the settings the run was made with
+    recorded = json.loads((run / PROVENANCE_FILE).read_text())
     assert recorded["project"] == str(Path.cwd().resolve()) and set(recorded["settings"]) == {"split", "embed", "train"}
     check_run_owner(settings_for(cfg), run)  # this project's own run
     monkeypatch.chdir(tmp_path)  # project B
@@ -113,10 +115,10 @@ def test_a_run_folder_knows_whose_it_is(checkpoint, embedded_project, tmp_path, 
                                             r"other settings \(split dataset.split_seed: 42 there, 7 here\); this "
                                             rf"project \({tmp_path.resolve()}\) will neither adopt nor replace it"):
         check_run_owner(settings_for(other), run)
-    before = digest(run / "best.ckpt")
+    before = digest(run / BEST_CKPT)
     result = run_cli("train", "--config", write_config(tmp_path / "b.yaml", **other), "--split_dir", root / "split")
     error_line(result, f"{run} holds a run of the project in", "use another run_name or training.output_dir")
-    assert digest(run / "best.ckpt") == before
+    assert digest(run / BEST_CKPT) == before
 
 
 def test_an_invocation_config_edited_between_segments_is_refused(embedded_project, tmp_path, monkeypatch):
@@ -139,9 +141,9 @@ def test_an_invocation_config_edited_between_segments_is_refused(embedded_projec
 
 
 def test_plots_refuse_an_input_among_their_outputs(checkpoint, tmp_path):
-    metrics = tmp_path / "test_results.tsv"  # a metrics file named like a table plots writes
-    metrics.write_bytes((checkpoint.parent / "metrics.json").read_bytes())
+    metrics = report_files(tmp_path)["test_results"]  # a metrics file named like a table plots writes
+    metrics.write_bytes((checkpoint.parent / METRICS_FILE).read_bytes())
     before = digest(metrics)
     error_line(run_cli("plots", "--metrics", metrics, "--output_dir", tmp_path),
-               f"--output_dir (test_results.tsv) {metrics} is --metrics")
+               f"--output_dir ({metrics.name}) {metrics} is --metrics")
     assert digest(metrics) == before

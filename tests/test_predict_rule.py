@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 from conftest import REPO, tiny_config, write_config
+from ptm_mamba import layout
 
 SNAKEMAKE = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--cores", "2"]
 
@@ -32,10 +33,10 @@ def test_predictions_plans_training_then_one_predict_job_per_input(tmp_path):
     result = dry_run(tmp_path, "predictions")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     out = result.stdout + result.stderr
-    run_dir = f"{config['training']['output_dir']}/ptm-mamba-tiny"
+    run = layout.run_dir(config["training"]["output_dir"], "tiny")
     for name in ("a", "b b"):
-        assert (f"ptm-mamba predict --checkpoint {run_dir}/best.ckpt" in out
-                and f"results/predictions/tiny/{name}.h5" in out), name
+        assert (f"ptm-mamba predict --checkpoint {run / layout.BEST_CKPT}" in out
+                and str(layout.prediction_path("tiny", name)) in out), name
     assert out.count("--no-pooled --max_tokens_per_batch 8192 --no-progress") == 2
     jobs = {line.split()[0]: int(line.split()[1]) for line in out.splitlines()
             if len(line.split()) == 2 and line.split()[1].isdigit()}

@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,7 @@ import pytest
 from conftest import REPO, error_line, run_cli, write_config
 from ptm_mamba.config import validate
 from ptm_mamba.errors import PipelineError
-from ptm_mamba.layout import prepared_summary_path
+from ptm_mamba.layout import SPLIT_DIR, prepared_summary_path, split_paths
 from ptm_mamba.prepare import check_prepared
 from ptm_mamba.settings import Settings
 from ptm_mamba.split import run_split
@@ -77,7 +78,7 @@ def test_uniprot_tsv_features_become_tokens_and_skips_are_counted(tmp_path):
     result = prepare("uniprot_tsv", tmp_path / "up.tsv", tmp_path / "out" / "data.csv", own_process=True)
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "out" / "data.csv").read_text() == UNIPROT_CSV
-    summary = json.loads((tmp_path / "out" / "data.summary.json").read_text())
+    summary = json.loads(prepared_summary_path(tmp_path / "out" / "data.csv").read_text())
     assert (summary["entries_read"], summary["features_read"]) == (6, 16)
     assert (summary["proteins_written"], summary["ptm_sites_written"]) == (2, 8)
     assert summary["features_skipped"] == {
@@ -149,17 +150,18 @@ def test_the_split_refuses_a_csv_not_prepared_from_the_configured_source(tmp_pat
             "source": {"format": "uniprot_tsv", "path": str(tmp_path / source)}}}))
 
     check_prepared(settings("up.tsv"))  # the CSV of this source: accepted
-    with pytest.raises(PipelineError, match=r"data.summary.json: made with dataset.source = .*rerun the prepare"):
+    summary = re.escape(prepared_summary_path(csv_path).name)
+    with pytest.raises(PipelineError, match=rf"{summary}: made with dataset.source = .*rerun the prepare"):
         run_split(settings("other.tsv"), tmp_path / "split")
     csv_path.write_text(csv_path.read_text() + "P9,MK<Phosphoserine>\n")
-    with pytest.raises(PipelineError, match="data.csv is not the file data.summary.json records"):
+    with pytest.raises(PipelineError, match=rf"data\.csv is not the file {summary} records"):
         run_split(settings("up.tsv"), tmp_path / "split")
 
 
 def snakemake(root: Path, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     return subprocess.run([sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--cores", "1",
-                           "results/split/summary.json", *args, "--directory", str(root),
+                           str(split_paths(SPLIT_DIR)["summary"]), *args, "--directory", str(root),
                            "--configfile", str(root / "config.yaml")], capture_output=True, text=True, env=env,
                           timeout=300)
 
@@ -174,8 +176,8 @@ def test_the_prepare_rule_builds_the_dataset_from_a_source(tmp_path):
         "val_size": 2, "test_size": 2})
     result = snakemake(tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert (tmp_path / "data" / "prepared.summary.json").is_file()
-    split = json.loads((tmp_path / "results" / "split" / "summary.json").read_text())
+    assert prepared_summary_path(tmp_path / "data" / "prepared.csv").is_file()
+    split = json.loads(split_paths(tmp_path / SPLIT_DIR)["summary"].read_text())
     assert sum(s["sequences"] for s in split["splits"].values()) == 13
     assert "dataset.source" in split["settings"] and "dataset.dataset_location" not in split["settings"]
     assert "Nothing to be done" in (lambda r: r.stdout + r.stderr)(snakemake(tmp_path, "-n"))

@@ -13,6 +13,7 @@ from conftest import toy_rows, write_csv
 from ptm_mamba import provenance, report
 from ptm_mamba.config import validate
 from ptm_mamba.errors import PipelineError
+from ptm_mamba.layout import PROVENANCE_FILE, report_files, run_dir
 from ptm_mamba.settings import Settings
 from ptm_mamba.testing import write_tiny_esm2_checkpoint
 
@@ -51,11 +52,11 @@ def test_no_git_and_no_package_are_null_not_failures(tmp_path, monkeypatch):
 
 
 def test_write_provenance_beside_the_run_config_and_the_report_table(config, tmp_path):
-    run = tmp_path / "outputs" / "ptm-mamba-x"
+    run = run_dir(tmp_path / "outputs", "x")
     path = provenance.write_provenance(Settings.from_config(config), run)
-    assert path == run / "provenance.json" and not list(run.glob(".*tmp*"))
+    assert path == run / PROVENANCE_FILE and not list(run.glob(".*tmp*"))
     record = json.loads(path.read_text())
-    with open(report.provenance_table(path, tmp_path / "provenance.tsv"), newline="") as fh:
+    with open(report.provenance_table(path, report_files(tmp_path)["provenance"]), newline="") as fh:
         rows = dict(csv.reader(fh, delimiter="\t"))
     assert rows.pop("item") == "value"
     assert rows["dataset.sha256"] == record["dataset"]["sha256"] and rows["dataset.rows"] == "7"
@@ -64,8 +65,8 @@ def test_write_provenance_beside_the_run_config_and_the_report_table(config, tmp
     assert rows["dataset.source"] == ""  # null
 
     # a run made before provenance was recorded: one row saying so; a broken file: one line
-    missing = report.provenance_table(tmp_path / "nothing" / "provenance.json", tmp_path / "p2.tsv")
-    assert missing.read_text() == "item\tvalue\nprovenance\tnot recorded (provenance.json not found)\n"
+    missing = report.provenance_table(tmp_path / "nothing" / PROVENANCE_FILE, tmp_path / "p2.tsv")
+    assert missing.read_text() == f"item\tvalue\nprovenance\tnot recorded ({PROVENANCE_FILE} not found)\n"
     (tmp_path / "broken.json").write_text("[1, 2]")
     with pytest.raises(PipelineError, match="broken.json: expected a JSON object"):
         report.provenance_table(tmp_path / "broken.json", tmp_path / "p3.tsv")

@@ -16,7 +16,7 @@ import pytest
 from conftest import REPO, run_cli
 from ptm_mamba import report  # module import: its test_results_table must not be collected as a test
 from ptm_mamba.errors import PipelineError
-from ptm_mamba.layout import report_files
+from ptm_mamba.layout import CONFIG_FILE, METRICS_FILE, PROVENANCE_FILE, report_files, split_paths, split_store_path
 from ptm_mamba.train import without_throughput
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -122,7 +122,7 @@ def test_plot_metrics_writes_readable_pngs(tmp_path):
     paths = report.plot_metrics(metrics, tmp_path / "out")
     assert set(paths) == set(report.FIGURES)
     for name, path in paths.items():
-        assert path == tmp_path / "out" / f"{name}.png" and path.is_file()
+        assert path == report_files(tmp_path / "out")[name] and path.is_file()
         width, height = png_shape(path)
         assert width == round(report.FIGSIZE[0] * report.DPI), name
         assert 300 <= height <= 2000, name
@@ -210,7 +210,7 @@ def test_split_table_of_a_real_split(tmp_path, toy_config):
     from ptm_mamba.split import run_split
 
     summary = run_split(Settings.from_config(load_config(toy_config)), tmp_path / "split")["splits"]
-    rows = read_tsv(report.split_table(tmp_path / "split" / "summary.json", tmp_path / "splits.tsv"))
+    rows = read_tsv(report.split_table(split_paths(tmp_path / "split")["summary"], report_files(tmp_path)["splits"]))
     assert [r["split"] for r in rows] == ["train", "val", "test", "total"]
     for r in rows[:3]:
         s = summary[r["split"]]
@@ -337,9 +337,9 @@ def write_run_files(tmp_path: Path, records: list[dict]) -> dict[str, Path]:
     """metrics.json, the split stage's summary.json, config.yaml and provenance.json of a run."""
     import yaml
 
-    files = {"metrics": write_metrics(tmp_path / "metrics.json", records),
-             "summary": tmp_path / "summary.json", "config": tmp_path / "config.yaml",
-             "provenance": tmp_path / "provenance.json"}
+    files = {"metrics": write_metrics(tmp_path / METRICS_FILE, records),
+             "summary": split_paths(tmp_path)["summary"], "config": tmp_path / CONFIG_FILE,
+             "provenance": tmp_path / PROVENANCE_FILE}
     files["summary"].write_text(json.dumps({"splits": {
         "train": {"sequences": 800, "residues": 90000, "ptm_sites": 2500, "max_length": 1000},
         "val": {"sequences": 100, "residues": 11000, "ptm_sites": 300, "max_length": 900},
@@ -478,12 +478,14 @@ def test_config_page_is_the_config_file_as_it_is(tmp_path):
 def test_plots_subcommand_writes_figures_and_tables(tmp_path):
     parser = argparse.ArgumentParser()
     report.add_parser(parser.add_subparsers())
-    metrics = write_metrics(tmp_path / "metrics.json", synthetic_metrics())
-    write_store(tmp_path / "val_embeddings.h5", [20, 30])
-    (tmp_path / "summary.json").write_text(json.dumps({"splits": {"train": {
+    metrics = write_metrics(tmp_path / METRICS_FILE, synthetic_metrics())
+    store = split_store_path(tmp_path, "val")
+    write_store(store, [20, 30])
+    summary = split_paths(tmp_path)["summary"]
+    summary.write_text(json.dumps({"splits": {"train": {
         "sequences": 2, "residues": 50, "ptm_sites": 3, "max_length": 30}}}))
-    args = parser.parse_args(["plots", "--metrics", str(metrics), "--summary", str(tmp_path / "summary.json"),
-                              "--embeddings", str(tmp_path / "val_embeddings.h5"), "--output-dir", str(tmp_path / "o")])
+    args = parser.parse_args(["plots", "--metrics", str(metrics), "--summary", str(summary),
+                              "--embeddings", str(store), "--output-dir", str(tmp_path / "o")])
     args.func(args)
     written = sorted(p.name for p in (tmp_path / "o").iterdir())
     files = report_files(tmp_path / "o")

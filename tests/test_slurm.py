@@ -21,6 +21,8 @@ import torch
 import yaml
 
 from conftest import REPO, settings_for, slurm_installed, tiny_config, write_config
+from ptm_mamba.layout import (BEST_CKPT, LAST_CKPT, METRICS_FILE, RESUME_DIR, RUN_FILES, SPLIT_DIR, SPLITS, report_dir,
+                              report_files, run_dir, split_store_path)
 from ptm_mamba.train import without_throughput
 from test_train_features import train_here
 
@@ -95,7 +97,7 @@ def test_dag_on_slurm_with_a_train_job_past_its_time_limit(cluster, tmp_path):
     profile["set-threads"] = {"train": 1}  # OMP_NUM_THREADS=1: the numbers depend on the thread count
     (tmp_path / "profile").mkdir()
     (tmp_path / "profile" / "config.yaml").write_text(yaml.safe_dump(profile))
-    run = tmp_path / "outputs" / "ptm-mamba-slurm"
+    run = run_dir(tmp_path / "outputs", "slurm")
     started = time.time()
     snakemake = subprocess.Popen(
         [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--profile",
@@ -106,10 +108,10 @@ def test_dag_on_slurm_with_a_train_job_past_its_time_limit(cluster, tmp_path):
     # Meanwhile, once the workflow's split and embeddings are there, the uninterrupted run on them,
     # in this process, on one thread.
     embeddings = tmp_path / "embeddings"
-    wait_for_files([embeddings / f"{split}_embeddings.h5" for split in ("train", "val", "test")], snakemake)
+    wait_for_files([split_store_path(embeddings, split) for split in SPLITS], snakemake)
     reference = copy.deepcopy(config)
     reference["training"].update(output_dir=str(tmp_path / "reference"), embeddings_dir=str(embeddings))
-    ref = train_here(reference, tmp_path / "results" / "split", "slurm")
+    ref = train_here(reference, tmp_path / SPLIT_DIR, "slurm")
     reference_seconds = time.time() - started
 
     output = snakemake.communicate(timeout=900)[0]
@@ -119,9 +121,9 @@ def test_dag_on_slurm_with_a_train_job_past_its_time_limit(cluster, tmp_path):
     # split, one embed job and one gather per split, train: through SLURM; the light rules are localrules
     assert sorted(by_rule) == ["embed_shard", "gather_embeddings", "split", "train"], submitted
     assert len(by_rule["embed_shard"]) == len(by_rule["gather_embeddings"]) == 3, submitted
-    for name in ("config.yaml", "split_mapping.json", "metrics.json", "best.ckpt", "last.ckpt", "provenance.json"):
+    for name in RUN_FILES:
         assert (run / name).is_file(), name
-    assert (tmp_path / "results" / "report" / "slurm" / "loss.png").is_file()
+    assert report_files(tmp_path / report_dir("slurm"))["loss"].is_file()
 
     jobs = by_rule["train"]
     states = [slurm_job_state(job) for job in jobs]
@@ -140,12 +142,12 @@ def test_dag_on_slurm_with_a_train_job_past_its_time_limit(cluster, tmp_path):
     assert log.endswith((tmp_path / "logs" / "train" / "slurm.log").read_text())
     resumed = re.search(r"resumed from \S+ at step (\d+)", log)
     assert resumed and 0 < int(resumed.group(1)) < steps, log[-3000:]
-    assert without_throughput(json.loads((run / "metrics.json").read_text())) == \
-        without_throughput(json.loads((ref / "metrics.json").read_text()))
-    for name in ("best.ckpt", "last.ckpt"):
+    assert without_throughput(json.loads((run / METRICS_FILE).read_text())) == \
+        without_throughput(json.loads((ref / METRICS_FILE).read_text()))
+    for name in (BEST_CKPT, LAST_CKPT):
         mine, theirs = (torch.load(r / name, weights_only=True)["model"] for r in (run, ref))
         assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine), name
-    assert not (run / "resume").exists()
+    assert not (run / RESUME_DIR).exists()
     print(f"SLURM DAG: {len(submitted)} jobs; {steps} steps in {len(jobs)} train jobs ({', '.join(states)}), "
           f"resumed at step {resumed.group(1)}; {time.time() - started:.0f} s in all, the uninterrupted run "
           f"{reference_seconds:.0f} s")

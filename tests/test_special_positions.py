@@ -29,6 +29,7 @@ from ptm_mamba.embed import embed_all, esm_inputs
 from ptm_mamba.embedding_store import EmbeddingReader
 from ptm_mamba.esm import load_esm_of
 from ptm_mamba.forward import esm_features
+from ptm_mamba.layout import METRICS_FILE, split_paths, split_store_path
 from ptm_mamba.masking import replicate_mask
 from ptm_mamba.split import load_split_dir, run_split
 from ptm_mamba.tokenizer import PAD_ID, PTM_TOKENS, PTMTokenizer
@@ -69,7 +70,7 @@ def project(tmp_path_factory):
 
 
 def store_of(root, split: str) -> EmbeddingReader:
-    return EmbeddingReader(root / "embeddings" / f"{split}_embeddings.h5")
+    return EmbeddingReader(split_store_path(root / "embeddings", split))
 
 
 def builder(config, proteins, *, esm_model=None, store=None, max_sequence_length=1024, mask_prob=None):
@@ -174,7 +175,7 @@ def site_counts(sequence: str) -> tuple[int, int]:
 def test_unknown_ptm_is_hidden_from_esm_never_predicted_and_not_a_ptm_site(project):
     root, config, summary, splits, esm_model = project
     mask_prob = config["training"]["mask_prob"]
-    written = json.loads((root / "split" / "summary.json").read_text())["splits"]
+    written = json.loads(split_paths(root / "split")["summary"].read_text())["splits"]
     for split, proteins in splits.items():
         known, unknown = map(sum, zip(*(site_counts(p.sequence) for p in proteins)))
         assert unknown >= len(proteins) and known == 2 * len(proteins)
@@ -226,7 +227,7 @@ def test_training_with_unknown_ptms_runs_in_both_modes(project, tmp_path, mode):
                               embeddings_dir=str(root / "embeddings"),
                               use_precomputed_embeddings=mode == "precomputed")
     out = train(settings_for(config), split_dir=str(root / "split"), run_name=mode, progress=False)
-    metrics = json.loads((out / "metrics.json").read_text())
+    metrics = json.loads((out / METRICS_FILE).read_text())
     losses = [r[key] for r in metrics for key in ("train_loss", "avg_val_loss", "avg_test_loss") if key in r]
     assert len(losses) >= 5 and all(np.isfinite(losses))
     by_type = next(r["test_ptm_acc_by_type"] for r in metrics if "test_ptm_acc_by_type" in r)

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from conftest import error_line, run_cli, toy_rows, write_config, write_csv
+from ptm_mamba.layout import split_csv, split_paths
 
 
 def split(config: Path, out: Path, own_process: bool = False):
@@ -18,19 +19,19 @@ def test_split_writes_files_and_is_deterministic(toy_config: Path, tmp_path: Pat
     a, b = tmp_path / "a", tmp_path / "b"
     assert split(toy_config, a, own_process=True).returncode == 0  # the real command, once
     assert split(toy_config, b).returncode == 0
-    for name in ("train.csv", "val.csv", "test.csv", "split_mapping.json", "summary.json"):
-        assert (a / name).read_bytes() == (b / name).read_bytes(), name
-    mapping = json.loads((a / "split_mapping.json").read_text())
+    for key, path in split_paths(a).items():
+        assert path.read_bytes() == split_paths(b)[key].read_bytes(), key
+    mapping = json.loads(split_paths(a)["mapping"].read_text())
     assert len(mapping) == 20
     assert sorted(mapping.values()).count("val") == 3
     assert sorted(mapping.values()).count("test") == 3
-    summary = json.loads((a / "summary.json").read_text())["splits"]
+    summary = json.loads(split_paths(a)["summary"].read_text())["splits"]
     assert summary["train"]["sequences"] == 14
     assert summary["train"]["ptm_sites"] == 14 * 2
     # ids in different splits never overlap, and every split file holds its ids
     seen = set()
     for name in ("train", "val", "test"):
-        ids = [line.split(",")[0] for line in (a / f"{name}.csv").read_text().splitlines()[1:]]
+        ids = [line.split(",")[0] for line in split_csv(a, name).read_text().splitlines()[1:]]
         assert not seen & set(ids)
         seen |= set(ids)
         assert all(mapping[i] == name for i in ids)
@@ -47,7 +48,7 @@ def test_split_ignores_row_order_and_depends_on_seed(tmp_path: Path):
         "dataset_location": str(tmp_path / "d1.csv"), "val_size": 3, "test_size": 3, "split_seed": 7})
     for c, out in ((c1, "o1"), (c2, "o2"), (c3, "o3")):
         assert split(c, tmp_path / out).returncode == 0
-    m = [json.loads((tmp_path / o / "split_mapping.json").read_text()) for o in ("o1", "o2", "o3")]
+    m = [json.loads(split_paths(tmp_path / o)["mapping"].read_text()) for o in ("o1", "o2", "o3")]
     assert m[0] == m[1]
     assert m[0] != m[2]
 
@@ -59,7 +60,7 @@ def test_fractions_and_derived_ids(tmp_path: Path):
     config = write_config(tmp_path / "c.yaml", dataset={
         "dataset_location": str(data), "id_column_name": None, "val_size": 0.1, "test_size": 0.1})
     assert split(config, tmp_path / "out").returncode == 0
-    mapping = json.loads((tmp_path / "out" / "split_mapping.json").read_text())
+    mapping = json.loads(split_paths(tmp_path / "out")["mapping"].read_text())
     assert len(mapping) == 20  # exact duplicate sequences kept once
     assert all(k.startswith("seq-") for k in mapping)
     assert list(mapping.values()).count("val") == 2
@@ -71,7 +72,7 @@ def test_long_sequences_are_kept(tmp_path: Path):
         "dataset_location": str(write_csv(tmp_path / "d.csv", rows)), "val_size": 2, "test_size": 2,
         "max_sequence_length": 100})
     assert split(config, tmp_path / "out").returncode == 0
-    summary = json.loads((tmp_path / "out" / "summary.json").read_text())["splits"]
+    summary = json.loads(split_paths(tmp_path / "out")["summary"].read_text())["splits"]
     assert max(s["max_length"] for s in summary.values()) == 301
     assert sum(s["sequences"] for s in summary.values()) == 21
 

@@ -135,11 +135,11 @@ def test_train_refuses_embeddings_of_other_esm_weights(embedded_project, other_e
 def test_gather_refuses_shards_of_other_esm_weights(embedded_project, other_esms, tmp_path):
     root, config = embedded_project
     _, path = derived(config, tmp_path, "gather", esm={"model": str(other_esms["same_dim_other_weights"])})
-    shards = sorted((root / "embeddings" / "shards" / "train").glob("*.h5"))
+    shards = sorted(layout.shard_path(root / "embeddings", "train", 0, 2).parent.glob("*.h5"))
     assert len(shards) == 2
-    out = tmp_path / "gathered" / "train_embeddings.h5"
-    result = run_cli("gather", "--config", path, "--split", "train", "--split_file", root / "split" / "train.csv",
-                     "--shards", *shards, "--output", out)
+    out = layout.split_store_path(tmp_path / "gathered", "train")
+    result = run_cli("gather", "--config", path, "--split", "train",
+                     "--split_file", layout.split_csv(root / "split", "train"), "--shards", *shards, "--output", out)
     error_line(result, "esm.model", str(shards[0]))
     assert files_under(out.parent) == []
 
@@ -155,11 +155,11 @@ def test_predict_refuses_an_esm_file_changed_after_training(embedded_project, tm
     out = train(settings_for(cfg), split_dir=str(root / "split"), progress=False)
     fasta = tmp_path / "some.fasta"
     fasta.write_text(">a\nMK<Phosphoserine>LLVRRAS\n>b\nM<N-acetylalanine>KNGTWLLK\n")
-    ok = run_cli("predict", "--checkpoint", out / "best.ckpt", "--input", fasta, "--output", tmp_path / "ok.h5")
+    ok = run_cli("predict", "--checkpoint", out / layout.BEST_CKPT, "--input", fasta, "--output", tmp_path / "ok.h5")
     assert ok.returncode == 0, ok.stderr  # the same weights: predicts
 
     write_tiny_esm2_checkpoint(esm, num_layers=2, embed_dim=16, attention_heads=2, seed=1)  # same name, other weights
-    result = run_cli("predict", "--checkpoint", out / "best.ckpt", "--input", fasta,
+    result = run_cli("predict", "--checkpoint", out / layout.BEST_CKPT, "--input", fasta,
                      "--output", tmp_path / "out.h5")
     error_line(result, f"ESM model {esm}", "not the weights this model was trained with")
     assert not (tmp_path / "out.h5").exists()
@@ -268,8 +268,8 @@ def test_nan_loss_stops_training_without_a_checkpoint(embedded_project, tmp_path
     nan_step = re.search(r"error: step (\d+): the training loss is (nan|inf|-inf) ", line)
     assert nan_step, line
     assert int(nan_step.group(1)) < 3 or log_steps == 1  # log_steps 3: no validation ran before it
-    run = tmp_path / "outputs" / "ptm-mamba-nan"
-    assert not (run / "best.ckpt").exists() and not (run / "last.ckpt").exists()
+    run = layout.run_dir(tmp_path / "outputs", "nan")
+    assert not (run / layout.BEST_CKPT).exists() and not (run / layout.LAST_CKPT).exists()
     saved = finite_checkpoints(run)  # with a validation at step 1 the resume state was saved: finite weights
     assert [p.name for p in saved] == ([] if log_steps == 3 else ["state.ckpt"])
 
@@ -286,14 +286,14 @@ def test_nan_in_stored_embeddings_stops_training(embedded_project, tmp_path):
     root, config = embedded_project
     copy_dir = tmp_path / "embeddings"
     shutil.copytree(root / "embeddings", copy_dir)
-    original = root / "embeddings" / "train_embeddings.h5"
+    original = layout.split_store_path(root / "embeddings", "train")
     original_bytes = original.read_bytes()
-    with h5py.File(copy_dir / "train_embeddings.h5", "r+") as f:  # a self-contained copy of the shards
+    with h5py.File(layout.split_store_path(copy_dir, "train"), "r+") as f:  # a self-contained copy of the shards
         ids = [x.decode() for x in f["ids"][()]]
         f["embeddings/0"][:] = np.nan  # replicate 0 is what epoch 0 reads
     _, path = derived(config, tmp_path, "nanemb", training={"embeddings_dir": str(copy_dir)})
     result = run_cli("train", "--config", path, "--split_dir", root / "split", "--no_progress")
-    line = error_line(result, str(copy_dir / "train_embeddings.h5"), "replicate 0 has NaN/Inf embeddings")
+    line = error_line(result, str(layout.split_store_path(copy_dir, "train")), "replicate 0 has NaN/Inf embeddings")
     named = re.search(r"protein '([^']+)'", line)
     assert named and named.group(1) in ids
     assert finite_checkpoints(tmp_path / "outputs") == []
@@ -354,7 +354,7 @@ def test_failed_first_split_leaves_no_split_files(tmp_path, monkeypatch):
         run_split(settings_for(config), tmp_path / "D")
     monkeypatch.undo()
     assert list((tmp_path / "D").iterdir()) == []  # the two files already renamed are removed again
-    with pytest.raises(PipelineError, match="summary.json not found"):
+    with pytest.raises(PipelineError, match=f"{layout.SPLIT_SUMMARY} not found"):
         load_split_dir(tmp_path / "D", settings_for(config))
 
 
@@ -362,18 +362,20 @@ def test_mixed_split_is_refused(split_project, tmp_path):
     """A kill between the renames: train.csv of another split beside the first one's summary."""
     config, path, d = split_project
     run_split(settings_for(set_key(config, "dataset.split_seed", 7)), tmp_path / "E")
-    assert (tmp_path / "E" / "train.csv").read_bytes() != (d / "train.csv").read_bytes()
-    shutil.copy(tmp_path / "E" / "train.csv", d / "train.csv")
-    with pytest.raises(PipelineError, match=r"train\.csv is not the file summary\.json records"):
+    train, other = layout.split_csv(d, "train"), layout.split_csv(tmp_path / "E", "train")
+    assert other.read_bytes() != train.read_bytes()
+    shutil.copy(other, train)
+    with pytest.raises(PipelineError, match=rf"{re.escape(train.name)} is not the file "
+                                            rf"{re.escape(layout.SPLIT_SUMMARY)} records"):
         load_split_dir(d, settings_for(config))
 
     shard = tmp_path / "shard.h5"
-    result = run_cli("embed-shard", "--config", path, "--split", "val", "--split_file", d / "val.csv",
+    result = run_cli("embed-shard", "--config", path, "--split", "val", "--split_file", layout.split_csv(d, "val"),
                      "--shard", "0", "--num_shards", "2", "--output", shard)
-    error_line(result, str(d / "train.csv"), "rerun the split stage")
+    error_line(result, str(train), "rerun the split stage")
     assert not shard.exists()
     result = run_cli("train", "--config", path, "--split_dir", d, "--no_progress")
-    error_line(result, str(d / "train.csv"), "rerun the split stage")
+    error_line(result, str(train), "rerun the split stage")
     assert files_under(Path(config["training"]["output_dir"])) == []
 
 
@@ -391,9 +393,10 @@ def test_duplicate_sequences_stay_in_one_split(tmp_path):
     result = run_cli("split", "--config", path, "--output_dir", tmp_path / "split")
     assert result.returncode == 0, result.stderr
     assert "2 groups of duplicate sequences (5 proteins), each kept in one split" in result.stdout
-    summary = json.loads((tmp_path / "split" / "summary.json").read_text())
+    split = layout.split_paths(tmp_path / "split")
+    summary = json.loads(split["summary"].read_text())
     assert summary["duplicates"]["groups"] == 2 and summary["duplicates"]["proteins"] == 5
-    mapping = json.loads((tmp_path / "split" / "split_mapping.json").read_text())
+    mapping = json.loads(split["mapping"].read_text())
     assert len({mapping[f"DUP_A{i}"] for i in range(3)}) == 1
     assert len({mapping["DUP_B1"], mapping["DUP_B2"]}) == 1
     # whatever the seed, each group lands whole in one split
@@ -407,28 +410,31 @@ def test_duplicate_sequences_stay_in_one_split(tmp_path):
 
 
 def rewrite_split(d: Path, texts: dict[str, str]) -> None:
-    """Replace some split files and make summary.json's ``files`` hashes match them (a hand-made split)."""
+    """Replace some split files (by their layout.split_paths key) and make summary.json's ``files``
+    hashes match them (a hand-made split)."""
     import hashlib
 
-    summary = json.loads((d / "summary.json").read_text())
-    for name, text in texts.items():
-        (d / name).write_text(text)
-        summary["files"][name] = "sha256:" + hashlib.sha256((d / name).read_bytes()).hexdigest()
-    (d / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    files = layout.split_paths(d)
+    summary = json.loads(files["summary"].read_text())
+    for key, text in texts.items():
+        files[key].write_text(text)
+        summary["files"][files[key].name] = "sha256:" + hashlib.sha256(files[key].read_bytes()).hexdigest()
+    files["summary"].write_text(json.dumps(summary, indent=2) + "\n")
 
 
 def test_overlapping_split_is_refused(split_project):
     config, path, d = split_project
     load_split_dir(d, settings_for(config))  # the real split passes
-    victim = read_split(d / "train.csv")[0]
+    files = layout.split_paths(d)
+    victim = read_split(files["train"])[0]
     victim_id, victim_seq = victim.id, victim.sequence
     assert "," not in victim_seq and '"' not in victim_seq  # a plain CSV line below
-    val_text = (d / "val.csv").read_text()
-    mapping = json.loads((d / "split_mapping.json").read_text())
+    val_text = files["val"].read_text()
+    mapping = json.loads(files["mapping"].read_text())
 
     # the same sequence under two ids, one in train and one in val
-    rewrite_split(d, {"val.csv": val_text + f"COPY_OF_{victim_id},{victim_seq}\n",
-                      "split_mapping.json": json.dumps({**mapping, f"COPY_OF_{victim_id}": "val"}, indent=2) + "\n"})
+    rewrite_split(d, {"val": val_text + f"COPY_OF_{victim_id},{victim_seq}\n",
+                      "mapping": json.dumps({**mapping, f"COPY_OF_{victim_id}": "val"}, indent=2) + "\n"})
     with pytest.raises(PipelineError) as err:
         load_split_dir(d, settings_for(config))
     message = str(err.value)
@@ -438,8 +444,8 @@ def test_overlapping_split_is_refused(split_project):
     error_line(result, victim_id, f"COPY_OF_{victim_id}", "same sequence")
 
     # the same id in two splits
-    rewrite_split(d, {"val.csv": val_text + f"{victim_id},{victim_seq}\n",
-                      "split_mapping.json": json.dumps(mapping, indent=2) + "\n"})
+    rewrite_split(d, {"val": val_text + f"{victim_id},{victim_seq}\n",
+                      "mapping": json.dumps(mapping, indent=2) + "\n"})
     with pytest.raises(PipelineError, match=rf"id '{victim_id}' is in both train and val"):
         load_split_dir(d, settings_for(config))
 
@@ -478,7 +484,7 @@ def resume_reference(tmp_path_factory) -> tuple[dict, Path, Path, Path]:
         ref = train(settings_for(config), split_dir=str(root / "split"), run_name="ref", progress=False)
     finally:
         torch.set_num_threads(threads)
-    metrics = json.loads((ref / "metrics.json").read_text())
+    metrics = json.loads((ref / layout.METRICS_FILE).read_text())
     val = {m["Step"]: m["avg_val_loss"] for m in metrics if "avg_val_loss" in m}
     assert sorted(val) == [3, 6, 9, 12]
     assert all(val[3] < val[step] for step in (6, 9, 12)), val  # best.ckpt holds step 3's weights
@@ -500,7 +506,7 @@ def resume_env() -> dict[str, str]:
 def interrupt_once_saved(command: list[str], run: Path, sig: int, tries: int = 3) -> subprocess.Popen:
     """Start training; send ``sig`` as soon as its first resume state exists. A run that ended
     before the state was seen (an overloaded machine) is started again."""
-    state = run / "resume" / "state.ckpt"
+    state = run / layout.RESUME_DIR / "state.ckpt"
     for _ in range(tries):
         shutil.rmtree(run, ignore_errors=True)
         proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -519,23 +525,23 @@ def interrupt_once_saved(command: list[str], run: Path, sig: int, tries: int = 3
 def finish_and_compare(command: list[str], run: Path, ref: Path) -> None:
     for name in RUN_OUTPUTS:  # what Snakemake removes of a failed job: its declared outputs
         (run / name).unlink(missing_ok=True)
-    assert (run / "resume" / "state.ckpt").exists()
+    assert (run / layout.RESUME_DIR / "state.ckpt").exists()
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=resume_env())
     assert result.returncode == 0, result.stdout + result.stderr
     assert "resumed from" in result.stdout
-    assert without_throughput(json.loads((run / "metrics.json").read_text())) == \
-        without_throughput(json.loads((ref / "metrics.json").read_text()))
-    for name in ("best.ckpt", "last.ckpt"):
+    assert without_throughput(json.loads((run / layout.METRICS_FILE).read_text())) == \
+        without_throughput(json.loads((ref / layout.METRICS_FILE).read_text()))
+    for name in (layout.BEST_CKPT, layout.LAST_CKPT):
         mine, theirs = (torch.load(r / name, weights_only=True)["model"] for r in (run, ref))
         assert mine.keys() == theirs.keys()
         for key in mine:
             assert torch.equal(mine[key], theirs[key]), (name, key)
-    assert not (run / "resume").exists()
+    assert not (run / layout.RESUME_DIR).exists()
 
 
 def test_run_stopped_by_sigterm_resumes_to_the_uninterrupted_result(resume_reference):
     config, path, split, ref = resume_reference
-    run = Path(config["training"]["output_dir"]) / "ptm-mamba-sig"
+    run = layout.run_dir(config["training"]["output_dir"], "sig")
     command = train_command(path, split, "sig")
     proc = interrupt_once_saved(command, run, signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=300)
@@ -545,18 +551,18 @@ def test_run_stopped_by_sigterm_resumes_to_the_uninterrupted_result(resume_refer
     assert len(lines) == 1, stderr
     stopped = re.fullmatch(r"error: stopped by SIGTERM at step (\d+); the state is saved in (.+): "
                            r"run the same command again to continue exactly there", lines[0])
-    assert stopped and Path(stopped.group(2)) == run / "resume" / "state.ckpt", lines[0]
+    assert stopped and Path(stopped.group(2)) == run / layout.RESUME_DIR / "state.ckpt", lines[0]
     step = int(stopped.group(1))
     assert 3 <= step < 12
-    state = torch.load(run / "resume" / "state.ckpt", weights_only=True)
+    state = torch.load(run / layout.RESUME_DIR / "state.ckpt", weights_only=True)
     assert state["position"]["step"] == step
-    assert (run / "best.ckpt").exists() and not (run / "last.ckpt").exists()
+    assert (run / layout.BEST_CKPT).exists() and not (run / layout.LAST_CKPT).exists()
     finish_and_compare(command, run, ref)
 
 
 def test_killed_run_whose_outputs_were_removed_resumes_to_the_uninterrupted_result(resume_reference):
     config, path, split, ref = resume_reference
-    run = Path(config["training"]["output_dir"]) / "ptm-mamba-kill"
+    run = layout.run_dir(config["training"]["output_dir"], "kill")
     command = train_command(path, split, "kill")
     proc = interrupt_once_saved(command, run, signal.SIGKILL)
     proc.communicate(timeout=300)

@@ -18,7 +18,8 @@ import torch
 from conftest import REPO, run_cli, write_config
 from ptm_mamba.data import BatchBuilder
 from ptm_mamba.embedding_store import EmbeddingReader
-from ptm_mamba.layout import RUN_FILES
+from ptm_mamba.layout import (BEST_CKPT, LAST_CKPT, METRICS_FILE, RESUME_DIR, RUN_FILES, SPLIT_MAPPING, run_dir,
+                              split_csv, split_paths, split_store_path)
 from ptm_mamba.split import read_split
 from ptm_mamba import train as train_module
 from ptm_mamba.tokenizer import PTMTokenizer
@@ -29,8 +30,8 @@ TOK = PTMTokenizer()
 
 
 def builder(root: Path, config: dict, store: bool) -> BatchBuilder:
-    proteins = read_split(root / "split" / "train.csv")
-    reader = EmbeddingReader(root / "embeddings" / "train_embeddings.h5") if store else None
+    proteins = read_split(split_csv(root / "split", "train"))
+    reader = EmbeddingReader(split_store_path(root / "embeddings", "train")) if store else None
     return BatchBuilder(proteins, max_sequence_length=64, mask_prob=0.15, random_mask_only_prob=0.2, store=reader)
 
 
@@ -115,9 +116,9 @@ def test_train_outputs_metrics_and_weights_only_checkpoints(embedded_project):
     result = run_cli("train", "--config", root / "config.yaml", "--split_dir", root / "split",
                      "--run_name", "plain", "--no_progress")
     assert result.returncode == 0, result.stdout + result.stderr
-    out = root / "outputs" / "ptm-mamba-plain"
+    out = run_dir(root / "outputs", "plain")
     assert sorted(p.name for p in out.iterdir()) == sorted(RUN_FILES)
-    metrics = records(out / "metrics.json")
+    metrics = records(out / METRICS_FILE)
     assert metrics[0]["split_sizes"] == {"train": 44, "val": 8, "test": 8}
     steps = [m for m in metrics if "train_loss" in m]
     assert [m["Step"] for m in steps] == [1, 2, 3, 4, 5, 6]
@@ -134,20 +135,20 @@ def test_train_outputs_metrics_and_weights_only_checkpoints(embedded_project):
     assert any("val_loss" in m and "batch" in m for m in metrics)
     test = [m for m in metrics if "avg_test_loss" in m]
     assert len(test) == 1 and "test_ptm_acc_by_type" in test[0]
-    for name in ("best.ckpt", "last.ckpt"):
+    for name in (BEST_CKPT, LAST_CKPT):
         state = torch.load(out / name, weights_only=True)
         assert state["model_config"]["d_model"] == 16
-    last = torch.load(out / "last.ckpt", weights_only=True)
+    last = torch.load(out / LAST_CKPT, weights_only=True)
     assert last["position"]["step"] == 6 and "optimizer" in last
-    assert not (out / "resume").exists()
+    assert not (out / RESUME_DIR).exists()
 
 
 def test_validation_asks_the_same_questions_each_time(embedded_project):
     """Evaluation masks are fixed: two evaluations of the same weights agree exactly."""
     root, config = embedded_project
-    b = BatchBuilder(read_split(root / "split" / "val.csv"), max_sequence_length=64, mask_prob=0.15,
+    b = BatchBuilder(read_split(split_csv(root / "split", "val")), max_sequence_length=64, mask_prob=0.15,
                      random_mask_only_prob=0.2,
-                     store=EmbeddingReader(root / "embeddings" / "val_embeddings.h5"))
+                     store=EmbeddingReader(split_store_path(root / "embeddings", "val")))
     one = b.build(list(range(8)), replicate=0, generator=None)
     two = b.build(list(range(8)), replicate=0, generator=None)
     assert torch.equal(one.pred_mask, two.pred_mask) and torch.equal(one.esm_features, two.esm_features)
@@ -163,8 +164,8 @@ def test_killed_run_resumes_to_identical_metrics(embedded_project, tmp_path):
     reference = train_cli(cfg_path, *split, "--run_name", "uninterrupted")
     assert reference.wait(timeout=300) == 0, reference.stdout.read()
 
-    out = root / "outputs" / "ptm-mamba-resume"
-    state = out / "resume" / "state.ckpt"
+    out = run_dir(root / "outputs", "resume")
+    state = out / RESUME_DIR / "state.ckpt"
     proc = train_cli(cfg_path, *split)
     deadline = time.time() + 300
     while not state.exists() and proc.poll() is None and time.time() < deadline:
@@ -172,14 +173,14 @@ def test_killed_run_resumes_to_identical_metrics(embedded_project, tmp_path):
     assert proc.poll() is None, "the run ended before it could be killed"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert not (out / "last.ckpt").exists()
+    assert not (out / LAST_CKPT).exists()
 
     resumed = train_cli(cfg_path, *split)
     output = resumed.communicate(timeout=300)[0]
     assert resumed.returncode == 0, output
     assert "resumed from" in output
-    a = without_throughput(records(root / "outputs" / "ptm-mamba-uninterrupted" / "metrics.json"))
-    b = without_throughput(records(out / "metrics.json"))
+    a = without_throughput(records(run_dir(root / "outputs", "uninterrupted") / METRICS_FILE))
+    b = without_throughput(records(out / METRICS_FILE))
     assert len(a) == len(b)
     for x, y in zip(a, b):
         assert x.keys() == y.keys()
@@ -196,8 +197,8 @@ def test_standalone_train_splits_like_the_split_stage(embedded_project, tmp_path
     cfg["training"] = dict(config["training"], max_steps=2, log_steps=2, num_workers=2)  # workers open the HDF5
     result = run_cli("train", "--config", write_config(tmp_path / "c.yaml", **cfg), "--no_progress")
     assert result.returncode == 0, result.stderr
-    assert (root / "outputs" / "ptm-mamba-standalone" / "split_mapping.json").read_text() == \
-        (root / "split" / "split_mapping.json").read_text()
+    assert (run_dir(root / "outputs", "standalone") / SPLIT_MAPPING).read_text() == \
+        split_paths(root / "split")["mapping"].read_text()
 
 
 def test_on_the_fly_and_no_esm_modes_train(embedded_project, tmp_path):
@@ -208,7 +209,7 @@ def test_on_the_fly_and_no_esm_modes_train(embedded_project, tmp_path):
         result = run_cli("train", "--config", write_config(tmp_path / f"{name}.yaml", **cfg),
                          "--split_dir", root / "split", "--no_progress")
         assert result.returncode == 0, result.stdout + result.stderr
-        metrics = records(root / "outputs" / f"ptm-mamba-{name}" / "metrics.json")
+        metrics = records(run_dir(root / "outputs", name) / METRICS_FILE)
         assert np.isfinite([m["train_loss"] for m in metrics if "train_loss" in m]).all()
 
 
@@ -229,17 +230,17 @@ def test_two_process_cpu_run_completes(embedded_project, tmp_path):
                             capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "on 2 processes" in result.stdout
-    metrics = records(root / "outputs" / "ptm-mamba-ddp" / "metrics.json")
+    metrics = records(run_dir(root / "outputs", "ddp") / METRICS_FILE)
     steps = [m for m in metrics if "train_loss" in m]
     assert [m["Step"] for m in steps] == [1, 2, 3, 4]
     assert_sane_throughput(steps)
     # step 1 counts the tokens of both processes' first batches (batches 0 and 1 of the epoch)
-    train = BatchBuilder(read_split(root / "split" / "train.csv"), max_sequence_length=1024, mask_prob=0.15,
+    train = BatchBuilder(read_split(split_csv(root / "split", "train")), max_sequence_length=1024, mask_prob=0.15,
                          random_mask_only_prob=0.2)
     batches = epoch_batches(train.lengths, 3000, 3, seed=cfg["seed"], epoch=0, world_size=2)
     assert steps[0]["tokens"] == sum(train.lengths[i] for b in batches[:2] for i in b)
     # the validation batches of both ranks are gathered: all of the split's batches, each once
-    val = BatchBuilder(read_split(root / "split" / "val.csv"), max_sequence_length=1024, mask_prob=0.15,
+    val = BatchBuilder(read_split(split_csv(root / "split", "val")), max_sequence_length=1024, mask_prob=0.15,
                        random_mask_only_prob=0.2)
     n_val = len(plan_batches(val.lengths, 3000, 3))
     val_batches = [m["batch"] for m in metrics if "val_loss" in m and m["Step"] == 2]
@@ -263,12 +264,13 @@ def test_a_slow_data_loader_shows_as_waiting(embedded_project, monkeypatch, caps
     starved = train_here(cfg, root / "split", "starved")
     waits = {}
     for run in (fed, starved):
-        steps = [m for m in records(run / "metrics.json") if "train_loss" in m]
+        steps = [m for m in records(run / METRICS_FILE) if "train_loss" in m]
         assert_sane_throughput(steps)
         waits[run.name] = [m["loader_wait_fraction"] for m in steps]
-    assert min(waits["ptm-mamba-starved"]) > 0.7, waits
-    assert max(waits["ptm-mamba-fed"]) < min(waits["ptm-mamba-starved"]) - 0.3, waits
+    fed_waits, starved_waits = waits[fed.name], waits[starved.name]
+    assert min(starved_waits) > 0.7, waits
+    assert max(fed_waits) < min(starved_waits) - 0.3, waits
     logged = [int(p) for p in re.findall(r"(\d+)% of it waiting for data", capsys.readouterr().out)]
     assert len(logged) == 2 and min(logged) >= 70, logged  # the log line at each validation says so too
-    same = [without_throughput(records(run / "metrics.json")) for run in (fed, starved)]
+    same = [without_throughput(records(run / METRICS_FILE)) for run in (fed, starved)]
     assert same[0] == same[1]  # the same model results, however fast it was fed

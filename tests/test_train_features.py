@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -29,6 +30,7 @@ from ptm_mamba.errors import PipelineError, StopRequested
 from ptm_mamba.settings import Settings
 from ptm_mamba.split import run_split
 from ptm_mamba.hashing import file_sha256
+from ptm_mamba.layout import BEST_CKPT, CONFIG_FILE, LAST_CKPT, METRICS_FILE, RESUME_DIR, run_dir
 from ptm_mamba.stages import TRAIN, stage_fingerprint, stage_settings
 from ptm_mamba.train import without_throughput
 
@@ -36,7 +38,7 @@ STEPS, LOG_STEPS = 6, 3
 
 
 def records(run: Path) -> list[dict]:
-    return json.loads((run / "metrics.json").read_text())
+    return json.loads((run / METRICS_FILE).read_text())
 
 
 def train_steps(metrics: list[dict]) -> list[dict]:
@@ -101,7 +103,7 @@ def test_one_process_accumulating_two_batches_trains_as_two_processes(project, t
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "on 2 processes" in result.stdout and "2 per optimiser step" in result.stdout
 
-    one, two = records(ref), records(ref.parent / "ptm-mamba-ddp")
+    one, two = records(ref), records(run_dir(ref.parent, "ddp"))
     assert len(one) == len(two)
     a, b = train_steps(one), train_steps(two)
     assert [m["Step"] for m in a] == [m["Step"] for m in b] == list(range(1, STEPS + 1))
@@ -127,7 +129,7 @@ def test_stop_between_accumulated_batches_resumes_exactly_and_keeps_tracking(pro
     config, split, ref = project
     cfg = derived(config, log_with="tensorboard")
     assert fingerprint(cfg) == fingerprint(config)  # where metrics go changes no result
-    run = ref.parent / "ptm-mamba-stopped"
+    run = run_dir(ref.parent, "stopped")
     calls = []
     real = train_module.backward_batch
 
@@ -142,13 +144,13 @@ def test_stop_between_accumulated_batches_resumes_exactly_and_keeps_tracking(pro
         train_here(cfg, split, "stopped")
     monkeypatch.undo()
     assert calls == [False, True, False, True]  # the step was finished, not cut after its first batch
-    state = torch.load(run / "resume" / "state.ckpt", weights_only=True)
+    state = torch.load(run / RESUME_DIR / "state.ckpt", weights_only=True)
     assert (state["position"]["step"], state["position"]["batch_in_epoch"]) == (2, 4)
 
     train_here(cfg, split, "stopped")
     metrics = records(run)
     assert without_throughput(metrics) == without_throughput(records(ref))
-    assert not (run / "resume").exists()
+    assert not (run / RESUME_DIR).exists()
 
     events = EventAccumulator(str(run / "logs" / "ptm-mamba"))
     events.Reload()
@@ -181,7 +183,7 @@ def test_a_tracker_that_is_not_installed_is_one_line(project):
     with pytest.raises(PipelineError, match=r"^training.log_with: mlflow is not installed") as err:
         train_here(derived(config, log_with="mlflow"), split, "mlflow")
     assert "\n" not in str(err.value)
-    assert not (ref.parent / "ptm-mamba-mlflow").exists()
+    assert not run_dir(ref.parent, "mlflow").exists()
 
 
 # ----------------------------------------------------------------------------- init_from
@@ -189,7 +191,7 @@ def test_a_tracker_that_is_not_installed_is_one_line(project):
 def test_run_initialised_from_a_checkpoint_starts_at_its_validation_loss(project, tmp_path):
     config, split, ref = project
     best = tmp_path / "best.ckpt"
-    best.write_bytes((ref / "best.ckpt").read_bytes())
+    best.write_bytes((ref / BEST_CKPT).read_bytes())
     ref_metrics = records(ref)
     ref_val = {m["Step"]: m["avg_val_loss"] for m in ref_metrics if "avg_val_loss" in m}
     assert abs(ref_val[3] - ref_val[6]) > 1e-3  # the best validation's number is a specific one
@@ -202,14 +204,14 @@ def test_run_initialised_from_a_checkpoint_starts_at_its_validation_loss(project
     assert val == [pytest.approx(min(ref_val.values()), rel=1e-6)]
     # the same first batch as the reference's first step, scored by other weights than a fresh model's
     assert abs(train_steps(metrics)[0]["train_loss"] - train_steps(ref_metrics)[0]["train_loss"]) > 0.01
-    last = torch.load(run / "last.ckpt", weights_only=True)
+    last = torch.load(run / LAST_CKPT, weights_only=True)
     assert last["position"]["step"] == 1 and last["scheduler"]["last_epoch"] == 1  # a new schedule
     assert last["settings"]["training.init_from"] == file_sha256(best)
-    assert f"init_from: {best}" in (run / "config.yaml").read_text()
+    assert f"init_from: {best}" in (run / CONFIG_FILE).read_text()
 
     # the file's content, not its name, is the setting: other bytes rerun training
     before = fingerprint(cfg)
-    best.write_bytes((ref / "last.ckpt").read_bytes())
+    best.write_bytes((ref / LAST_CKPT).read_bytes())
     assert fingerprint(cfg) != before
 
 
@@ -218,10 +220,11 @@ def test_a_missing_or_ill_fitting_init_checkpoint_is_one_line(project, tmp_path)
     missing = tmp_path / "nowhere.ckpt"
     with pytest.raises(PipelineError, match=rf"^training.init_from: checkpoint not found: {missing}$"):
         train_here(derived(config, init_from=str(missing)), split, "missing")
-    wider = derived(config, init_from=str(ref / "best.ckpt"))
+    wider = derived(config, init_from=str(ref / BEST_CKPT))
     wider["model"]["d_model"] = 24
-    with pytest.raises(PipelineError, match=r"^training.init_from: .*best.ckpt: weights do not fit the model: "
+    best = re.escape(BEST_CKPT)
+    with pytest.raises(PipelineError, match=rf"^training.init_from: .*{best}: weights do not fit the model: "
                                             r".*size mismatch") as err:
         train_here(wider, split, "wider")
     assert "\n" not in str(err.value)
-    assert not (ref.parent / "ptm-mamba-missing").exists() and not (ref.parent / "ptm-mamba-wider").exists()
+    assert not run_dir(ref.parent, "missing").exists() and not run_dir(ref.parent, "wider").exists()

@@ -24,7 +24,7 @@ import torch
 from conftest import SEQS, settings_for, tiny_config, write_config
 from ptm_mamba import train as train_module
 from ptm_mamba.errors import PipelineError, StopRequested
-from ptm_mamba.layout import RUN_FILES
+from ptm_mamba.layout import BEST_CKPT, LAST_CKPT, RESUME_DIR, RUN_FILES, RUN_PREFIX, run_dir
 from ptm_mamba.checkpoint import load_model
 from ptm_mamba.predict import predict
 from ptm_mamba.split import run_split
@@ -61,23 +61,23 @@ def sigterm_at_call(monkeypatch, call: int) -> None:
 def test_a_last_ckpt_is_continued_to_where_a_longer_run_ends(project, monkeypatch, capsys):
     config, split, ref = project
     short = train_here(derived(config, max_steps=LOG_STEPS), split, "short")
-    cfg = derived(config, resume_from_checkpoint=str(short / "last.ckpt"))
+    cfg = derived(config, resume_from_checkpoint=str(short / LAST_CKPT))
 
     sigterm_at_call(monkeypatch, 2)  # during step 5, the second step after the checkpoint's step 3
     with pytest.raises(StopRequested, match="at step 5;"):
         train_here(cfg, split, "continued")
     monkeypatch.undo()
-    assert f"resumed from {short / 'last.ckpt'} at step 3" in capsys.readouterr().out
+    assert f"resumed from {short / LAST_CKPT} at step 3" in capsys.readouterr().out
 
     run = train_here(cfg, split, "continued")  # stopped on the way: it continues from its own state
-    assert f"resumed from {run / 'resume' / 'state.ckpt'} at step 5" in capsys.readouterr().out
+    assert f"resumed from {run / RESUME_DIR / 'state.ckpt'} at step 5" in capsys.readouterr().out
     assert without_throughput(records(run)) == without_throughput(records(ref))
     assert [m["Step"] for m in train_steps(records(short))] == [1, 2, 3]
-    for name in ("last.ckpt", "best.ckpt"):
+    for name in (LAST_CKPT, BEST_CKPT):
         a, b = (torch.load(r / name, weights_only=True) for r in (run, ref))
         assert a["model"].keys() == b["model"].keys()
         assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"]), name
-    a, b = (torch.load(r / "last.ckpt", weights_only=True) for r in (run, ref))
+    a, b = (torch.load(r / LAST_CKPT, weights_only=True) for r in (run, ref))
     assert a["position"] == b["position"] and a["scheduler"] == b["scheduler"]
     assert all(torch.equal(x, y) for s, t in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values())
                for x, y in zip(s.values(), t.values()))
@@ -89,26 +89,26 @@ def test_a_run_continued_with_more_steps_follows_its_own_decaying_schedule(proje
     config, split, _ = project
     linear = {"lr_schedule": "linear", "warmup_steps": 0, "min_lr_ratio": 0.1}
     short = train_here(derived(config, max_steps=LOG_STEPS, **linear), split, "short-linear")
-    longer = train_here(derived(config, resume_from_checkpoint=str(short / "last.ckpt"), **linear), split,
+    longer = train_here(derived(config, resume_from_checkpoint=str(short / LAST_CKPT), **linear), split,
                         "continued-linear")
     straight = train_here(derived(config, **linear), split, "straight-linear")
     lrs = {run.name: [m["lr"] for m in train_steps(records(run))] for run in (short, longer, straight)}
-    assert lrs["ptm-mamba-continued-linear"][:3] == lrs["ptm-mamba-short-linear"]
-    assert lrs["ptm-mamba-continued-linear"][3:] == lrs["ptm-mamba-straight-linear"][3:]
-    assert lrs["ptm-mamba-straight-linear"][3] > lrs["ptm-mamba-short-linear"][-1]  # the schedules differ
+    assert lrs[longer.name][:3] == lrs[short.name]
+    assert lrs[longer.name][3:] == lrs[straight.name][3:]
+    assert lrs[straight.name][3] > lrs[short.name][-1]  # the schedules differ
 
 
 def test_a_best_ckpt_or_a_missing_one_to_resume_from_is_one_line(project):
     config, split, ref = project
-    best = ref / "best.ckpt"
+    best = ref / BEST_CKPT
     with pytest.raises(PipelineError, match=rf"^training.resume_from_checkpoint: {best} holds weights only "
-                                            r"\(a best.ckpt\).* set training.init_from") as err:
+                                            rf"\(a {re.escape(BEST_CKPT)}\).* set training.init_from") as err:
         train_here(derived(config, resume_from_checkpoint=str(best)), split, "from-best")
     assert "\n" not in str(err.value)
     missing = ref / "nowhere.ckpt"
     with pytest.raises(PipelineError, match=rf"^training.resume_from_checkpoint: checkpoint not found: {missing}$"):
         train_here(derived(config, resume_from_checkpoint=str(missing)), split, "from-missing")
-    assert not (ref.parent / "ptm-mamba-from-best").exists() and not (ref.parent / "ptm-mamba-from-missing").exists()
+    assert not run_dir(ref.parent, "from-best").exists() and not run_dir(ref.parent, "from-missing").exists()
 
 
 # ----------------------------------------------------------------------------- model.model_type: mamba
@@ -122,7 +122,7 @@ def test_the_unidirectional_model_trains_and_its_checkpoint_predicts_causally(pr
     assert all(torch.isfinite(torch.tensor(m["train_loss"])) for m in train_steps(records(run)))
 
     prefix = SEQS["a"]  # 10 residues: <cls> and they are positions 0..10
-    models = {name: load_model(path / "best.ckpt") for name, path in (("mamba", run), ("bi", ref))}
+    models = {name: load_model(path / BEST_CKPT) for name, path in (("mamba", run), ("bi", ref))}
     assert models["mamba"].model.config.model_type == "mamba"
     assert models["bi"].model.config.model_type == "bidirectional_mamba"
     for name, trained in models.items():
@@ -153,7 +153,7 @@ def test_bf16_trains_on_cpu_with_autocast(project, new_accelerator_state):
     assert first["tokens"] == fp32["tokens"]  # the same batch, ...
     assert first["train_loss"] != fp32["train_loss"]  # ... scored in bf16
     assert first["train_loss"] == pytest.approx(fp32["train_loss"], rel=0.02)
-    weights = torch.load(run / "best.ckpt", weights_only=True)["model"]
+    weights = torch.load(run / BEST_CKPT, weights_only=True)["model"]
     assert {v.dtype for v in weights.values() if v.is_floating_point()} == {torch.float32}
 
 
@@ -162,7 +162,7 @@ def test_fp16_on_cpu_is_one_line(project):
     config, split, ref = project
     with pytest.raises(PipelineError, match=r'^training.mixed_precision: fp16 needs a GPU .* use bf16 or "no"$'):
         train_here({**derived(config, mixed_precision="fp16"), "device": "cpu"}, split, "fp16")
-    assert not (ref.parent / "ptm-mamba-fp16").exists()
+    assert not run_dir(ref.parent, "fp16").exists()
 
 
 # ----------------------------------------------------------------------------- processes without a run name
@@ -190,10 +190,11 @@ def test_two_processes_without_a_run_name_write_one_timestamped_folder(project, 
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "on 2 processes" in result.stdout
     [run] = (tmp_path / "outputs").iterdir()
-    assert re.fullmatch(r"ptm-mamba-\d{4}-\d\d-\d\d-\d\d-\d\d-\d\d", run.name)
+    timestamped = re.escape(RUN_PREFIX) + r"\d{4}(?:-\d\d){5}"  # a run named by its start time
+    assert re.fullmatch(timestamped, run.name)
     assert sorted(p.name for p in run.iterdir()) == sorted(RUN_FILES)
     # each process names its folder (the two processes' prints may share a line)
-    assert re.findall(r"outputs in (\S+?ptm-mamba-\d{4}(?:-\d\d){5})", result.stdout) == [str(run)] * 2
+    assert re.findall(rf"outputs in (\S+?{timestamped})", result.stdout) == [str(run)] * 2
     assert [m["Step"] for m in train_steps(records(run))] == [1, 2]
 
 

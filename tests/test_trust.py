@@ -20,6 +20,7 @@ import torch
 from conftest import DEMO, SEQS, error_line, run_cli, write_config, write_csv
 from ptm_mamba.cluster import HASH_KEY, HEADER
 from ptm_mamba.errors import PipelineError
+from ptm_mamba.layout import BEST_CKPT, LAST_CKPT, run_dir
 from ptm_mamba.checkpoint import load_model
 
 needs_mmseqs = pytest.mark.skipif(shutil.which("mmseqs") is None, reason="needs mmseqs (scripts/install_mmseqs.sh)")
@@ -178,19 +179,19 @@ def test_init_from_a_checkpoint_with_nan_weights_is_one_line(embedded_project, c
     config = _train_config(embedded_project, tmp_path, "nan-init", init_from=str(bad))
     error_line(train(embedded_project, config), f"error: training.init_from: {bad}: ",
                f"weight {name} holds NaN/Inf values")
-    assert not (tmp_path / "outputs" / "ptm-mamba-nan-init" / "best.ckpt").exists()
+    assert not (run_dir(tmp_path / "outputs", "nan-init") / BEST_CKPT).exists()
 
 
 @pytest.mark.parametrize("part", ["model", "best_model"])
 def test_resume_from_a_checkpoint_with_nan_weights_is_one_line(embedded_project, checkpoint: Path, tmp_path: Path,
                                                                part):
-    last = checkpoint.parent / "last.ckpt"
+    last = checkpoint.parent / LAST_CKPT
     bad, name = poisoned(last, tmp_path / "poisoned-last.ckpt", part=part)
     config = _train_config(embedded_project, tmp_path, "nan-resume", resume_from_checkpoint=str(bad), max_steps=3)
     where = name if part == "model" else f"{name} (of 'best_model')"
     error_line(train(embedded_project, config), f"error: training.resume_from_checkpoint: {bad}: ",
                f"weight {where} holds NaN/Inf values")
-    assert not (tmp_path / "outputs" / "ptm-mamba-nan-resume" / "last.ckpt").exists()
+    assert not (run_dir(tmp_path / "outputs", "nan-resume") / LAST_CKPT).exists()
 
 
 def test_a_finite_checkpoint_still_loads(checkpoint: Path):

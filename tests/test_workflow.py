@@ -24,10 +24,10 @@ from ptm_mamba.train import without_throughput
 
 pytestmark = pytest.mark.slow
 SNAKEMAKE = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--cores", "2"]
-RUN = "out dir/ptm-mamba-wf"  # folders with a space: the rules must quote paths
+RUN = str(layout.run_dir("out dir", "wf"))  # folders with a space: the rules must quote paths
 EMB = "emb dir"
-SPLIT_FILES = tuple(path.name for path in layout.split_paths("").values())
 RUN_FILES = layout.RUN_FILES
+REPORT = layout.report_dir("wf")  # the report of the run, relative to the project folder
 
 
 def command(workdir: Path, *args: str) -> list[str]:
@@ -58,6 +58,11 @@ def planned(result: subprocess.CompletedProcess) -> dict[str, int]:
     return jobs
 
 
+def shards(root: Path) -> list[Path]:
+    """The embed jobs' shards left under the embeddings folder (temp(): none once gathered)."""
+    return list(root.glob(str(layout.shard_path(EMB, "*", "*", "*"))))
+
+
 def files_of(root: Path) -> dict[str, int]:
     """Every file under ``root`` but Snakemake's own folder, with its mtime."""
     return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.rglob("*")
@@ -69,18 +74,20 @@ def outputs(root: Path) -> dict:
     files (checkpoints as tensors), the report's tables."""
     from ptm_mamba.embedding_store import EmbeddingReader
 
-    out: dict = {f"split/{n}": (root / "results" / "split" / n).read_bytes() for n in SPLIT_FILES}
-    for split in ("train", "val", "test"):
-        with EmbeddingReader(root / EMB / f"{split}_embeddings.h5") as store:
+    out: dict = {f"split/{key}": path.read_bytes() for key, path in layout.split_paths(root / layout.SPLIT_DIR).items()}
+    for split in layout.SPLITS:
+        with EmbeddingReader(layout.split_store_path(root / EMB, split)) as store:
             out[f"emb/{split}"] = [(i, [np.asarray(a) for a in store.get(i, k)])
                                    for i in store.ids for k in range(store.attrs["mask_replicates"])]
-    for n in ("config.yaml", "split_mapping.json"):
-        out[f"run/{n}"] = (root / RUN / n).read_bytes()
-    out["run/metrics"] = without_throughput(json.loads((root / RUN / "metrics.json").read_text()))
-    for n in ("best.ckpt", "last.ckpt"):
-        out[f"run/{n}"] = torch.load(root / RUN / n, weights_only=True)["model"]
-    for n in ("splits.tsv", "test_results.tsv"):
-        out[f"report/{n}"] = (root / "results" / "report" / "wf" / n).read_bytes()
+    run = layout.run_files(root / RUN)
+    for n in (layout.CONFIG_FILE, layout.SPLIT_MAPPING):
+        out[f"run/{n}"] = run[n].read_bytes()
+    out["run/metrics"] = without_throughput(json.loads(run[layout.METRICS_FILE].read_text()))
+    for n in (layout.BEST_CKPT, layout.LAST_CKPT):
+        out[f"run/{n}"] = torch.load(run[n], weights_only=True)["model"]
+    report = layout.report_files(root / REPORT)
+    for n in ("splits", "test_results"):
+        out[f"report/{n}"] = report[n].read_bytes()
     return out
 
 
@@ -125,27 +132,25 @@ def reference(workdir) -> dict:
 def test_full_dag_runs_and_writes_every_output(workdir):
     for name in RUN_FILES:
         assert (workdir / RUN / name).is_file(), name
-    for split in ("train", "val", "test"):
-        assert (workdir / EMB / f"{split}_embeddings.h5").is_file()
-    assert not list((workdir / EMB).rglob("*-of-*.h5"))  # the shards are temp(): gone once gathered
+    for split in layout.SPLITS:
+        assert layout.split_store_path(workdir / EMB, split).is_file()
+    assert not shards(workdir)  # the shards are temp(): gone once gathered
     assert (workdir / "logs" / "split.log").is_file()
     assert (workdir / "logs" / "train" / "wf.log").is_file()
     # the jobs read the config of this invocation, from a file named by its content
-    configs = list((workdir / "results" / "configs").iterdir())
-    assert len(configs) == 1 and configs[0].read_text() == (workdir / RUN / "config.yaml").read_text()
+    configs = list((workdir / layout.CONFIGS_DIR).iterdir())
+    assert len(configs) == 1 and configs[0].read_text() == (workdir / RUN / layout.CONFIG_FILE).read_text()
 
 
 def test_snakemake_report_shows_the_figures_and_tables(workdir):
     """`snakemake --report report.html` of the finished run: one self-contained file."""
     from test_report import png_shape, read_tsv
 
-    from ptm_mamba import report
-
     snakemake(workdir, "--report", "report.html")
-    out = workdir / "results" / "report" / "wf"
-    for name in report.FIGURES:
-        png_shape(out / f"{name}.png")
-    assert len(read_tsv(out / "embeddings.tsv")) == 3
+    out, files = workdir / REPORT, layout.report_files(REPORT)  # files: as the report names them
+    for name in layout.REPORT_FIGURES:
+        png_shape(workdir / files[name])
+    assert len(read_tsv(workdir / files["embeddings"])) == 3
     html = (workdir / "report.html").read_text(encoding="utf-8")
     # its tables, rendered, opened as a person does in headless Chromium (tests/test_report_html.py)
     from test_report_html import assert_report_shows_tables, find_chromium
@@ -154,16 +159,16 @@ def test_snakemake_report_shows_the_figures_and_tables(workdir):
         pytest.skip("Chromium is not installed: run `sudo scripts/install_chromium.sh` (Debian's chromium)")
     assert_report_shows_tables(workdir / "report.html", out, workdir / RUN)
     (workdir / "report.html").unlink()
-    for name in report.FIGURES:
-        assert f'"results/report/wf/{name}.png"' in html, name
-        assert f"filename={name}.png;base64,iVBORw0KGgo" in html, name  # the PNG itself, embedded
-    for name in ("test_results.tsv", "splits.tsv", "embeddings.tsv"):
-        assert f'"results/report/wf/{name}"' in html, name
-    assert f'"{RUN}/config.yaml"' in html  # the run's own config, no copy
+    for name in layout.REPORT_FIGURES:
+        assert f'"{files[name].as_posix()}"' in html, name
+        assert f"filename={files[name].name};base64,iVBORw0KGgo" in html, name  # the PNG itself, embedded
+    for name in ("test_results", "splits", "embeddings"):
+        assert f'"{files[name].as_posix()}"' in html, name
+    assert f'"{RUN}/{layout.CONFIG_FILE}"' in html  # the run's own config, no copy
     # Captions, rendered (the tables and the config are inlined by them), and the top-level description.
     assert "Masked-token cross-entropy loss per optimiser step" in html
     assert "Test-set accuracy of" in html
-    ptm_types = [row["scope"] for row in read_tsv(out / "test_results.tsv") if row["scope"] != "all"]
+    ptm_types = [row["scope"] for row in read_tsv(workdir / files["test_results"]) if row["scope"] != "all"]
     assert ptm_types and all(name in html for name in ptm_types)  # the test_results table in its caption
     assert "run_name: wf" in html  # the run's config.yaml in its caption
     assert "PTM-Mamba training run: wf" in html
@@ -188,13 +193,14 @@ def test_a_setting_reruns_exactly_the_stages_that_read_it(workdir, override, sta
 
 
 @pytest.mark.parametrize("deleted, stages", [
-    (f"{RUN}/metrics.json", {"train", "plots", "all"}),
-    (f"{RUN}/split_mapping.json", {"train", "plots", "all"}),
-    (f"{RUN}/config.yaml", {"train", "plots", "all"}),
-    (f"{EMB}/val_embeddings.h5", {"embed_shard", "gather_embeddings", "train", "plots", "all"}),  # temp shards
-    ("results/split/split_mapping.json", {"split", "embed_shard", "gather_embeddings", "train", "plots",
-                                          "all"}),
-    ("results/split/test.csv", {"split", "embed_shard", "gather_embeddings", "train", "plots", "all"}),
+    (f"{RUN}/{layout.METRICS_FILE}", {"train", "plots", "all"}),
+    (f"{RUN}/{layout.SPLIT_MAPPING}", {"train", "plots", "all"}),
+    (f"{RUN}/{layout.CONFIG_FILE}", {"train", "plots", "all"}),
+    (layout.split_store_path(EMB, "val"), {"embed_shard", "gather_embeddings", "train", "plots",
+                                           "all"}),  # its shards are temp()
+    (layout.split_paths(layout.SPLIT_DIR)["mapping"], {"split", "embed_shard", "gather_embeddings", "train", "plots",
+                                                       "all"}),
+    (layout.split_csv(layout.SPLIT_DIR, "test"), {"split", "embed_shard", "gather_embeddings", "train", "plots", "all"}),
 ])
 def test_a_deleted_output_is_rebuilt_with_what_depends_on_it(workdir, tmp_path, deleted, stages):
     path = workdir / deleted
@@ -206,9 +212,9 @@ def test_a_deleted_output_is_rebuilt_with_what_depends_on_it(workdir, tmp_path, 
 
 
 def test_a_deleted_metrics_file_comes_back(workdir, reference):
-    (workdir / RUN / "metrics.json").unlink()
+    (workdir / RUN / layout.METRICS_FILE).unlink()
     snakemake(workdir)
-    assert without_throughput(json.loads((workdir / RUN / "metrics.json").read_text())) == reference["run/metrics"]
+    assert without_throughput(json.loads((workdir / RUN / layout.METRICS_FILE).read_text())) == reference["run/metrics"]
     assert "Nothing to be done" in (lambda r: r.stdout + r.stderr)(snakemake(workdir, "-n"))
 
 
@@ -241,7 +247,7 @@ def test_deleting_one_gathered_file_reruns_only_its_shards_and_its_gather(workdi
     computed again (and deleted again), nothing else; the same values as before."""
     from ptm_mamba.embedding_store import EmbeddingReader
 
-    path = workdir / EMB / "val_embeddings.h5"
+    path = layout.split_store_path(workdir / EMB, "val")
     with EmbeddingReader(path) as store:
         before = [(i, k, *store.get(i, k)) for i in store.ids for k in range(store.attrs["mask_replicates"])]
     before_bytes = path.read_bytes()
@@ -252,7 +258,7 @@ def test_deleting_one_gathered_file_reruns_only_its_shards_and_its_gather(workdi
     assert "wildcards: split=val, shard=0" in out and "wildcards: split=val, shard=1" in out, out
     assert "split=train" not in out and "split=test" not in out, out
     assert "rule split" not in out and "rule train" not in out, out
-    assert not list((workdir / EMB).rglob("*-of-*.h5"))
+    assert not shards(workdir)
     with EmbeddingReader(path) as store:
         after = [(i, k, *store.get(i, k)) for i in store.ids for k in range(store.attrs["mask_replicates"])]
     assert [(i, k) for i, k, _, _ in after] == [(i, k) for i, k, _, _ in before]
@@ -306,7 +312,7 @@ def test_other_invocations_and_kills_during_a_run_change_nothing(workdir, refere
     run_and_kill(lambda proc: wait_for(train_log.exists, proc))
     assert len(kills) >= 3 and "wf.log" in kills[-1], kills
     snakemake(root)
-    assert len(list((root / "results" / "configs").iterdir())) == 1  # the seed=7 invocations wrote none
+    assert len(list((root / layout.CONFIGS_DIR).iterdir())) == 1  # the seed=7 invocations wrote none
     assert_same_outputs(outputs(root), reference)
     assert "Nothing to be done" in (lambda r: r.stdout + r.stderr)(snakemake(root, "-n"))
 
@@ -323,7 +329,7 @@ def run_folder_bytes(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root / RUN)): p.read_bytes() for p in (root / RUN).rglob("*") if p.is_file()}
 
 
-@pytest.mark.parametrize("key, file", [("init_from", "best.ckpt"), ("resume_from_checkpoint", "last.ckpt"),
+@pytest.mark.parametrize("key, file", [("init_from", layout.BEST_CKPT), ("resume_from_checkpoint", layout.LAST_CKPT),
                                        ("init_from", "link to best.ckpt")])
 def test_a_fine_tune_from_its_own_run_folder_is_refused_before_anything_is_deleted(workdir, key, file):
     """The same run_name, starting from a checkpoint of that run: Snakemake would rerun train and delete
@@ -331,7 +337,7 @@ def test_a_fine_tune_from_its_own_run_folder_is_refused_before_anything_is_delet
     before = run_folder_bytes(workdir)
     link = workdir / "link to best.ckpt"
     link.unlink(missing_ok=True)
-    link.symlink_to(workdir / RUN / "best.ckpt")  # a symlink into the run folder counts as the folder
+    link.symlink_to(workdir / RUN / layout.BEST_CKPT)  # a symlink into the run folder counts as the folder
     path = link if file.startswith("link") else workdir / RUN / file
     for args in (("-n",), ()):
         line = one_error_line(snakemake(workdir, *args, "--config", f"training={{{key}: '{path}'}}", check=False))
@@ -378,9 +384,9 @@ def test_a_missing_input_is_one_line_never_nothing_to_be_done(workdir, override,
 
 def test_the_end_of_a_workflow_says_how_the_run_did_or_why_a_job_failed(workdir, tmp_path):
     out = snakemake(workdir, "--forcerun", "plots").stdout  # a run with a job (none: no onsuccess)
-    metrics = json.loads((workdir / RUN / "metrics.json").read_text())
+    metrics = json.loads((workdir / RUN / layout.METRICS_FILE).read_text())
     test = next(r for r in reversed(metrics) if "avg_test_loss" in r)
-    assert f"PTM-Mamba run ptm-mamba-wf: test loss {test['avg_test_loss']:.4f}" in out, out
+    assert f"PTM-Mamba run {Path(RUN).name}: test loss {test['avg_test_loss']:.4f}" in out, out
     assert f"outputs: {RUN}/" in out and "snakemake --report report.html" in out, out
     # a job that fails with a one-line error: that line is on the screen, not only in its log
     root = same_config_in(workdir, tmp_path / "fails")
