@@ -3,6 +3,12 @@
     python bench/store.py                          # 2,000 proteins x ~350 residues, dim 320, 4 shards
     python bench/store.py --dim 1280 --proteins 500
     python bench/store.py --gather                 # the gather's cost: CPU seconds per GB, peak memory
+    python bench/store.py --dim 1280 --replicates 4 --proteins 500 --loader   # the training loader, paper width
+
+``--loader`` reads the gathered file through the training's own batch assembly
+(``ptm_mamba.data.BatchBuilder``: reads, checks, crops, pads, masks) and reports MB of stored
+features per CPU second of this process (``resource.getrusage``, user + system), a figure that
+stays comparable on a shared machine.
 
 ``--gather`` runs ``gather`` (which copies the shards into one file) in a child process and
 reports its CPU time (``resource.getrusage``, user + system), wall time and peak RSS per GB of
@@ -97,6 +103,46 @@ def measure_read(path: str | Path, n_reads: int, *, batch_size: int = 32, replic
     return result
 
 
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def measure_loader(path: str | Path, *, batch_size: int = 32, replicate: int = 0, seed: int = 0) -> dict[str, float]:
+    """One epoch of training batches of every protein in ``path`` (random order, ``batch_size`` proteins,
+    no cropping) built by the training's BatchBuilder over synthetic residues of the stored lengths.
+    Features count as stored (float16, <cls> and <eos> rows included, padding not)."""
+    import torch
+
+    from ptm_mamba.data import BatchBuilder
+    from ptm_mamba.dataset import Protein
+    from ptm_mamba.tokenizer import ROWS_AROUND_RESIDUES
+
+    reader = EmbeddingReader(path)
+    ids, rows = reader.ids, reader.row_counts(reader.ids)
+    rng = np.random.default_rng(seed)
+    letters = np.array(list("ACDEFGHIKLMNPQRSTVWY"))
+    proteins = []
+    for pid, r in zip(ids, rows):
+        tokens = tuple(letters[rng.integers(0, len(letters), int(r) - ROWS_AROUND_RESIDUES)])
+        proteins.append(Protein(pid, "".join(tokens), tokens))
+    builder = BatchBuilder(proteins, max_sequence_length=int(rows.max()), mask_prob=0.15,
+                           random_mask_only_prob=0.2, store=reader)
+    order = rng.permutation(len(proteins))
+    batches = [order[i:i + batch_size].tolist() for i in range(0, len(order), batch_size)]
+    row_bytes = 2 * reader.attrs["dim"]
+    generator = torch.Generator().manual_seed(seed)
+    builder.build(batches[0], replicate=replicate, generator=generator)  # open the file outside the timing
+    cpu, wall, nbytes = _cpu_seconds(), time.perf_counter(), 0
+    for batch in batches:
+        builder.build(batch, replicate=replicate, generator=generator)
+        nbytes += int(rows[batch].sum()) * row_bytes
+    cpu, wall = _cpu_seconds() - cpu, time.perf_counter() - wall
+    reader.close()
+    return {"mb": nbytes / 1e6, "cpu_s": cpu, "wall_s": wall, "mb_per_cpu_s": nbytes / 1e6 / cpu,
+            "batches": len(batches)}
+
+
 def _gather(paths: list[Path], out: Path, check_values: bool) -> None:
     gather(paths, out, check_values=check_values)
 
@@ -170,14 +216,15 @@ def main() -> None:
     ap.add_argument("--dir", type=Path, default=None, help="work folder (default: a temp folder, removed)")
     ap.add_argument("--gather", action="store_true", help="measure the gather's cost instead of the reads")
     ap.add_argument("--repeats", type=int, default=2, help="with --gather: runs of each measurement")
+    ap.add_argument("--loader", action="store_true", help="also read through the training's batch assembly")
     args = ap.parse_args()
 
     folder = args.dir or Path(tempfile.mkdtemp(prefix="bench_store_"))
     folder.mkdir(parents=True, exist_ok=True)
     try:
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), _cpu_seconds()
         paths = write_synthetic(folder / "shards", args.proteins, args.shards, args.dim, args.replicates)
-        t_write = time.perf_counter() - t0
+        t_write, cpu_write = time.perf_counter() - t0, _cpu_seconds() - cpu0
         written = sum(p.stat().st_size for p in paths)
         if args.gather:
             bench_gather(folder, paths, args.repeats)
@@ -187,13 +234,18 @@ def main() -> None:
         gather(paths, out)
         t_gather = time.perf_counter() - t0
         print(f"write: {args.proteins} proteins, dim {args.dim}, K={args.replicates}: {written / 1e6:.0f} MB "
-              f"in {t_write:.2f} s ({written / 1e6 / t_write:.0f} MB/s)")
+              f"in {t_write:.2f} s ({written / 1e6 / t_write:.0f} MB/s; {written / 1e6 / cpu_write:.0f} MB per CPU-s)")
         print(f"gather (a copy, incl. NaN scan of all shards): {t_gather:.2f} s, "
               f"gathered file {out.stat().st_size / 1e6:.0f} MB")
         for name, file in (("shard", paths[0]), ("gathered", out)):
             for mode, r in measure_read(file, args.reads).items():
                 print(f"read {name:8s} {mode:15s} {r['residues_per_s'] / 1e6:6.2f} M residues/s "
                       f"{r['mb_per_s']:8.0f} MB/s {r['proteins_per_s']:8.0f} proteins/s")
+        if args.loader:
+            r = measure_loader(out)
+            print(f"training loader (BatchBuilder, 32 proteins a batch): {r['mb']:.0f} MB of features in "
+                  f"{r['batches']} batches: {r['mb_per_cpu_s']:.0f} MB per CPU-s ({r['cpu_s']:.2f} CPU-s, "
+                  f"{r['wall_s']:.2f} s wall)")
     finally:
         if args.dir is None:
             shutil.rmtree(folder)
