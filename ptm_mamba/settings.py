@@ -13,6 +13,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from .tokenizer import ROWS_AROUND_RESIDUES
+
 
 @dataclass(frozen=True)
 class SourceSettings:
@@ -40,7 +42,7 @@ class DatasetSettings:
     @property
     def max_residues(self) -> int:
         """Residues that fit a sequence of ``max_sequence_length`` tokens with its <cls> and <eos>."""
-        return self.max_sequence_length - 2
+        return self.max_sequence_length - ROWS_AROUND_RESIDUES
 
     @property
     def by_cluster(self) -> bool:
