@@ -13,6 +13,8 @@ reads. Snakemake passes wildcard patterns through the same functions, e.g.
     {output_dir}/ptm-mamba-{run_name}/              a training run: RUN_FILES (+ resume/)
     results/predictions/{run_name}/{name}.h5        predict on predict.inputs
     results/report/{run_name}/                      the report's figures and tables: report_files()
+    results/evaluate/{run_name}/ptm_sites.{tsv,json,png}  the evaluate stage (PTM-site probes)
+    results/compare/compare.{tsv,json} + curves.png       the compare step over config `runs:`
     NAME.csv + NAME.summary.json                    the prepare stage's CSV (dataset.dataset_location)
 """
 
@@ -33,6 +35,11 @@ CLUSTERS_FILE = "results/clusters/clusters.tsv"
 CONFIGS_DIR = "results/configs"
 PREDICTIONS_DIR = "results/predictions"
 REPORTS_DIR = "results/report"
+EVALUATE_DIR = "results/evaluate"
+COMPARE_DIR = "results/compare"
+# The evaluate stage's files in evaluation_dir(run_name), and the compare step's in COMPARE_DIR.
+EVALUATION_FILES = ("ptm_sites.tsv", "ptm_sites.json", "ptm_sites.png")
+COMPARE_FILES = ("compare.tsv", "compare.json", "curves.png")
 
 RUN_PREFIX = "ptm-mamba-"
 CONFIG_FILE, METRICS_FILE, BEST_CKPT, LAST_CKPT = "config.yaml", "metrics.json", "best.ckpt", "last.ckpt"
@@ -118,3 +125,17 @@ def prepared_summary_path(csv_path: str | os.PathLike) -> Path:
 
 def prediction_path(run_name: str, name: str) -> Path:
     return Path(PREDICTIONS_DIR) / run_name / f"{name}.h5"
+
+
+def evaluation_dir(run_name: str) -> Path:
+    return Path(EVALUATE_DIR) / run_name
+
+
+def evaluation_files(run_name: str) -> dict[str, Path]:
+    """The evaluate stage's files of one run by name: ptm_sites.tsv, ptm_sites.json, ptm_sites.png."""
+    return {name: evaluation_dir(run_name) / name for name in EVALUATION_FILES}
+
+
+def compare_files() -> dict[str, Path]:
+    """The compare step's files by name: compare.tsv, compare.json, curves.png."""
+    return {name: Path(COMPARE_DIR) / name for name in COMPARE_FILES}
