@@ -9,6 +9,7 @@ import time
 from snakemake.utils import min_version
 
 from ptm_mamba import summary
+from ptm_mamba.compare import summary as sweep_summary
 
 min_version("8.20")
 
@@ -27,6 +28,8 @@ include: "workflow/rules/embed.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/report.smk"
 include: "workflow/rules/predict.smk"
+include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/compare.smk"
 
 
 # When the workflow ends: how the run did and where its outputs are, or each failed job's one-line error.
@@ -34,7 +37,10 @@ WORKFLOW_STARTED = time.time()
 
 
 onsuccess:
-    print(summary.run_summary(RUN_DIR, layout.report_dir(RUN_NAME)))
+    if SWEEP:  # each run and each seed group, from the compare step
+        print(sweep_summary(COMPARE_FILE["compare.json"]))
+    else:
+        print(summary.run_summary(RUN_DIR, layout.report_dir(RUN_NAME)))
 
 
 onerror:
@@ -48,6 +54,8 @@ localrules:
     embeddings,
     plots,
     predictions,
+    evaluate,
+    compare,
 
 
 rule all:

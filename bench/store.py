@@ -4,11 +4,15 @@
     python bench/store.py --dim 1280 --proteins 500
     python bench/store.py --gather                 # the gather's cost: CPU seconds per GB, peak memory
     python bench/store.py --dim 1280 --replicates 4 --proteins 500 --loader   # the training loader, paper width
+    python bench/store.py --paper                  # the same for float16 and int8 stores, + one DataLoader worker
 
 ``--loader`` reads the gathered file through the training's own batch assembly
-(``ptm_mamba.data.BatchBuilder``: reads, checks, crops, pads, masks) and reports MB of stored
-features per CPU second of this process (``resource.getrusage``, user + system), a figure that
-stays comparable on a shared machine.
+(``ptm_mamba.data.BatchBuilder``: reads, checks, crops, pads, masks) and reports MB of features
+per CPU second of this process (``resource.getrusage``, user + system), a figure that stays
+comparable on a shared machine. Features count as float16 (2 bytes a value) whatever the store's
+dtype, so float16 and int8 figures compare (int8 is "fp16-equivalent"). ``--paper`` runs it for
+both dtypes at the paper's width (dim 1280, K = 4), and once more through a DataLoader with one
+worker process, whose CPU seconds (the worker's and this process's) are counted.
 
 ``--gather`` runs ``gather`` (which copies the shards into one file) in a child process and
 reports its CPU time (``resource.getrusage``, user + system), wall time and peak RSS per GB of
@@ -41,8 +45,9 @@ ATTRS = {
 
 
 def write_synthetic(folder: Path, proteins: int, shards: int, dim: int, replicates: int,
-                    mean_len: int = 350, seed: int = 0) -> list[Path]:
-    """Shards of random float16 features; lengths ~ mean_len +- 50%. Returns the shard paths."""
+                    mean_len: int = 350, seed: int = 0, dtype: str = "float16") -> list[Path]:
+    """Shards of random features (stored as ``dtype``) written by the embed stage's writer;
+    lengths ~ mean_len +- 50%. Returns the shard paths."""
     rng = np.random.default_rng(seed)
     lengths = rng.integers(mean_len // 2, mean_len * 3 // 2, size=proteins)
     pool = rng.standard_normal((4 * mean_len, dim)).astype(np.float16)  # sliced, not regenerated
@@ -50,7 +55,7 @@ def write_synthetic(folder: Path, proteins: int, shards: int, dim: int, replicat
     for s in range(shards):
         path = folder / f"bench_{s}.h5"
         attrs = {**ATTRS, "shard_index": s, "num_shards": shards}
-        with ShardWriter(path, dim=dim, replicates=replicates, attrs=attrs) as w:
+        with ShardWriter(path, dim=dim, replicates=replicates, attrs=attrs, dtype=dtype) as w:
             for i in range(s, proteins, shards):
                 L = int(lengths[i])
                 feats = [pool[(i + k) % mean_len:][:L] for k in range(replicates)]
@@ -103,15 +108,20 @@ def measure_read(path: str | Path, n_reads: int, *, batch_size: int = 32, replic
     return result
 
 
-def _cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
+def _cpu_seconds(children: bool = False) -> float:
+    """CPU seconds (user + system) of this process, and with ``children`` of its ended child processes."""
+    usages = [resource.getrusage(resource.RUSAGE_SELF)]
+    if children:
+        usages.append(resource.getrusage(resource.RUSAGE_CHILDREN))
+    return sum(u.ru_utime + u.ru_stime for u in usages)
 
 
-def measure_loader(path: str | Path, *, batch_size: int = 32, replicate: int = 0, seed: int = 0) -> dict[str, float]:
+def measure_loader(path: str | Path, *, batch_size: int = 32, replicate: int = 0, seed: int = 0,
+                   workers: int = 0) -> dict[str, float]:
     """One epoch of training batches of every protein in ``path`` (random order, ``batch_size`` proteins,
     no cropping) built by the training's BatchBuilder over synthetic residues of the stored lengths.
-    Features count as stored (float16, <cls> and <eos> rows included, padding not)."""
+    Features count as float16 (<cls> and <eos> rows included, padding not). ``workers`` > 0: through
+    a DataLoader with that many worker processes, whose CPU time counts (``RUSAGE_CHILDREN``)."""
     import torch
 
     from ptm_mamba.data import BatchBuilder
@@ -131,13 +141,24 @@ def measure_loader(path: str | Path, *, batch_size: int = 32, replicate: int = 0
     order = rng.permutation(len(proteins))
     batches = [order[i:i + batch_size].tolist() for i in range(0, len(order), batch_size)]
     row_bytes = 2 * reader.attrs["dim"]
-    generator = torch.Generator().manual_seed(seed)
-    builder.build(batches[0], replicate=replicate, generator=generator)  # open the file outside the timing
-    cpu, wall, nbytes = _cpu_seconds(), time.perf_counter(), 0
-    for batch in batches:
-        builder.build(batch, replicate=replicate, generator=generator)
-        nbytes += int(rows[batch].sum()) * row_bytes
-    cpu, wall = _cpu_seconds() - cpu, time.perf_counter() - wall
+    nbytes = sum(int(rows[batch].sum()) * row_bytes for batch in batches)
+    if workers:
+        from ptm_mamba.data import EpochBatches, collate_single
+
+        reader.close()  # each worker opens the file itself
+        cpu, wall = _cpu_seconds(True), time.perf_counter()
+        epoch = EpochBatches(builder, batches, seed=seed, epoch=0, replicate=replicate)
+        for _ in torch.utils.data.DataLoader(epoch, batch_size=None, collate_fn=collate_single,
+                                             num_workers=workers):
+            pass
+        cpu, wall = _cpu_seconds(True) - cpu, time.perf_counter() - wall
+    else:
+        generator = torch.Generator().manual_seed(seed)
+        builder.build(batches[0], replicate=replicate, generator=generator)  # open the file outside the timing
+        cpu, wall = _cpu_seconds(), time.perf_counter()
+        for batch in batches:
+            builder.build(batch, replicate=replicate, generator=generator)
+        cpu, wall = _cpu_seconds() - cpu, time.perf_counter() - wall
     reader.close()
     return {"mb": nbytes / 1e6, "cpu_s": cpu, "wall_s": wall, "mb_per_cpu_s": nbytes / 1e6 / cpu,
             "batches": len(batches)}
@@ -217,38 +238,57 @@ def main() -> None:
     ap.add_argument("--gather", action="store_true", help="measure the gather's cost instead of the reads")
     ap.add_argument("--repeats", type=int, default=2, help="with --gather: runs of each measurement")
     ap.add_argument("--loader", action="store_true", help="also read through the training's batch assembly")
+    ap.add_argument("--dtype", default="float16", choices=["float16", "int8"], help="how the store keeps features")
+    ap.add_argument("--paper", action="store_true",
+                    help="dim 1280, K=4, 500 proteins: the loader for float16 and int8, in-process and one worker")
     args = ap.parse_args()
+    if args.paper:
+        args.dim, args.replicates, args.loader = 1280, 4, True
+        args.proteins = 500 if args.proteins == ap.get_default("proteins") else args.proteins
 
     folder = args.dir or Path(tempfile.mkdtemp(prefix="bench_store_"))
     folder.mkdir(parents=True, exist_ok=True)
     try:
-        t0, cpu0 = time.perf_counter(), _cpu_seconds()
-        paths = write_synthetic(folder / "shards", args.proteins, args.shards, args.dim, args.replicates)
-        t_write, cpu_write = time.perf_counter() - t0, _cpu_seconds() - cpu0
-        written = sum(p.stat().st_size for p in paths)
-        if args.gather:
-            bench_gather(folder, paths, args.repeats)
-            return
-        out = folder / "bench_embeddings.h5"
-        t0 = time.perf_counter()
-        gather(paths, out)
-        t_gather = time.perf_counter() - t0
-        print(f"write: {args.proteins} proteins, dim {args.dim}, K={args.replicates}: {written / 1e6:.0f} MB "
-              f"in {t_write:.2f} s ({written / 1e6 / t_write:.0f} MB/s; {written / 1e6 / cpu_write:.0f} MB per CPU-s)")
-        print(f"gather (a copy, incl. NaN scan of all shards): {t_gather:.2f} s, "
-              f"gathered file {out.stat().st_size / 1e6:.0f} MB")
+        for dtype in ("float16", "int8") if args.paper else (args.dtype,):
+            bench_dtype(args, folder / dtype, dtype)
+    finally:
+        if args.dir is None:
+            shutil.rmtree(folder)
+
+
+def bench_dtype(args: argparse.Namespace, folder: Path, dtype: str) -> None:
+    t0, cpu0 = time.perf_counter(), _cpu_seconds()
+    paths = write_synthetic(folder / "shards", args.proteins, args.shards, args.dim, args.replicates, dtype=dtype)
+    t_write, cpu_write = time.perf_counter() - t0, _cpu_seconds() - cpu0
+    written = sum(p.stat().st_size for p in paths)
+    if args.gather:
+        bench_gather(folder, paths, args.repeats)
+        return
+    out = folder / "bench_embeddings.h5"
+    t0, cpu0 = time.perf_counter(), _cpu_seconds()
+    gather(paths, out)
+    t_gather, cpu_gather = time.perf_counter() - t0, _cpu_seconds() - cpu0
+    with EmbeddingReader(out) as r:
+        residues = int(r.row_counts(r.ids).sum())
+    fp16 = residues * args.dim * 2 * args.replicates
+    print(f"[{dtype}] write: {args.proteins} proteins, dim {args.dim}, K={args.replicates}: {written / 1e6:.0f} MB "
+          f"({out.stat().st_size / residues / args.replicates:.0f} bytes per residue per replicate) in "
+          f"{t_write:.2f} s ({fp16 / 1e6 / cpu_write:.0f} MB fp16-equivalent per CPU-s)")
+    print(f"[{dtype}] gather (a copy): {t_gather:.2f} s, {cpu_gather:.2f} CPU-s "
+          f"({written / 1e6 / cpu_gather:.0f} MB per CPU-s), gathered file {out.stat().st_size / 1e6:.0f} MB")
+    if not args.paper:
         for name, file in (("shard", paths[0]), ("gathered", out)):
             for mode, r in measure_read(file, args.reads).items():
                 print(f"read {name:8s} {mode:15s} {r['residues_per_s'] / 1e6:6.2f} M residues/s "
                       f"{r['mb_per_s']:8.0f} MB/s {r['proteins_per_s']:8.0f} proteins/s")
-        if args.loader:
-            r = measure_loader(out)
-            print(f"training loader (BatchBuilder, 32 proteins a batch): {r['mb']:.0f} MB of features in "
-                  f"{r['batches']} batches: {r['mb_per_cpu_s']:.0f} MB per CPU-s ({r['cpu_s']:.2f} CPU-s, "
-                  f"{r['wall_s']:.2f} s wall)")
-    finally:
-        if args.dir is None:
-            shutil.rmtree(folder)
+    if args.loader:
+        for workers in (0, 1) if args.paper else (0,):
+            r = measure_loader(out, workers=workers)
+            where = "in this process" if not workers else f"{workers} DataLoader worker (its CPU + this process's)"
+            print(f"[{dtype}] training loader (BatchBuilder, 32 proteins a batch, {where}): {r['mb']:.0f} MB of "
+                  f"fp16-equivalent features in {r['batches']} batches: {r['mb_per_cpu_s']:.0f} MB per CPU-s "
+                  f"({r['cpu_s']:.2f} CPU-s, {r['wall_s']:.2f} s wall)")
+    shutil.rmtree(folder)
 
 
 if __name__ == "__main__":

@@ -145,8 +145,10 @@ def cmd_train(args: argparse.Namespace) -> None:
     from .train import train
     from .guard import check_run_owner, refuse_overwrite
     from .layout import run_dir, split_store_path
+    from .config import settings_of_run
 
-    settings = _settings(args)
+    # with runs: (a sweep), --run_name names the run, trained with its overrides
+    settings = settings_of_run(load_config(args.config), args.run_name, source=f"{args.config} (--run_name)")
     if args.run_name is not None:  # the schema's rule for run_name (a plain folder name) holds here too
         validate({**settings.as_dict(), "run_name": args.run_name}, source="--run_name")
     name = args.run_name or settings.run_name  # none: a new folder named by the time
@@ -174,6 +176,27 @@ def cmd_predict(args: argparse.Namespace) -> None:
                           max_tokens_per_batch=args.max_tokens_per_batch, pooled=args.pooled,
                           progress=not args.no_progress)
     print(f"{n} proteins -> {args.output}")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from .evaluate import run_evaluate
+    from .guard import refuse_overwrite
+    from .layout import BEST_CKPT, SPLIT_MAPPING, evaluation_outputs, run_dir
+    from .config import settings_of_run
+
+    # with runs: (a sweep), --run_name names the run, evaluated with its settings
+    settings = settings_of_run(load_config(args.config), args.run_name, source=f"{args.config} (--run_name)")
+    name = args.run_name or settings.run_name
+    if name is None:
+        raise PipelineError("evaluate: give --run_name (the config names no run_name)")
+    folder = run_dir(settings.training.output_dir, name)
+    reads = _reads(args, settings, split_dir=_split_unit(args.split_dir), clusters=args.clusters)
+    reads.update({f"the run's {BEST_CKPT}": folder / BEST_CKPT, f"the run's {SPLIT_MAPPING}": folder / SPLIT_MAPPING})
+    refuse_overwrite({f"--output_dir ({path.name})": path for path in evaluation_outputs(args.output_dir).values()},
+                     reads)
+    record = run_evaluate(settings, name, args.split_dir, args.output_dir, clusters_file=args.clusters,
+                          device=args.device, progress=not args.no_progress)
+    print(f"{len(record['tasks'])} PTM types evaluated, {len(record['skipped'])} left out -> {args.output_dir}")
 
 
 def cmd_doctor(args: argparse.Namespace) -> None:
@@ -260,7 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
     option(p, "split_dir", default=None,
          help="the split stage's folder; without it the data is split as the split stage would")
     option(p, "run_name", default=None, help="outputs go to {training.output_dir}/ptm-mamba-{run_name} "
-         "(default: the config's run_name, else a timestamp)")
+         "(default: the config's run_name, else a timestamp); with the config's runs: (a sweep), the run "
+         "to train, with its overrides")
     option(p, "no_progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
 
@@ -277,6 +301,19 @@ def build_parser() -> argparse.ArgumentParser:
                    "row i for id i; read with ptm_mamba.predict.read_pooled); default: %(default)s")
     option(p, "no_progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("evaluate", help="PTM-site prediction on a run's test split: linear probes on its hidden "
+                       "states, its ESM-2 alone and a one-hot window (AUROC, AUPRC, bootstrap intervals)")
+    _add_config(p)
+    option(p, "run_name", default=None, help="the run: {training.output_dir}/ptm-mamba-{run_name}/best.ckpt "
+           "(default: the config's run_name)")
+    option(p, "split_dir", required=True, help="the split stage's folder the run was trained on (its test.csv)")
+    p.add_argument("--clusters", default=None, help="with dataset.split_by: cluster, the cluster stage's "
+                   "clusters.tsv: proteins of one cluster stay in one fold")
+    option(p, "output_dir", required=True, help="folder for ptm_sites.tsv, .json, .png and .html")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: the config's device)")
+    option(p, "no_progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("import-original", help="convert a checkpoint of the original PTM-Mamba code "
                        "({'model', 'config'}) into this format")
@@ -296,6 +333,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .report import add_parser as add_plots_parser
 
     add_plots_parser(sub)
+    from .compare import add_parser as add_compare_parser
+
+    add_compare_parser(sub)
     return parser
 
 

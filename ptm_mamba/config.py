@@ -10,6 +10,10 @@ arrive as strings where the schema wants numbers, booleans, null, lists or
 sections (``--config 'training={lr: 0.1}'``, YAML 1.1's ``lr: 1e-3``) are
 converted first. Where the schema wants an integer, an integral float (``seed: 7.0``,
 ``"7.0"``, ``1e3``) is that integer, and any other number is refused.
+
+A sweep's ``runs:`` (run name -> overrides of seed, training.* and model.*) is checked here too: each
+run's config (:func:`run_config`: the top level with its overrides) must pass the schema, and may not
+change a key of a stage the runs share (``stages.DEPENDS_ON``).
 """
 
 from __future__ import annotations
@@ -20,12 +24,15 @@ import math
 import os
 from collections.abc import Hashable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from .errors import PipelineError
 from .layout import edited_invocation_config
+
+if TYPE_CHECKING:
+    from .settings import Settings
 
 _PACKAGE_SCHEMA = Path(__file__).parent / "schemas" / "config.schema.yaml"
 _REPO_SCHEMA = Path(__file__).parent.parent / "workflow" / "schemas" / "config.schema.yaml"
@@ -223,6 +230,10 @@ def validate(config: dict, source: str = "config") -> dict:
 
     schema = load_schema()
     _coerce(config, schema)
+    runs = config.get("runs")
+    for overrides in runs.values() if isinstance(runs, dict) else ():
+        if isinstance(overrides, dict):  # a run's seed/training/model, typed as at the top level
+            _coerce(overrides, schema)
     _fill_defaults(config, schema)
     validator = jsonschema.Draft202012Validator(schema)
     errors = sorted(validator.iter_errors(config), key=lambda e: (len(e.absolute_path), list(map(str, e.absolute_path))))
@@ -231,6 +242,7 @@ def validate(config: dict, source: str = "config") -> dict:
         first = max((e for e in errors if e.absolute_path == errors[0].absolute_path), key=lambda e: len(e.path))
         raise PipelineError(f"{source}: {_describe(first)}")
     _check_sizes(config, source)
+    _check_runs(config, source)
     return config
 
 
@@ -240,6 +252,115 @@ def _check_sizes(config: dict, source: str) -> None:
         if not (float(value).is_integer() or 0 < value < 1):
             raise PipelineError(
                 f"{source}: dataset.{key}: {value!r} is neither a count nor a fraction in (0, 1)")
+
+
+# A sweep (``runs:``) shares these folders: one set of embeddings, and a folder per run under one output_dir.
+_SHARED_LOCATIONS = {
+    "training.embeddings_dir": "the runs share one set of embeddings, in one embeddings_dir",
+    "training.output_dir": "every run's folder is {training.output_dir}/ptm-mamba-{run}/, one output_dir for all runs",
+}
+
+
+def _leaves(overrides: dict, prefix: str = "") -> list[str]:
+    """The dotted keys a run's overrides set (``training.lr``, ``model.ssm_cfg.d_state``)."""
+    keys = []
+    for key, value in overrides.items():
+        dotted = f"{prefix}{key}"
+        keys += _leaves(value, f"{dotted}.") if isinstance(value, dict) and value else [dotted]
+    return keys
+
+
+def _lookup(config: dict, key: str) -> Any:
+    for part in key.split("."):
+        config = config.get(part) if isinstance(config, dict) else None
+    return config
+
+
+def _shared_key(key: str, settings) -> str | None:
+    """Why a run may not override ``key``: a key of a stage whose result the runs share (the prepare,
+    cluster and split stages; the embed stage when the run reads stored embeddings), by
+    ``stages.DEPENDS_ON``, or a folder the runs share; None if it may."""
+    from .stages import CLUSTER, DEPENDS_ON, EMBED, PREPARE, SPLIT
+
+    if key in _SHARED_LOCATIONS:
+        return _SHARED_LOCATIONS[key]
+    for stage in (PREPARE, CLUSTER, SPLIT, *([EMBED] if settings.training.precomputed else [])):
+        for dep in DEPENDS_ON[stage]:
+            if (dep.when is None or dep.when(settings)) and (
+                    key == dep.key or key.startswith(f"{dep.key}.") or dep.key.startswith(f"{key}.")):
+                hint = (" (or give this run training.use_precomputed_embeddings: false, and it reads none)"
+                        if stage == EMBED else "")
+                return (f"it is a setting of the {stage} stage, whose result the runs share (one split and one "
+                        f"set of embeddings for all runs): set it at the top level{hint}")
+    return None
+
+
+def run_names(config: dict) -> list[str]:
+    """The names of a config's ``runs`` (a sweep), in their order; [] without runs."""
+    return list(config.get("runs") or {})
+
+
+def run_config(config: dict, run_name: str, source: str = "config") -> dict:
+    """The config of run ``run_name`` of a validated ``config``'s ``runs``: the top level with the
+    run's overrides merged in (sections key by key, as Snakemake merges config files), ``run_name``
+    set to the run and no ``runs``; validated, with the schema's defaults filled.
+
+    Raises :class:`PipelineError` (one line naming the run and the key) for an unknown run, a value
+    the schema refuses, or an override of a key whose stage's result the runs share (:func:`_shared_key`).
+    """
+    from .settings import Settings
+
+    runs = config.get("runs") or {}
+    if run_name not in runs:
+        known = f"its runs are {', '.join(runs)}" if runs else "it has no runs"
+        raise PipelineError(f"{source}: no run {run_name!r} in the config ({known})")
+    where = f"{source}: runs.{run_name}"
+    base = copy.deepcopy({key: value for key, value in config.items() if key != "runs"})
+    merged = _merge(copy.deepcopy(base), copy.deepcopy(runs[run_name]))
+    merged["run_name"] = run_name
+    validate(merged, source=where)
+    settings = Settings.from_config(merged)
+    for key in _leaves(runs[run_name]):
+        why = _shared_key(key, settings)
+        if why is not None and _lookup(merged, key) != _lookup(base, key):
+            raise PipelineError(f"{where}: {key} cannot be set per run: {why}")
+    return merged
+
+
+def settings_of_run(config: dict[str, Any], run_name: str | None, source: str = "config") -> Settings:
+    """The settings run ``run_name`` of a validated ``config`` trains with: with ``runs:``, the top level
+    with that run's overrides (:func:`run_config`); without, the config's own (whatever
+    the name: it names only the run's folder). The CLI's train and the workflow's train rule both take
+    a run's settings from here."""
+    from .settings import Settings
+
+    runs = config.get("runs")
+    if runs is None:
+        return Settings.from_config(config)
+    if run_name is None:
+        raise PipelineError(f"{source}: the config defines runs ({', '.join(runs)}): name the one to train")
+    return Settings.from_config(run_config(config, run_name, source=source))
+
+
+def _merge(base: dict, overrides: dict) -> dict:
+    """``base`` with ``overrides`` merged in, mappings key by key (in place; returns ``base``)."""
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+def _check_runs(config: dict, source: str) -> None:
+    """Every run of a sweep makes a valid config that shares the split and embeddings (:func:`run_config`)."""
+    if config.get("runs") is None:
+        return
+    if config.get("run_name") is not None:
+        raise PipelineError(f"{source}: run_name: {config['run_name']!r} with runs: each run is named by its key "
+                            "in runs (outputs/ptm-mamba-{run}/); set run_name: null")
+    for name in config["runs"]:
+        run_config(config, name, source=source)
 
 
 def load_config(path: str | os.PathLike) -> dict:

@@ -87,7 +87,7 @@ def embed_proteins(settings: Settings, esm_model, proteins: list[Protein], outpu
     inputs = list(esm_inputs(proteins, replicates, settings.training.mask_prob, PTMTokenizer()))
     random_masks = {key: stored_mask(random_mask) for key, _, _, random_mask in inputs}
     pending: dict[str, dict[int, np.ndarray]] = {}
-    with ShardWriter(output, dim=esm_model.embed_dim, replicates=replicates, attrs=attrs) as writer:
+    with ShardWriter(output, dim=esm_model.embed_dim, replicates=replicates, attrs=attrs, dtype=emb.dtype) as writer:
         for (pid, k), features in embed(esm_model, [item[:3] for item in inputs],
                                         max_tokens_per_batch=emb.max_tokens_per_batch, batch_size=emb.batch_size,
                                         window=emb.window, overlap=emb.overlap, progress=progress):

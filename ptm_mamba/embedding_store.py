@@ -10,18 +10,26 @@ Layout (a shard and a gathered file look the same to a reader)::
 
     ids              (n,)            variable-length UTF-8 strings
     offsets          (n+1,) int64    rows of protein i are offsets[i]:offsets[i+1]
-    embeddings/<k>   (R, dim) float16, chunked, resizable along axis 0
+    embeddings/<k>   (R, dim) float16, or int8 (``dtype: int8``), chunked, resizable along axis 0
+    scales/<k>       (R,) float32, int8 stores only: row r is embeddings/<k>[r] * scales/<k>[r]
     masks/<k>        (R,) bool
+    checksums/<k>    (n,) uint64: xxh3_64 of protein i's rows of embeddings/<k>, scales/<k>, masks/<k>
     attrs            split, split_fingerprint, dim, dtype, mask_replicates, format_version,
-                     [shard_index, num_shards | num_shards], complete; the embed stage's
-                     also settings, esm_model, repr_layer, mask_prob, mask_seed
+                     checksum, [shard_index, num_shards | num_shards], complete; the embed
+                     stage's also settings, esm_model, repr_layer, mask_prob, mask_seed
 
 ``complete`` is set last, before the atomic rename. format_version 1 (no ``<cls>``/``<eos>``
 rows) is refused. Staleness is the ``settings`` attribute alone (:func:`check_store_settings`).
 
 Every array but ``ids`` (HDF5 cannot filter variable-length strings) has Fletcher32 checksums
-per chunk, so flipped bits on disk fail the read (a one-line PipelineError naming the file)
-instead of returning wrong numbers. Files without checksums still read, unchecked.
+per chunk, so flipped bits on disk fail an h5py read (a one-line PipelineError naming the file)
+instead of returning wrong numbers. Values are checked (finite) once, when written.
+
+The training's reads skip HDF5: :class:`EmbeddingReader` reads a protein's rows from the file's
+bytes (``pread`` at the chunks' offsets, only the bytes asked for) and verifies them against the
+protein's ``checksums/<k>`` (xxh3 at ~20 GB/s), so every read is checked at a few percent of its
+cost. Files without ``checksums/<k>`` (written by hand, or by an earlier version) read through
+h5py with their values checked on every read; files without any checksum still read, unchecked.
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Mapping, NamedTuple, Sequence
 
 import h5py
 import numpy as np
+import xxhash
 
 from ptm_mamba.errors import PipelineError
 from ptm_mamba.fileio import AtomicFile, write_error
@@ -52,6 +61,31 @@ _BOOKKEEPING_ATTRS = ("complete", "shard_index", "num_shards")
 _BUFFER_BYTES = 64 * 2**20  # default write buffer per shard (all replicates together)
 _CHECK_BLOCK_BYTES = 64 * 2**20  # NaN/Inf scan block size in validate_shard, and gather's copy block
 _MASK_CHUNK = 16384
+DTYPES = ("float16", "int8")  # embedding.dtype: how features are stored
+CHECKSUM = "xxh3_64"  # the attribute ``checksum``: the per-protein hash of checksums/<k>
+_INT8_MAX = 127
+
+
+def quantize(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows (rows, dim) as int8 and a float32 scale per row (max |x| / 127; 0 for a zero row)."""
+    x = np.asarray(features, dtype=np.float32)
+    scale = np.abs(x).max(axis=1) / _INT8_MAX if x.size else np.zeros(len(x), np.float32)
+    q = np.rint(x / np.where(scale > 0, scale, 1.0)[:, None])
+    return np.clip(q, -_INT8_MAX, _INT8_MAX).astype(np.int8), scale.astype(np.float32)
+
+
+def dequantize(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """float32 rows of int8 ``q`` and its per-row ``scale`` (the inverse of :func:`quantize`)."""
+    return q.astype(np.float32) * scale[:, None]
+
+
+def protein_checksum(features: np.ndarray, scales: np.ndarray | None, mask: np.ndarray) -> int:
+    """The xxh3_64 of one protein's stored rows: feature bytes, then scale bytes (int8), then mask bytes."""
+    h = xxhash.xxh3_64()
+    for part in (features, scales, mask):
+        if part is not None:
+            h.update(np.ascontiguousarray(part))
+    return h.intdigest()
 
 
 def _chunk_rows(dim: int) -> int:
@@ -173,20 +207,25 @@ class ShardWriter:
         buffer_rows: int | None = None,
         chunk_rows: int | None = None,
         compression: str | None = None,
+        dtype: str = "float16",
     ):
         if dim < 1 or replicates < 1:
             raise ValueError(f"dim and replicates must be >= 1, got dim={dim} replicates={replicates}")
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
         missing = [k for k in REQUIRED_ATTRS if k not in attrs]
         if missing:
             raise PipelineError(f"{path}: shard attributes missing: {', '.join(missing)}")
-        fixed = {"dim": dim, "mask_replicates": replicates, "dtype": "float16", "format_version": FORMAT_VERSION}
+        fixed = {"dim": dim, "mask_replicates": replicates, "dtype": dtype, "format_version": FORMAT_VERSION,
+                 "checksum": CHECKSUM}
         for k, v in fixed.items():
             if k in attrs and attrs[k] != v:
                 raise PipelineError(f"{path}: attribute {k}={attrs[k]!r} contradicts the writer's {v!r}")
         self.path = Path(path)
-        self.dim, self.replicates = dim, replicates
+        self.dim, self.replicates, self.dtype = dim, replicates, dtype
+        self.int8 = dtype == "int8"
         self.attrs = {**{k: _attr_value(v) for k, v in attrs.items()}, **fixed}  # numpy scalars -> Python
-        self.buffer_rows = buffer_rows or max(1, _BUFFER_BYTES // (2 * dim * replicates))
+        self.buffer_rows = buffer_rows or max(1, _BUFFER_BYTES // (np.dtype(dtype).itemsize * dim * replicates))
         self.chunk_rows = chunk_rows or _chunk_rows(dim)
         self.compression = compression
         self._out: _AtomicH5 | None = None
@@ -197,16 +236,14 @@ class ShardWriter:
             f = out.file
             self._emb = [
                 f.create_dataset(
-                    f"embeddings/{k}", shape=(0, self.dim), maxshape=(None, self.dim), dtype=np.float16,
+                    f"embeddings/{k}", shape=(0, self.dim), maxshape=(None, self.dim), dtype=self.dtype,
                     chunks=(self.chunk_rows, self.dim), compression=self.compression, fletcher32=True,
                 )
                 for k in range(self.replicates)
             ]
-            self._mask = [
-                f.create_dataset(f"masks/{k}", shape=(0,), maxshape=(None,), dtype=bool, chunks=(_MASK_CHUNK,),
-                                 fletcher32=True)
-                for k in range(self.replicates)
-            ]
+            self._mask = [self._rows_dataset(f, f"masks/{k}", bool) for k in range(self.replicates)]
+            self._scale = [self._rows_dataset(f, f"scales/{k}", np.float32) for k in range(self.replicates)] \
+                if self.int8 else []
         except _H5_WRITE_ERRORS as exc:
             self._out = None
             raise out.error(exc) from None
@@ -217,10 +254,18 @@ class ShardWriter:
         self._ids: list[str] = []
         self._seen: set[str] = set()
         self._offsets = [0]
+        self._checksums: list[list[int]] = [[] for _ in range(self.replicates)]
         self._buf_feat: list[list[np.ndarray]] = [[] for _ in range(self.replicates)]
         self._buf_mask: list[list[np.ndarray]] = [[] for _ in range(self.replicates)]
+        self._buf_scale: list[list[np.ndarray]] = [[] for _ in range(self.replicates)]
         self.buffered_rows = 0
         return self
+
+    @staticmethod
+    def _rows_dataset(f: h5py.File, name: str, dtype) -> h5py.Dataset:
+        """A resizable (rows,) dataset beside the features (masks, scales)."""
+        return f.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(_MASK_CHUNK,),
+                                fletcher32=True)
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         out, self._out = self._out, None
@@ -233,6 +278,8 @@ class ShardWriter:
             out.kept += [
                 f.create_dataset("ids", data=np.array(self._ids, dtype=object), dtype=h5py.string_dtype("utf-8")),
                 f.create_dataset("offsets", data=np.array(self._offsets, dtype=np.int64), fletcher32=True),
+                *(f.create_dataset(f"checksums/{k}", data=np.array(c, dtype=np.uint64), fletcher32=True)
+                  for k, c in enumerate(self._checksums)),
             ]
             for k, v in self.attrs.items():
                 f.attrs[k] = v
@@ -248,7 +295,7 @@ class ShardWriter:
         """Store one more array (with checksums), committed with the file (``predict``'s pooled states)."""
         if self._out is None:
             raise RuntimeError("ShardWriter.add_dataset outside of its `with` block")
-        if name.split("/")[0] in ("ids", "offsets", "embeddings", "masks"):
+        if name.split("/")[0] in ("ids", "offsets", "embeddings", "masks", "scales", "checksums"):
             raise ValueError(f"{name!r} is a dataset of the store layout")
         try:
             dset = self._out.file.create_dataset(name, data=data, fletcher32=True)
@@ -275,7 +322,7 @@ class ShardWriter:
                 f"{where}: got {len(features)} feature and {len(masks)} mask replicates, expected {self.replicates}"
             )
         with np.errstate(over="ignore"):  # overflow becomes Inf, refused below
-            feats = [np.asarray(x, dtype=np.float16) for x in features]
+            feats = [np.asarray(x, dtype=np.float32 if self.int8 else np.float16) for x in features]
         msks = [np.asarray(m) for m in masks]
         L = feats[0].shape[0] if feats[0].ndim == 2 else -1
         for k, (x, m) in enumerate(zip(feats, msks)):
@@ -285,11 +332,15 @@ class ShardWriter:
                 )
             if m.dtype != np.bool_:
                 raise PipelineError(f"{where} replicate {k}: mask dtype {m.dtype}, expected bool")
-            if not np.isfinite(x).all():
-                raise PipelineError(f"{where} replicate {k}: features contain NaN/Inf (after float16 cast)")
+            if not np.isfinite(x).all():  # the one check of the values: reads verify the checksum instead
+                raise PipelineError(f"{where} replicate {k}: features contain NaN/Inf (after {x.dtype} cast)")
         for k in range(self.replicates):
-            self._buf_feat[k].append(feats[k])
+            stored, scale = quantize(feats[k]) if self.int8 else (feats[k], None)
+            self._buf_feat[k].append(stored)
             self._buf_mask[k].append(msks[k])
+            if scale is not None:
+                self._buf_scale[k].append(scale)
+            self._checksums[k].append(protein_checksum(stored, scale, msks[k]))
         self._ids.append(id)
         self._seen.add(id)
         self._offsets.append(self._offsets[-1] + L)
@@ -309,8 +360,11 @@ class ShardWriter:
                 self._emb[k][start:end] = np.concatenate(self._buf_feat[k])
                 self._mask[k].resize((end,))
                 self._mask[k][start:end] = np.concatenate(self._buf_mask[k])
-                self._buf_feat[k].clear()
-                self._buf_mask[k].clear()
+                if self.int8:
+                    self._scale[k].resize((end,))
+                    self._scale[k][start:end] = np.concatenate(self._buf_scale[k])
+                for buf in (self._buf_feat, self._buf_mask, self._buf_scale):
+                    buf[k].clear()
         except _H5_WRITE_ERRORS as exc:  # a full disk: one line naming the shard (the `with` removes the temp file)
             raise write_error(self.path, _failure(exc)) from None
         self.buffered_rows = 0
@@ -331,8 +385,12 @@ def _check_layout(f: h5py.File, where: str) -> tuple[list[str], np.ndarray, dict
     for key in ("dim", "mask_replicates"):
         if not isinstance(attrs.get(key), int):
             raise PipelineError(f"{where}: attribute {key} missing or not an integer")
-    dim, K = attrs["dim"], attrs["mask_replicates"]
-    names = ["ids", "offsets"] + [f"{g}/{k}" for g in ("embeddings", "masks") for k in range(K)]
+    dim, K, dtype = attrs["dim"], attrs["mask_replicates"], attrs.get("dtype", "float16")
+    if dtype not in DTYPES:
+        raise PipelineError(f"{where}: attribute dtype is {dtype!r}, expected one of {', '.join(DTYPES)}")
+    names = ["ids", "offsets"] + _store_datasets(K, dtype)
+    if attrs.get("checksum", CHECKSUM) != CHECKSUM:
+        raise PipelineError(f"{where}: attribute checksum is {attrs['checksum']!r}, expected {CHECKSUM!r}")
     for name in names:
         if not isinstance(f.get(name), h5py.Dataset):
             raise PipelineError(f"{where}: dataset {name} missing")
@@ -350,10 +408,15 @@ def _check_layout(f: h5py.File, where: str) -> tuple[list[str], np.ndarray, dict
     rows = int(offsets[-1])
     for k in range(K):
         emb, mask = f[f"embeddings/{k}"], f[f"masks/{k}"]
-        if emb.shape != (rows, dim) or emb.dtype != np.float16:
-            raise PipelineError(f"{where}: embeddings/{k} is {emb.dtype}{emb.shape}, expected float16({rows}, {dim})")
-        if mask.shape != (rows,):
-            raise PipelineError(f"{where}: masks/{k} has shape {mask.shape}, expected ({rows},)")
+        if emb.shape != (rows, dim) or emb.dtype != np.dtype(dtype):
+            raise PipelineError(f"{where}: embeddings/{k} is {emb.dtype}{emb.shape}, expected {dtype}({rows}, {dim})")
+        extra = {f"masks/{k}": ((rows,), np.bool_), f"checksums/{k}": ((len(ids),), np.uint64)}
+        if dtype == "int8":
+            extra[f"scales/{k}"] = ((rows,), np.float32)
+        for name, (shape, kind) in extra.items():
+            if name in f and (f[name].shape != shape or f[name].dtype != kind):
+                raise PipelineError(f"{where}: {name} is {f[name].dtype}{f[name].shape}, expected "
+                                    f"{np.dtype(kind)}{shape}")
         if emb.is_virtual or mask.is_virtual:  # HDF5 reads a missing source as fill values, without error
             raise PipelineError(f"{where}: a gathered file of an earlier version (HDF5 virtual datasets over "
                                 "shard files, which read as NaN once the shards are gone); delete it and rerun "
@@ -387,9 +450,12 @@ _SCAN_PIECE = 2**20  # values scanned for NaN/Inf at once: temporaries of a few 
 
 
 def _first_nonfinite_row(block: np.ndarray) -> int | None:
-    """First row of float16 ``block`` with NaN/Inf, or None; bit ops are ~10x faster than ``np.isfinite``."""
-    bits = block.reshape(-1).view(np.uint16)
+    """First row of float ``block`` with NaN/Inf, or None; for float16, bit ops (~10x faster than ``np.isfinite``)."""
     width = max(1, int(np.prod(block.shape[1:])))
+    if block.dtype != np.float16:
+        bad = ~np.isfinite(block.reshape(-1))
+        return int(np.argmax(bad)) // width if bad.any() else None
+    bits = block.reshape(-1).view(np.uint16)
     for a in range(0, bits.size, _SCAN_PIECE):
         bad = (bits[a:a + _SCAN_PIECE] & 0x7C00) == 0x7C00
         if bad.any():
@@ -412,20 +478,22 @@ def _blocks(dset: h5py.Dataset, path: Path, name: str, check_values: bool) -> It
             dset.read_direct(block, np.s_[start:stop], np.s_[0:stop - start])
         except OSError as e:
             raise _damaged(f"{path}: {name} rows {start}..{stop - 1}", e) from None
-        if check_values and block.dtype == np.float16:
+        if check_values and block.dtype in (np.float16, np.float32):
             row = _first_nonfinite_row(block)
             if row is not None:
                 raise PipelineError(f"{path}: {name} has NaN/Inf at row {start + row}")
         yield block
 
 
-def _store_datasets(K: int) -> list[str]:
-    return [f"{g}/{k}" for k in range(K) for g in ("embeddings", "masks")]
+def _store_datasets(K: int, dtype: str = "float16") -> list[str]:
+    """The row arrays of a store (not ids, offsets, checksums)."""
+    groups = ("embeddings", "masks", "scales") if dtype == "int8" else ("embeddings", "masks")
+    return [f"{g}/{k}" for k in range(K) for g in groups]
 
 
-def _check_values(f: h5py.File, K: int, path: Path) -> None:
+def _check_values(f: h5py.File, attrs: dict, path: Path) -> None:
     """Read every array block by block (verifying checksums); refuse NaN/Inf features."""
-    for name in _store_datasets(K):
+    for name in _store_datasets(attrs["mask_replicates"], attrs.get("dtype", "float16")):
         for _ in _blocks(f[name], path, name, check_values=True):
             pass
 
@@ -452,7 +520,7 @@ def _validate(path: Path, expected_ids, expected_attrs, check_values: bool):
                 _check_ids(ids, expected_ids, str(path))
             _check_attrs(attrs, expected_attrs or {}, str(path))
             if check_values:
-                _check_values(f, attrs["mask_replicates"], path)
+                _check_values(f, attrs, path)
     except OSError as e:  # damage found while reading ids/offsets
         raise _damaged(str(path), e) from None
     return ids, offsets, attrs
@@ -522,6 +590,20 @@ class _ChunkAppender:
                                 f"{self.dset.name}, expected {len(self.dset)}")
 
 
+def _has_checksums(path: Path, K: int) -> bool:
+    with _open(path) as f:
+        return all(f"checksums/{k}" in f for k in range(K))
+
+
+def _read_checksums(path: Path, replicate: int) -> np.ndarray:
+    name = f"checksums/{replicate}"
+    with _open(path) as f:
+        try:
+            return f[name][()].astype(np.uint64)
+        except OSError as e:
+            raise _damaged(f"{path}: {name}", e) from None
+
+
 def _create_like(f: h5py.File, name: str, src: h5py.Dataset, rows: int) -> h5py.Dataset:
     """An empty dataset of ``rows`` rows stored like ``src``, always with Fletcher32 checksums."""
     shape = (rows,) + src.shape[1:]
@@ -582,13 +664,21 @@ def gather(
     starts = np.concatenate([[0], np.cumsum(rows)]).astype(np.int64)
     total = int(starts[-1])
     offsets = np.concatenate([[0]] + [s.offsets[1:] + st for s, st in zip(shards, starts)])
-    names = _store_datasets(ref.attrs["mask_replicates"])
+    K = ref.attrs["mask_replicates"]
+    names = _store_datasets(K, ref.attrs.get("dtype", "float16"))
+    # Shards with per-protein checksums had their values checked when written: the copy verifies
+    # Fletcher32 (HDF5 does, reading) and carries the checksums over, without a second look at the values.
+    checksummed = all(_has_checksums(s.path, K) for s in shards)
+    check_values = check_values and not checksummed
 
     out = _AtomicH5(out_path)
     try:
         f = out.file
         out.kept += [f.create_dataset("ids", data=np.array(all_ids, dtype=object), dtype=h5py.string_dtype("utf-8")),
                      f.create_dataset("offsets", data=offsets.astype(np.int64), fletcher32=True)]
+        if checksummed:
+            out.kept += [f.create_dataset(f"checksums/{k}", data=np.concatenate(
+                [_read_checksums(s.path, k) for s in shards]), fletcher32=True) for k in range(K)]
         with _open(ref.path) as first:
             sinks = {}
             for name in names:
@@ -643,36 +733,118 @@ def check_store_settings(path: str | os.PathLike, settings: Settings) -> None:
     check_settings(recorded, settings, EMBED, str(path), "the embeddings are stale, rerun the embed stage")
 
 
+class StoredRows(NamedTuple):
+    """One protein's rows of one replicate, as stored (checked against its checksum)."""
+
+    features: np.ndarray  # (rows, dim) float16, or int8 with ``scales``
+    scales: np.ndarray | None  # (rows,) float32 of an int8 store
+    mask: np.ndarray  # (rows,) bool
+
+    def float16(self) -> np.ndarray:
+        return self.features if self.scales is None else dequantize(self.features, self.scales).astype(np.float16)
+
+
+_RAW_FILTERS = (h5py.h5z.FILTER_FLETCHER32,)  # a checksum after a chunk's bytes: the bytes are the rows
+
+
+class _RawRows:
+    """Where the rows of a dataset lie in its file, for reads that skip HDF5 (``pread`` of the bytes).
+
+    Possible when no filter but Fletcher32 is on the data and a chunk spans whole rows: rows a:b
+    of one chunk are then ``(b - a) * row_bytes`` contiguous bytes, and a read fetches only those.
+    """
+
+    def __init__(self, row_bytes: int, chunk_rows: int, offsets: np.ndarray):
+        self.row_bytes, self.chunk_rows, self.offsets = row_bytes, chunk_rows, offsets
+
+    @classmethod
+    def of(cls, dset: h5py.Dataset) -> "_RawRows | None":
+        plist = dset.id.get_create_plist()
+        if any(plist.get_filter(i)[0] not in _RAW_FILTERS for i in range(plist.get_nfilters())):
+            return None
+        rows, row_bytes = dset.shape[0], dset.dtype.itemsize * int(np.prod(dset.shape[1:]))
+        if rows == 0:
+            return cls(row_bytes, 1, np.zeros(0, np.int64))
+        if dset.chunks is None:
+            offset = dset.id.get_offset()
+            return None if offset is None else cls(row_bytes, rows, np.array([offset], np.int64))
+        if tuple(dset.chunks[1:]) != tuple(dset.shape[1:]):
+            return None
+        chunk_rows = dset.chunks[0]
+        offsets = np.full(-(-rows // chunk_rows), -1, np.int64)
+
+        def visit(info) -> None:
+            offsets[info.chunk_offset[0] // chunk_rows] = info.byte_offset
+
+        dset.id.chunk_iter(visit)
+        return None if (offsets < 0).any() else cls(row_bytes, chunk_rows, offsets)  # unwritten: HDF5's fill
+
+    def read(self, fd: int, a: int, b: int, out: np.ndarray) -> bool:
+        """Rows a:b into C-contiguous ``out``; False on a short read (a truncated file)."""
+        view, pos, row = memoryview(out.reshape(-1).view(np.uint8)), 0, a
+        while row < b:
+            chunk = row // self.chunk_rows
+            end = min(b, (chunk + 1) * self.chunk_rows)
+            offset = int(self.offsets[chunk]) + (row - chunk * self.chunk_rows) * self.row_bytes
+            stop = pos + (end - row) * self.row_bytes
+            while pos < stop:
+                got = os.preadv(fd, [view[pos:stop]], offset)
+                if got <= 0:
+                    return False
+                pos, offset = pos + got, offset + got
+            row = end
+        return True
+
+
+class _Replicate(NamedTuple):
+    """One replicate's datasets, and their raw locations when every one has them."""
+
+    features: h5py.Dataset
+    scales: h5py.Dataset | None
+    mask: h5py.Dataset
+    raw: tuple[_RawRows | None, ...] | None
+
+
 class EmbeddingReader:
     """Reads one protein's (or a batch's) embeddings of one replicate from a shard or gathered file.
 
-    The handle is reopened when ``os.getpid()`` changes: HDF5 handles must not cross a fork.
+    Each read is checked: against the protein's checksum (reading the bytes directly, see the module
+    docstring), else through HDF5's Fletcher32 with the values checked. The handles are reopened
+    when ``os.getpid()`` changes: HDF5 handles must not cross a fork.
     """
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self._file: h5py.File | None = None
+        self._fd: int | None = None
         self._pid: int | None = None
+        self._reps: list[_Replicate] = []
+        self._checksums: dict[int, np.ndarray | None] = {}
         self._meta: tuple[list[str], dict[str, int], np.ndarray, dict[str, Any]] | None = None
 
     def _h5(self) -> h5py.File:
         if self._file is None or self._pid != os.getpid():
             # Drop the parent's handle and datasets, so HDF5 does not hand back its file id.
-            self._file, self._emb, self._mask = None, [], []
+            self._file, self._fd, self._reps, self._checksums = None, None, [], {}
             f = _open(self.path)
             try:
                 if self._meta is None:
                     ids, offsets, attrs = _check_layout(f, str(self.path))
                     self._meta = (ids, {i: n for n, i in enumerate(ids)}, offsets, attrs)
+                attrs = self._meta[3]
+                for k in range(attrs["mask_replicates"]):
+                    parts = (f[f"embeddings/{k}"], f[f"scales/{k}"] if self.dtype == "int8" else None,
+                             f[f"masks/{k}"])
+                    raw = tuple(None if d is None else _RawRows.of(d) for d in parts)
+                    usable = all(r is not None for r, d in zip(raw, parts) if d is not None)
+                    self._reps.append(_Replicate(*parts, raw if usable else None))
+                self._fd = os.open(self.path, os.O_RDONLY)
             except OSError as e:  # ids/offsets unreadable
                 f.close()
                 raise _damaged(str(self.path), e) from None
             except BaseException:
                 f.close()
                 raise
-            K = self._meta[3]["mask_replicates"]
-            self._emb = [f[f"embeddings/{k}"] for k in range(K)]
-            self._mask = [f[f"masks/{k}"] for k in range(K)]
             self._file, self._pid = f, os.getpid()
         return self._file
 
@@ -688,6 +860,11 @@ class EmbeddingReader:
     @property
     def attrs(self) -> dict[str, Any]:
         return dict(self._metadata()[3])
+
+    @property
+    def dtype(self) -> str:
+        """How the features are stored: float16, or int8 with a float32 scale per row."""
+        return self._metadata()[3].get("dtype", "float16")
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -708,60 +885,96 @@ class EmbeddingReader:
         """Stored rows of protein ``id`` (see :meth:`row_counts`)."""
         return int(self.row_counts([id])[0])
 
-    def _datasets(self, replicate: int) -> tuple[h5py.Dataset, h5py.Dataset]:
+    def _replicate(self, replicate: int) -> _Replicate:
         self._h5()
-        K = len(self._emb)
+        K = len(self._reps)
         if not 0 <= replicate < K:
             raise PipelineError(f"{self.path}: replicate {replicate} out of range 0..{K - 1}")
-        return self._emb[replicate], self._mask[replicate]
+        return self._reps[replicate]
 
-    def _read(self, replicate: int, a: int, b: int, what: str) -> tuple[np.ndarray, np.ndarray]:
-        """Rows a:b of one replicate; a failed checksum or truncated file becomes a PipelineError."""
-        emb, mask = self._datasets(replicate)
+    def _datasets(self, replicate: int) -> tuple[h5py.Dataset, h5py.Dataset]:
+        rep = self._replicate(replicate)
+        return rep.features, rep.mask
+
+    def _checksum(self, replicate: int, index: int) -> int | None:
+        """Protein ``index``'s checksum in ``replicate``, or None for a store without them."""
+        if replicate not in self._checksums:
+            name = f"checksums/{replicate}"
+            f = self._h5()
+            try:
+                self._checksums[replicate] = f[name][()] if name in f else None
+            except OSError as e:
+                raise _damaged(f"{self.path}: {name}", e) from None
+        table = self._checksums[replicate]
+        return None if table is None else int(table[index])
+
+    def _read_h5(self, rep: _Replicate, a: int, b: int, what: str) -> StoredRows:
+        """Rows a:b through HDF5 (Fletcher32 verified); a failed checksum or truncated file is a PipelineError."""
         try:
-            return emb[a:b], mask[a:b]
+            return StoredRows(rep.features[a:b], None if rep.scales is None else rep.scales[a:b], rep.mask[a:b])
         except OSError as e:
-            raise _damaged(f"{self.path}: {what} replicate {replicate}", e) from None
+            raise _damaged(f"{self.path}: {what}", e) from None
+
+    def read(self, id: str, replicate: int, out: np.ndarray | None = None, *, direct: bool = True) -> StoredRows:
+        """Protein ``id``'s rows of one replicate as stored, checked; features into ``out`` when given
+        (C-contiguous, (rows, dim), the store's dtype: e.g. a slice of a batch buffer). ``direct``:
+        the file's bytes checked by the protein's checksum where the store has them (the training's
+        reads), else through HDF5, which also checks the Fletcher32 sums of every chunk touched."""
+        _, _, offsets, attrs = self._metadata()
+        i = self.index(id)
+        a, b = int(offsets[i]), int(offsets[i + 1])
+        rep = self._replicate(replicate)
+        features = np.empty((b - a, attrs["dim"]), rep.features.dtype) if out is None else out
+        if features.shape != (b - a, attrs["dim"]) or features.dtype != rep.features.dtype:
+            raise ValueError(f"out is {features.dtype}{features.shape}, protein {id!r} needs "
+                             f"{rep.features.dtype}{(b - a, attrs['dim'])}")
+        rows = StoredRows(features, None if rep.scales is None else np.empty(b - a, np.float32),
+                          np.empty(b - a, np.bool_))
+        what = f"protein {id!r} replicate {replicate}"
+        expected = self._checksum(replicate, i)
+        if direct and rep.raw is not None and expected is not None:
+            if all(raw.read(self._fd, a, b, part) for raw, part in zip(rep.raw, rows) if raw is not None) and \
+                    protein_checksum(*rows) == expected:
+                return rows
+        else:
+            stored = self._read_h5(rep, a, b, what)
+            for part, value in zip(rows, stored):
+                if part is not None:
+                    part[...] = value
+            if expected is None:
+                self._check_finite(rows, what)
+                return rows
+            if protein_checksum(*rows) == expected:
+                return rows
+        self._check_finite(self._read_h5(rep, a, b, what), what)  # name the damage HDF5 or the values show
+        raise PipelineError(f"{self.path}: {what}: stored data unreadable (checksum mismatch: its rows' "
+                            f"{CHECKSUM} differs from the one the embed stage wrote; truncated or corrupt file; "
+                            "rerun the embed stage)")
+
+    def _check_finite(self, rows: StoredRows, what: str) -> None:
+        for part in (rows.features, rows.scales):
+            if part is not None and part.dtype.kind == "f" and _first_nonfinite_row(part) is not None:
+                raise PipelineError(f"{self.path}: {what} has NaN/Inf embeddings (rerun the embed stage)")
 
     def get(self, id: str, replicate: int) -> tuple[np.ndarray, np.ndarray]:
-        """Features (rows, dim) float16 and mask (rows,) bool of protein ``id``, one replicate."""
-        offsets = self._metadata()[2]
-        i = self.index(id)
-        return self._read(replicate, int(offsets[i]), int(offsets[i + 1]), f"protein {id!r}")
+        """Features (rows, dim) float16 (an int8 store's dequantised) and mask (rows,) bool of
+        protein ``id``, one replicate."""
+        rows = self.read(id, replicate, direct=False)
+        return rows.float16(), rows.mask
 
     def get_many(self, ids: Sequence[str], replicate: int) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Like ``get`` for a batch, in ``ids`` order; proteins adjacent in the file are read in one go."""
-        ids_all, _, offsets, _ = self._metadata()
-        rows = sorted({self.index(i) for i in ids})
-        out: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-        j = 0
-        while j < len(rows):  # runs of consecutive proteins -> one contiguous read each
-            end = j
-            while end + 1 < len(rows) and rows[end + 1] == rows[end] + 1:
-                end += 1
-            a, b = int(offsets[rows[j]]), int(offsets[rows[end] + 1])
-            try:
-                x, m = self._read(replicate, a, b, f"proteins {ids_all[rows[j]]!r}..{ids_all[rows[end]]!r}")
-            except PipelineError:
-                for r in rows[j:end + 1]:  # name the damaged protein
-                    self.get(ids_all[r], replicate)
-                raise
-            for r in rows[j:end + 1]:
-                s, e = int(offsets[r]) - a, int(offsets[r + 1]) - a
-                out[r] = (x[s:e], m[s:e])
-            j = end + 1
-        return [out[self.index(i)] for i in ids]
+        """Like ``get`` for a batch, in ``ids`` order."""
+        return [self.get(i, replicate) for i in ids]
 
     def close(self) -> None:
         if self._file is not None and self._pid == os.getpid():
             self._file.close()
-        self._file, self._pid, self._emb, self._mask = None, None, [], []
+            os.close(self._fd)
+        self._file, self._fd, self._pid, self._reps, self._checksums = None, None, None, [], {}
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        state.update(_file=None, _pid=None)
-        state.pop("_emb", None)
-        state.pop("_mask", None)
+        state.update(_file=None, _fd=None, _pid=None, _reps=[], _checksums={})
         return state
 
     def __enter__(self) -> "EmbeddingReader":

@@ -17,8 +17,11 @@ SUM_FIELDS = ("loss_sum", "predicted", "correct", "ptm_predicted", "ptm_correct"
 def esm_features(batch: Batch, esm_model) -> torch.Tensor | None:
     """The ESM-2 features that reach the model, (B, T, dim): ESM-2's output at every position of
     ``<cls> residues <eos>``, zeros at padding. Precomputed: the batch's (float16, as stored);
-    on the fly (``esm_model`` given): ESM-2 run on the batch's masked input, as the original trains."""
+    on the fly (``esm_model`` given): ESM-2 run on the batch's masked input, as the original trains.
+    int8 features are dequantised here, on the batch's device."""
     if esm_model is None:
+        if batch.esm_scales is not None:
+            return batch.esm_features.float() * batch.esm_scales.unsqueeze(-1)
         return batch.esm_features
     from .esm import esm_forward
 

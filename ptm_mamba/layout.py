@@ -14,7 +14,7 @@ reads. Snakemake passes wildcard patterns through the same functions, e.g.
     results/predictions/{run_name}/{name}.h5        predict on predict.inputs
     results/report/{run_name}/                      the report's figures and tables: report_files()
     results/evaluate/{run_name}/ptm_sites.{tsv,json,png}  the evaluate stage (PTM-site probes)
-    results/compare/compare.{tsv,json} + curves.png       the compare step over config `runs:`
+    results/compare/compare.{tsv,json,html} + curves.png  the compare step over config `runs:`
     NAME.csv + NAME.summary.json                    the prepare stage's CSV (dataset.dataset_location)
 """
 
@@ -39,7 +39,9 @@ EVALUATE_DIR = "results/evaluate"
 COMPARE_DIR = "results/compare"
 # The evaluate stage's files in evaluation_dir(run_name), and the compare step's in COMPARE_DIR.
 EVALUATION_FILES = ("ptm_sites.tsv", "ptm_sites.json", "ptm_sites.png")
+EVALUATION_PAGE = "ptm_sites.html"  # ptm_sites.tsv as a page for the report, beside it
 COMPARE_FILES = ("compare.tsv", "compare.json", "curves.png")
+COMPARE_PAGE = "compare.html"  # compare.tsv's tables as a page for the report, beside it
 
 RUN_PREFIX = "ptm-mamba-"
 CONFIG_FILE, METRICS_FILE, BEST_CKPT, LAST_CKPT = "config.yaml", "metrics.json", "best.ckpt", "last.ckpt"
@@ -136,6 +138,17 @@ def evaluation_files(run_name: str) -> dict[str, Path]:
     return {name: evaluation_dir(run_name) / name for name in EVALUATION_FILES}
 
 
+def evaluation_outputs(folder: str | os.PathLike) -> dict[str, Path]:
+    """What the evaluate stage writes into ``folder`` by name: :data:`EVALUATION_FILES` and
+    :data:`EVALUATION_PAGE` (``evaluation_outputs(evaluation_dir(run_name))`` in the workflow)."""
+    return {name: Path(folder) / name for name in (*EVALUATION_FILES, EVALUATION_PAGE)}
+
+
 def compare_files() -> dict[str, Path]:
     """The compare step's files by name: compare.tsv, compare.json, curves.png."""
     return {name: Path(COMPARE_DIR) / name for name in COMPARE_FILES}
+
+
+def compare_outputs(folder: str | os.PathLike = COMPARE_DIR) -> dict[str, Path]:
+    """What the compare step writes into ``folder`` by name: :data:`COMPARE_FILES` and :data:`COMPARE_PAGE`."""
+    return {name: Path(folder) / name for name in (*COMPARE_FILES, COMPARE_PAGE)}

@@ -37,12 +37,9 @@ def _short_identity(identity: str) -> str:
     return re.sub(r"(sha256:[0-9a-f]{12})[0-9a-f]+", r"\1", identity)
 
 
-def _esm_for(model, esm_model, esm: EsmSettings | None, trained_esm: str | None):
-    if not model.config.use_esm or esm_model is not None:
-        return esm_model
-    if esm is None:
-        raise PipelineError("this model uses ESM-2 features but its checkpoint names no ESM model: "
-                            "pass esm_model=load_esm(...)")
+def load_trained_esm(esm: EsmSettings, trained_esm: str | None, device):
+    """The ESM-2 of ``esm`` on ``device``, refused unless its weights are ``trained_esm`` (the identity
+    the training run recorded; None: unchecked), both from :func:`ptm_mamba.checkpoint.load_model`."""
     from .esm import load_esm
     from .esm_weights import esm_identity
 
@@ -50,8 +47,16 @@ def _esm_for(model, esm_model, esm: EsmSettings | None, trained_esm: str | None)
         raise PipelineError(f"ESM model {esm.model}: not the weights this model was trained with "
                             f"({_short_identity(esm_identity(esm.model))}, trained with {_short_identity(trained_esm)}); "
                             "put the training's ESM-2 file back at that path")
-    device = next(model.parameters()).device
     return load_esm(esm.model, esm.repr_layer, device=device)
+
+
+def _esm_for(model, esm_model, esm: EsmSettings | None, trained_esm: str | None):
+    if not model.config.use_esm or esm_model is not None:
+        return esm_model
+    if esm is None:
+        raise PipelineError("this model uses ESM-2 features but its checkpoint names no ESM model: "
+                            "pass esm_model=load_esm(...)")
+    return load_trained_esm(esm, trained_esm, next(model.parameters()).device)
 
 
 @torch.no_grad()

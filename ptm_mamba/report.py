@@ -7,6 +7,8 @@
     provenance_table(provenance.json, tsv)  data, ESM-2 weights, code, packages and machine of the run
     embedding_stats([*.h5], tsv)            size, ESM model and value statistics of the embedding files
     run_summary(metrics.json, ...)          [(item, value)]: the run at a glance (data, model, steps, losses)
+    plot_ptm_sites(record, png)             the evaluate stage's AUROC per PTM type and feature set, with intervals
+    ptm_sites_html(tsv, record, html)       its table (ptm_sites.tsv) as a page, with the PTM types left out
     test_results_html / table_html / provenance_html / config_html / summary_html
                                             the tables (and config.yaml) as self-contained HTML pages:
                                             Snakemake's report shows .html items inline, .tsv/.yaml as downloads
@@ -415,12 +417,14 @@ def embedding_stats(h5_paths: Sequence[str | Path], out_tsv: str | Path, max_val
             ids, attrs = reader.ids, reader.attrs  # validates the layout, raises PipelineError if broken
         with h5py.File(path, "r", locking=False) as f:  # layout documented in embedding_store
             emb, mask, offsets = f["embeddings/0"], f["masks/0"], f["offsets"][()]
+            scales = f["scales/0"] if "scales/0" in f else None  # an int8 store: row r is emb[r] * scales[r]
             total, dim = int(emb.shape[0]), int(emb.shape[1])
             residues = total - ROWS_AROUND_RESIDUES * len(ids)  # each protein's <cls> and <eos> rows
             picked = _sample_rows(total, max(1, max_values // max(1, dim)))
             at_residue = [~np.isin(np.arange(s.start, s.stop), np.concatenate([offsets[:-1], offsets[1:] - 1]))
                           for s in picked]
-            values = [emb[s][keep].astype(np.float64) for s, keep in zip(picked, at_residue)]
+            values = [(emb[s] if scales is None else emb[s] * scales[s][:, None].astype(np.float64))[keep]
+                      .astype(np.float64) for s, keep in zip(picked, at_residue)]
             masked = [mask[s][keep] for s, keep in zip(picked, at_residue)]
         sample = np.concatenate(values) if values else np.zeros((0, dim))
         flags = np.concatenate(masked) if masked else np.zeros(0, dtype=bool)
@@ -769,6 +773,78 @@ def config_html(config_yaml: str | Path, out_html: str | Path) -> Path:
     note = (f"{path.name} as training saved it (every key, defaults included); pass it to --configfile to run "
             "the same again.")
     return _write_page(out_html, title, _heading(title, note) + "<pre>" + "\n".join(lines) + "</pre>")
+
+
+EVALUATION_COLORS = {"ptm_mamba": "tab:purple", "esm2": "tab:blue", "onehot": "tab:gray"}
+EVALUATION_LABELS = {"ptm_mamba": "PTM-Mamba", "esm2": "ESM-2", "onehot": "one-hot window"}
+
+
+def plot_ptm_sites(record: dict, path: str | Path) -> Path:
+    """The evaluate stage's record (ptm_sites.json) as a figure: per PTM type (most sites on top) the
+    out-of-fold AUROC of each feature set, with its bootstrap 95% interval; 0.5 is chance."""
+    tasks = record.get("tasks") or []
+    title = f"PTM-site prediction on the test split ({record.get('run_name', '')}): linear probes"
+    fig, ax = _figure(height=max(3.0, 0.55 * len(tasks) + 1.8))
+    if not tasks:
+        reason = "no PTM type has enough sites in the test split\n(evaluate.min_sites)" if record.get("skipped") \
+            else "no PTM sites in the test split"
+        _placeholder(ax, title, reason)
+        return _save(fig, Path(path))
+    names = list(tasks[0]["features"])
+    step = 0.8 / len(names)
+    for k, name in enumerate(names):
+        y = np.arange(len(tasks)) - 0.4 + step * (k + 0.5)
+        auroc = np.array([t["features"][name]["auroc"] for t in tasks])
+        ci = [t["features"][name]["auroc_ci"] or [a, a] for t, a in zip(tasks, auroc)]
+        err = np.array([[a - lo for a, (lo, _) in zip(auroc, ci)], [hi - a for a, (_, hi) in zip(auroc, ci)]])
+        ax.errorbar(auroc, y, xerr=np.clip(err, 0, None), fmt="o", ms=5, capsize=3,
+                    color=EVALUATION_COLORS.get(name), label=EVALUATION_LABELS.get(name, name))
+    ax.axvline(0.5, color="0.5", ls="--", lw=1, label="chance")
+    labels = [f"{ptm_name(t['ptm'])} ({t['residue']}; {t['sites']:,} of {t['candidates']:,})" for t in tasks]
+    ax.set_yticks(np.arange(len(tasks)), labels, fontsize=8)
+    ax.invert_yaxis()
+    folds = sorted({t.get("folds", record.get("folds")) for t in tasks})  # fewer where there are fewer proteins
+    span = str(folds[0]) if len(folds) == 1 else f"{folds[0]}–{folds[-1]}"
+    ax.set(title=title, xlabel=f"AUROC, {span}-fold cross-validation (95% bootstrap interval)",
+           xlim=(min(0.4, ax.get_xlim()[0]), 1.0))
+    ax.grid(axis="x", alpha=0.3)
+    fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center", ncol=4, fontsize=8)
+    return _save(fig, Path(path))
+
+
+def ptm_sites_html(tsv: str | Path, record: dict, out_html: str | Path) -> Path:
+    """ptm_sites.tsv as a page: a row per PTM type and feature set, AUROC and AUPRC with their
+    intervals; then the PTM types left out and why (from the record, ptm_sites.json)."""
+    header, rows = _read_tsv_rows(tsv)
+    col = {name: i for i, name in enumerate(header)}
+
+    def with_ci(row: list[str], metric: str) -> str:
+        lo, hi = row[col[f"{metric}_lo"]], row[col[f"{metric}_hi"]]
+        value = _num(float(row[col[metric]]), 3)
+        return f"{value} [{_num(float(lo), 3)}, {_num(float(hi), 3)}]" if lo and hi else value
+
+    shown = [(ptm_name(r[col["ptm"]]), r[col["residue"]], EVALUATION_LABELS.get(r[col["features"]], r[col["features"]]),
+              r[col["proteins"]], r[col["candidates"]], r[col["sites"]], with_ci(r, "auroc"), with_ci(r, "auprc"))
+             for r in rows]
+    unit = "clusters" if record.get("grouped_by") == "cluster" else "proteins"
+    title = f"PTM-site prediction of run {record.get('run_name', '')}"
+    note = (f"Each PTM type with enough sites in the test split is a task: its candidates are the residues it "
+            f"modifies, in proteins read without any PTM token; a linear probe (logistic regression on "
+            f"standardised features) is scored by {record.get('folds')}-fold cross-validation that never splits "
+            f"{unit}. AUROC and AUPRC of the out-of-fold scores, with 95% intervals from "
+            f"{record.get('bootstrap')} bootstrap resamples of the {unit} (the same table is in ptm_sites.tsv).")
+    body = _heading(title, note)
+    if shown:
+        body += html_table(("PTM type", "residue", "features", "proteins", "candidates", "sites",
+                            "AUROC [95% CI]", "AUPRC [95% CI]"), shown)
+    else:
+        body += '<p class="note">No PTM type has enough sites in the test split for a task.</p>'
+    skipped = record.get("skipped") or []
+    if skipped:
+        body += (f"\n<h2>Left out ({_plural(len(skipped), 'PTM type')})</h2>\n"
+                 + html_table(("PTM type", "sites", "why"),
+                              [(ptm_name(s["ptm"]), s["sites"], s["why"]) for s in skipped]))
+    return _write_page(out_html, title, body)
 
 
 def cmd_plots(args: argparse.Namespace) -> None:

@@ -63,6 +63,7 @@ class EmbeddingSettings:
     batch_size: int | None
     window: int
     overlap: int
+    dtype: str = "float16"
 
 
 @dataclass(frozen=True)
@@ -117,6 +118,18 @@ class PredictSettings:
 
 
 @dataclass(frozen=True)
+class EvaluateSettings:
+    """``evaluate``: the PTM-site probes of the evaluate stage (:mod:`ptm_mamba.evaluate`)."""
+
+    min_sites: int
+    folds: int
+    bootstrap: int
+    window: int
+    seed: int
+    max_candidates: int | None
+
+
+@dataclass(frozen=True)
 class Settings:
     """The whole validated config. ``as_dict()`` gives back the plain mapping (for config.yaml)."""
 
@@ -129,6 +142,10 @@ class Settings:
     training: TrainingSettings
     model: ModelSettings
     predict: PredictSettings
+    evaluate: EvaluateSettings
+    # A sweep: run name -> that run's overrides (plain data, as validated); None without one. The
+    # settings a run trains with are config.settings_of_run(config, name)'s, whose runs is None.
+    runs: dict[str, dict] | None = field(hash=False)
     # The key order of the config these settings came from (the user's order, then the defaults the
     # schema filled in): as_dict() writes config.yaml in it, so the same config gives the same bytes.
     key_order: Any = field(default=None, compare=False, repr=False)
@@ -148,12 +165,16 @@ class Settings:
             training=TrainingSettings(**training),
             model=ModelSettings(**dict(config["model"], ssm_cfg=dict(config["model"]["ssm_cfg"]))),
             predict=PredictSettings(**dict(config["predict"], inputs=tuple(config["predict"]["inputs"]))),
+            evaluate=EvaluateSettings(**config["evaluate"]),
+            runs=_plain(config.get("runs")),
             key_order=_key_order(config),
         )
 
     def as_dict(self) -> dict[str, Any]:
         """The plain mapping these settings came from (tuples as lists), as YAML and JSON write it."""
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "key_order"}
+        if self.runs is None and "runs" not in (self.key_order or {}):  # no sweep: no runs key, as given
+            del values["runs"]
         return _ordered(_plain({key: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v
                                 for key, v in values.items()}), self.key_order)
 

@@ -33,6 +33,7 @@ from .settings import Settings
 
 SPLIT, EMBED, TRAIN = "split", "embed", "train"
 PREPARE, CLUSTER = "prepare", "cluster"
+EVALUATE = "evaluate"
 
 
 def source_identity(source: dict | None) -> dict | None:
@@ -54,6 +55,10 @@ def _uses_esm(settings: Settings) -> bool:
 
 def _precomputed(settings: Settings) -> bool:
     return settings.training.precomputed
+
+
+def _int8(settings: Settings) -> bool:
+    return settings.embedding.dtype != "float16"
 
 
 @dataclass(frozen=True)
@@ -96,6 +101,8 @@ DEPENDS_ON: dict[str, tuple[Dep, ...]] = {
         Dep("embedding.window"),
         Dep("embedding.overlap"),
         Dep("training.mask_prob"),
+        # listed only away from its default: stores made before the key existed stay valid
+        Dep("embedding.dtype", when=_int8),
     ),
     TRAIN: (
         Dep("seed"),
@@ -105,6 +112,7 @@ DEPENDS_ON: dict[str, tuple[Dep, ...]] = {
         Dep("esm.model", identity=esm_identity, when=_uses_esm),
         Dep("esm.repr_layer", when=_uses_esm),
         Dep("embedding.mask_replicates", when=_precomputed),
+        Dep("embedding.dtype", when=lambda s: _precomputed(s) and _int8(s)),
         *(Dep(f"training.{key}") for key in (
             "use_esm", "use_precomputed_embeddings", "num_train_epochs", "max_steps", "log_steps",
             "per_device_train_batch_size", "max_tokens_per_batch", "lr", "weight_decay", "adam_betas",
@@ -114,6 +122,14 @@ DEPENDS_ON: dict[str, tuple[Dep, ...]] = {
         Dep("training.gradient_accumulation_steps", when=lambda s: s.training.gradient_accumulation_steps != 1),
         Dep("training.init_from", identity=file_sha256, when=lambda s: s.training.init_from is not None),
         Dep("training.num_machines", when=lambda s: s.training.num_machines > 1),
+    ),
+    # the probes on a run's test split; the split, the run's best.ckpt and the clusters are its input
+    # files, and with split_by: cluster the clusters are the units the folds and the bootstrap keep whole
+    EVALUATE: (
+        Dep("evaluate"),
+        Dep("dataset.split_by", when=_by_cluster),
+        Dep("dataset.cluster_identity", when=_by_cluster),
+        Dep("dataset.cluster_coverage", when=_by_cluster),
     ),
 }
 # Versions of what a stage writes, for changes no config key shows: files of another version are
@@ -126,13 +142,15 @@ FORMAT_KEY = "format"
 # the work is cut up or run (embedding.shards / max_tokens_per_batch / batch_size, training.num_workers,
 # device, model.scan), where a run continues from (training.resume_from_checkpoint: the resumed run
 # checks the saved state's own settings), where metrics are also sent (training.log_with), and the
-# predict stage's options (its outputs are not inputs of any stage). A new schema key must be in
-# DEPENDS_ON or here (tests/test_stage_keys.py).
+# predict stage's options (its outputs are not inputs of any stage), and a sweep's runs (each run's
+# stages depend on the keys of that run's settings, ptm_mamba.config.settings_of_run; the config refuses
+# runs that would change the split's or the embeddings' keys). A new schema key must be in DEPENDS_ON or
+# here (tests/test_stage_keys.py).
 NO_RESULT_KEYS: tuple[str, ...] = (
     "run_name", "device", "training.output_dir", "training.embeddings_dir",
     "embedding.shards", "embedding.max_tokens_per_batch", "embedding.batch_size",
     "training.num_workers", "model.scan", "training.resume_from_checkpoint", "training.log_with",
-    "predict",
+    "predict", "runs",
 )
 
 
@@ -175,5 +193,6 @@ def check_settings(recorded: Any, settings: Settings, stage: str, where: str, fi
             raise PipelineError(f"{where}: written by another version of the {stage} stage (format "
                                 f"{recorded.get(key, 1)}, this version's is {expected.get(key)}); {fix}")
         if recorded.get(key) != expected.get(key):
-            raise PipelineError(f"{where}: made with {key} = {recorded.get(key)!r}, but the config gives "
-                                f"{expected.get(key)!r}; {fix}")
+            made = f"{key} = {recorded[key]!r}" if key in recorded else f"{key} at its default"
+            given = f"gives {expected[key]!r}" if key in expected else "leaves it at its default"
+            raise PipelineError(f"{where}: made with {made}, but the config {given}; {fix}")

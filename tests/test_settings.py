@@ -23,7 +23,7 @@ def test_every_section_has_a_field_per_schema_key():
     schema = load_schema()["properties"]
     assert _fields(Settings) == set(schema)
     sections = {f.name: f.type for f in dataclasses.fields(Settings) if f.type.endswith("Settings")}
-    assert set(sections) == {"dataset", "esm", "embedding", "training", "model", "predict"}
+    assert set(sections) == {"dataset", "esm", "embedding", "training", "model", "predict", "evaluate"}
     for section, cls in sections.items():
         assert _fields(getattr(settings_module, cls)) == set(schema[section]["properties"]), section
     source = schema["dataset"]["properties"]["source"]["properties"]

@@ -21,6 +21,7 @@ import torch
 import yaml
 
 from conftest import REPO, settings_for, slurm_installed, tiny_config, write_config
+from ptm_mamba.embedding_store import EmbeddingReader
 from ptm_mamba.layout import (BEST_CKPT, LAST_CKPT, METRICS_FILE, RESUME_DIR, RUN_FILES, SPLIT_DIR, SPLITS, report_dir,
                               report_files, run_dir, split_store_path)
 from ptm_mamba.train import without_throughput
@@ -86,7 +87,7 @@ def test_dag_on_slurm_with_a_train_job_past_its_time_limit(cluster, tmp_path):
     than that. SLURM stops it (its warning signal before the limit, as profiles/slurm sends),
     the training saves its state, Snakemake resubmits the job (preemptible-retries) and the
     resubmitted job continues; the end result is the uninterrupted run's, to the bit."""
-    config = tiny_config(tmp_path, n=40, run_name="slurm", embedding={"shards": 1}, training={
+    config = tiny_config(tmp_path, n=40, run_name="slurm", embedding={"shards": 1, "dtype": "int8"}, training={
         "num_train_epochs": 1000, "log_steps": 100, "embeddings_dir": "embeddings", "output_dir": "outputs"})
     config["training"]["max_steps"] = steps = steps_for(TRAINING_SECONDS, config, tmp_path)
     write_config(tmp_path / "config.yaml", **config)
@@ -118,11 +119,13 @@ def test_dag_on_slurm_with_a_train_job_past_its_time_limit(cluster, tmp_path):
     assert snakemake.returncode == 0, output[-6000:]
     submitted = re.findall(r"SLURM jobid (\d+) \(log: \S+/rule_(\w+)/", output)
     by_rule = {rule: [job for job, r in submitted if r == rule] for _, rule in submitted}
-    # split, one embed job and one gather per split, train: through SLURM; the light rules are localrules
-    assert sorted(by_rule) == ["embed_shard", "gather_embeddings", "split", "train"], submitted
+    # split, one embed job and one gather per split, train, evaluate_run: through SLURM; the light rules are localrules
+    assert sorted(by_rule) == ["embed_shard", "evaluate_run", "gather_embeddings", "split", "train"], submitted
     assert len(by_rule["embed_shard"]) == len(by_rule["gather_embeddings"]) == 3, submitted
     for name in RUN_FILES:
         assert (run / name).is_file(), name
+    with EmbeddingReader(split_store_path(embeddings, "train")) as store:  # int8 stores through the whole DAG
+        assert store.dtype == "int8" and store.read(store.ids[0], 0).scales is not None
     assert report_files(tmp_path / report_dir("slurm"))["loss"].is_file()
 
     jobs = by_rule["train"]

@@ -118,7 +118,7 @@ def workdir(tmp_path_factory) -> Path:
     split runs through the DAG in tests/test_slurm.py)."""
     root = tmp_path_factory.mktemp("workflow")
     config = tiny_config(root, n=48, run_name="wf", training={"embeddings_dir": EMB, "output_dir": "out dir"},
-                         dataset={"split_by": "cluster"})
+                         dataset={"split_by": "cluster"}, evaluate={"min_sites": 4, "bootstrap": 200})
     write_config(root / "config.yaml", **config)
     snakemake(root)
     return root
@@ -140,6 +140,17 @@ def test_full_dag_runs_and_writes_every_output(workdir):
     # the jobs read the config of this invocation, from a file named by its content
     configs = list((workdir / layout.CONFIGS_DIR).iterdir())
     assert len(configs) == 1 and configs[0].read_text() == (workdir / RUN / layout.CONFIG_FILE).read_text()
+
+
+def test_the_run_is_evaluated_on_its_test_split_with_folds_by_cluster(workdir):
+    """The evaluate stage is part of the default target; with split_by: cluster its folds keep clusters whole."""
+    files = layout.evaluation_outputs(workdir / layout.evaluation_dir("wf"))
+    record = json.loads(files["ptm_sites.json"].read_text())
+    assert record["run_name"] == "wf" and record["grouped_by"] == "cluster"
+    assert record["checkpoint"] == str(Path(RUN) / layout.BEST_CKPT)
+    assert record["tasks"] and all(t["sites"] >= 4 for t in record["tasks"])
+    assert len(files["ptm_sites.tsv"].read_text().splitlines()) == 1 + 3 * len(record["tasks"])
+    assert files["ptm_sites.png"].read_bytes()[:4] == b"\x89PNG" and files["ptm_sites.html"].is_file()
 
 
 def test_snakemake_report_shows_the_figures_and_tables(workdir):
@@ -181,26 +192,32 @@ def test_rerun_does_nothing(workdir):
 
 
 @pytest.mark.parametrize("override, stages", [
-    ("training={lr: 0.001}", {"train", "plots", "all"}),       # a nested number, typed by the schema
-    ("seed=7", {"train", "plots", "all"}),
-    ("training={mask_prob: 0.2}", {"embed_shard", "gather_embeddings", "train", "plots", "all"}),
-    ("dataset={split_seed: 1}", {"split", "embed_shard", "gather_embeddings", "train", "plots", "all"}),
+    ("training={lr: 0.001}", {"train", "evaluate_run", "plots", "all"}),  # a nested number, typed by the schema
+    ("seed=7", {"train", "evaluate_run", "plots", "all"}),
+    ("training={mask_prob: 0.2}", {"embed_shard", "gather_embeddings", "train", "evaluate_run", "plots", "all"}),
+    ("embedding={dtype: int8}", {"embed_shard", "gather_embeddings", "train", "evaluate_run", "plots", "all"}),
+    ("embedding={dtype: float16}", set()),  # the default, written out
+    ("dataset={split_seed: 1}", {"split", "embed_shard", "gather_embeddings", "train", "evaluate_run", "plots",
+                                 "all"}),
     ("training={num_workers: 1}", set()),                                       # how, not what: reruns nothing
     ("embedding={max_tokens_per_batch: 2000, batch_size: 3}", set()),
+    ("evaluate={folds: 3}", {"evaluate_run", "all"}),                            # the probes only
 ])
 def test_a_setting_reruns_exactly_the_stages_that_read_it(workdir, override, stages):
     assert set(planned(snakemake(workdir, "-n", "--config", override))) == stages
 
 
 @pytest.mark.parametrize("deleted, stages", [
-    (f"{RUN}/{layout.METRICS_FILE}", {"train", "plots", "all"}),
-    (f"{RUN}/{layout.SPLIT_MAPPING}", {"train", "plots", "all"}),
-    (f"{RUN}/{layout.CONFIG_FILE}", {"train", "plots", "all"}),
-    (layout.split_store_path(EMB, "val"), {"embed_shard", "gather_embeddings", "train", "plots",
+    (f"{RUN}/{layout.METRICS_FILE}", {"train", "evaluate_run", "plots", "all"}),
+    (f"{RUN}/{layout.SPLIT_MAPPING}", {"train", "evaluate_run", "plots", "all"}),
+    (f"{RUN}/{layout.CONFIG_FILE}", {"train", "evaluate_run", "plots", "all"}),
+    (layout.split_store_path(EMB, "val"), {"embed_shard", "gather_embeddings", "train", "evaluate_run", "plots",
                                            "all"}),  # its shards are temp()
-    (layout.split_paths(layout.SPLIT_DIR)["mapping"], {"split", "embed_shard", "gather_embeddings", "train", "plots",
-                                                       "all"}),
-    (layout.split_csv(layout.SPLIT_DIR, "test"), {"split", "embed_shard", "gather_embeddings", "train", "plots", "all"}),
+    (layout.split_paths(layout.SPLIT_DIR)["mapping"], {"split", "embed_shard", "gather_embeddings", "train",
+                                                       "evaluate_run", "plots", "all"}),
+    (layout.evaluation_files("wf")["ptm_sites.json"], {"evaluate_run", "all"}),
+    (layout.split_csv(layout.SPLIT_DIR, "test"), {"split", "embed_shard", "gather_embeddings", "train", "evaluate_run",
+                                                  "plots", "all"}),
 ])
 def test_a_deleted_output_is_rebuilt_with_what_depends_on_it(workdir, tmp_path, deleted, stages):
     path = workdir / deleted

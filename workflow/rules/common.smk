@@ -1,6 +1,7 @@
 # Shared set-up: config validation and its typed settings (SETTINGS, as the CLI builds them), the
 # config file the rules pass to the ptm-mamba CLI, and the target list. All real work lives in ptm_mamba/.
 
+import re
 import shlex
 import sys
 
@@ -9,6 +10,7 @@ from ptm_mamba.errors import PipelineError
 from ptm_mamba.fileio import atomic_write_text
 from ptm_mamba import guard, layout
 from ptm_mamba.launch import launch_command, slurm_resources
+from ptm_mamba.config import settings_of_run
 from ptm_mamba.settings import Settings
 from ptm_mamba.stages import EMBED, SPLIT, TRAIN, stage_fingerprint
 
@@ -59,37 +61,87 @@ SPLIT_OUTPUTS = {key: str(path) for key, path in layout.split_paths(SPLIT_DIR).i
 SPLIT_FILES = list(SPLIT_OUTPUTS.values())
 EMBEDDINGS_DIR = SETTINGS.training.embeddings_dir
 NUM_SHARDS = SETTINGS.embedding.shards
-PRECOMPUTED = SETTINGS.training.precomputed
 # The rules' conda environment (--sdm conda). Snakemake builds it from a copy of environment.yml
 # under .snakemake/conda/, so its pip lines name this repository by ${PTM_MAMBA_ROOT}, set here.
 ENV = "../../environment.yml"
 os.environ.setdefault("PTM_MAMBA_ROOT", workflow.basedir)
-RUN_NAME = SETTINGS.run_name or layout.WORKFLOW_RUN_NAME
-RUN_DIR = str(layout.run_dir(SETTINGS.training.output_dir, RUN_NAME))
+# The training runs: one, named run_name; or a sweep (config `runs:`), a train job per run, each with
+# the settings of the top level and its overrides (settings_of_run, as `ptm-mamba train --run_name`
+# takes them), sharing the split and the embeddings (the config refuses overrides of their keys).
+SWEEP = SETTINGS.runs is not None
+RUNS = list(SETTINGS.runs) if SWEEP else [SETTINGS.run_name or layout.WORKFLOW_RUN_NAME]
+try:
+    RUN_SETTINGS = {run: settings_of_run(config, run) for run in RUNS}
+except PipelineError as err:
+    refuse(err)
+# The run of the report's figures and tables (plots) and of the predictions: the only run, or a
+# sweep's first (the compare step shows them all).
+RUN_NAME = RUNS[0]
+# Embeddings are computed when a run reads them.
+PRECOMPUTED = any(s.training.precomputed for s in RUN_SETTINGS.values())
+
+
+def run_dir(run):
+    """A run's folder, {training.output_dir}/ptm-mamba-{run} (one output_dir for every run)."""
+    return str(layout.run_dir(SETTINGS.training.output_dir, run))
+
+
+def run_file(run, name):
+    """A run folder's file by name (layout.RUN_FILES); run may be the pattern "{run}"."""
+    return str(layout.run_files(run_dir(run))[name])
+
+
+def train_log(run):
+    return f"logs/train/{run}.log"
+
+
+RUN_DIR = run_dir(RUN_NAME)
 # The run folder's files by name (layout.RUN_FILES): RUN_FILE[layout.BEST_CKPT] ...
-RUN_FILE = {name: str(path) for name, path in layout.run_files(RUN_DIR).items()}
+RUN_FILE = {name: run_file(RUN_NAME, name) for name in layout.RUN_FILES}
 RUN_FILES = list(RUN_FILE.values())
 BY_CLUSTER = SETTINGS.dataset.by_cluster
 CLUSTERS_FILE = layout.CLUSTERS_FILE
-NUM_PROCESSES = SETTINGS.training.num_processes  # per machine: one per GPU
-NUM_MACHINES = SETTINGS.training.num_machines
-# accelerate launch on one machine, or srun + accelerate's multi-node launch (ptm_mamba/launch.py).
-TRAIN_LOG = f"logs/train/{RUN_NAME}.log"
-LAUNCH = launch_command(NUM_MACHINES, NUM_PROCESSES, log=TRAIN_LOG)
-TRAIN_RESOURCES = slurm_resources(NUM_MACHINES, NUM_PROCESSES)
+# Per run: accelerate launch on one machine, or srun + accelerate's multi-node launch
+# (ptm_mamba/launch.py), training.num_processes per machine (one per GPU); its SLURM resources.
+LAUNCH = {
+    run: launch_command(
+        s.training.num_machines, s.training.num_processes, log=train_log(run)
+    )
+    for run, s in RUN_SETTINGS.items()
+}
+TRAIN_RESOURCES = {
+    run: slurm_resources(s.training.num_machines, s.training.num_processes)
+    for run, s in RUN_SETTINGS.items()
+}
+TRAIN_FINGERPRINT = {
+    run: stage_fingerprint(s, TRAIN) for run, s in RUN_SETTINGS.items()
+}
+if len({tuple(sorted(r)) for r in TRAIN_RESOURCES.values()}) > 1:
+    refuse(
+        "runs: single-machine and multi-machine runs (training.num_machines) in one sweep: "
+        "the train rule's SLURM resources differ in kind; sweep them in separate configs"
+    )
+
+
+def train_resource(key):
+    """A train job's SLURM resource ``key``, of its run."""
+    return lambda wildcards: TRAIN_RESOURCES[wildcards.run][key]
 
 
 wildcard_constraints:
     split="train|val|test",
     shard=r"\d+",
+    run="|".join(re.escape(run) for run in RUNS),
 
 
-def embedding_files():
+def embedding_files(run=None):
     """The gathered embeddings training reads (none when ESM runs on the fly or not at all): each
-    a self-contained copy of its split's shards, which are temp() outputs."""
+    a self-contained copy of its split's shards, which are temp() outputs. Those of ``run``; without
+    one, those any run reads."""
+    precomputed = PRECOMPUTED if run is None else RUN_SETTINGS[run].training.precomputed
     return (
         [str(layout.split_store_path(EMBEDDINGS_DIR, split)) for split in SPLITS]
-        if PRECOMPUTED
+        if precomputed
         else []
     )
 
@@ -99,8 +151,10 @@ def all_targets():
     return [
         *SPLIT_FILES,
         *embedding_files(),  # self-contained: their shards are temporary, deleted once gathered
-        *RUN_FILES,
+        *(run_file(run, name) for run in RUNS for name in layout.RUN_FILES),
         *rules.plots.output,
+        *rules.evaluate.input,  # every run's PTM-site evaluation
+        *(rules.compare.output if SWEEP else []),
     ]
 
 
@@ -139,13 +193,28 @@ PREDICT_INPUTS = prediction_inputs()
 # output: no input the config names (dataset, ESM-2 weights, init_from, resume_from_checkpoint,
 # predict inputs) is an output or lies in the run folder; no output folder is a file; a finished run
 # folder of another project made with other settings is neither adopted nor replaced.
+# Each run of a sweep likewise, and no run reads a file in another's folder.
 try:
-    guard.check_workflow(
-        SETTINGS, RUN_NAME, [prediction_file(name) for name in PREDICT_INPUTS]
-    )
+    for _run, _settings in RUN_SETTINGS.items():
+        guard.check_workflow(
+            _settings,
+            _run,
+            (
+                [prediction_file(name) for name in PREDICT_INPUTS]
+                if _run == RUN_NAME
+                else []
+            ),
+        )
+        guard.refuse_overwrite(
+            {},
+            guard.config_inputs(_settings),
+            folders={f"run {other}'s folder": run_dir(other) for other in RUNS},
+            reader="the workflow",
+        )
 except PipelineError as err:
     refuse(err)
 
 # Why stages rerun, by key: the settings that changed since the run folder's run was made.
-for change in guard.settings_changes(SETTINGS, RUN_DIR):
-    print(f"changed since {RUN_DIR} was made: {change}", file=sys.stderr)
+for _run, _settings in RUN_SETTINGS.items():
+    for change in guard.settings_changes(_settings, run_dir(_run)):
+        print(f"changed since {run_dir(_run)} was made: {change}", file=sys.stderr)

@@ -5,37 +5,38 @@
 rule train:
     input:
         splits=SPLIT_FILES,
-        embeddings=embedding_files(),
+        embeddings=lambda wildcards: embedding_files(wildcards.run),
     output:
         # the run's config, shown in the report as it is
         config=report(
-            RUN_FILE[layout.CONFIG_FILE],
+            run_file("{run}", layout.CONFIG_FILE),
             caption="../report/config.rst",
             category="Configuration",
         ),
-        mapping=RUN_FILE[layout.SPLIT_MAPPING],
-        metrics=RUN_FILE[layout.METRICS_FILE],
-        best=RUN_FILE[layout.BEST_CKPT],
-        last=RUN_FILE[layout.LAST_CKPT],
-        provenance=RUN_FILE[layout.PROVENANCE_FILE],
+        mapping=run_file("{run}", layout.SPLIT_MAPPING),
+        metrics=run_file("{run}", layout.METRICS_FILE),
+        best=run_file("{run}", layout.BEST_CKPT),
+        last=run_file("{run}", layout.LAST_CKPT),
+        provenance=run_file("{run}", layout.PROVENANCE_FILE),
     log:
-        TRAIN_LOG,
+        train_log("{run}"),
     benchmark:
-        f"benchmarks/train/{RUN_NAME}.tsv"
+        "benchmarks/train/{run}.tsv"
     conda:
         ENV
     threads: 2
     resources:
-        **TRAIN_RESOURCES,
+        **{key: train_resource(key) for key in TRAIN_RESOURCES[RUN_NAME]},
     params:
         config=config_file,
         split_dir=lambda wildcards, input: os.path.dirname(input.splits[0]),
-        run_name=RUN_NAME,
+        run_name=lambda wildcards: wildcards.run,
         # how to start, not what results: a param function of `input` is no rerun trigger
-        launch=lambda wildcards, input: LAUNCH,
-        settings=stage_fingerprint(SETTINGS, TRAIN),
+        launch=lambda wildcards, input: LAUNCH[wildcards.run],
+        # the run's settings (the top level, with a sweep's overrides of the run)
+        settings=lambda wildcards: TRAIN_FINGERPRINT[wildcards.run],
     # the launcher shows training on the terminal (the SLURM job's output) and writes it to the log, and
-    # every segment of a resumed run to logs/train/{run_name}.segments.log
+    # every segment of a resumed run to logs/train/{run}.segments.log
     shell:
         "OMP_NUM_THREADS={threads} {params.launch} -m ptm_mamba train --config {params.config:q}"
         " --split_dir {params.split_dir:q} --run_name {params.run_name:q} --no_progress"
