@@ -136,7 +136,9 @@ def test_dag_on_slurm_with_a_train_job_past_its_time_limit(cluster, tmp_path):
     assert set(states[:-1]) <= {"FAILED", "TIMEOUT"}, (states, output[-4000:])
     for job in jobs[:-1]:  # Snakemake's job process in the job step outlived the signal: it exited, after
         # the training (SLURM would have killed the rest of the step with it), not by the signal
-        slurm_log = (tmp_path / ".snakemake" / "slurm_logs" / "rule_train" / f"{job}.log").read_text()
+        # the plugin's log folder: rule_train/, and below it a folder per wildcard value (the run's name)
+        slurm_log, = (tmp_path / ".snakemake" / "slurm_logs" / "rule_train").rglob(f"{job}.log")
+        slurm_log = slurm_log.read_text()
         assert re.search(r"task 0: Exited with exit code 1\b", slurm_log), slurm_log[-3000:]
     # Snakemake deleted the first job's log before resubmitting; the segments log has both, in order
     log = (tmp_path / "logs" / "train" / "slurm.segments.log").read_text()
