@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .errors import PipelineError
+from .fileio import read_json
 from .options import option
 
 # (key, what it is), in the table's order.
@@ -110,12 +111,7 @@ def read_evaluation(path: str | Path, run: str) -> tuple[dict[str, dict[str, flo
     """AUROC by task and feature set, and sites by task, from the evaluate stage's ``ptm_sites.json``
     of ``run`` (``{"run_name", "tasks": [{"ptm", "residue", "sites", "features": {name: {"auroc", ...}}}]}``)."""
     path = Path(path)
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise PipelineError(f"{path}: not found (run the evaluate stage of run {run} first)") from None
-    except (OSError, ValueError) as exc:
-        raise PipelineError(f"{path}: not valid JSON ({exc})") from None
+    record = read_json(path, f"run the evaluate stage of run {run} first")
     if not isinstance(record, dict) or not isinstance(record.get("tasks"), list):
         raise PipelineError(f"{path}: expected the evaluate stage's record, {{\"run_name\", \"tasks\": [...]}}")
     if record.get("run_name", run) != run:

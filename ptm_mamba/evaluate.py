@@ -28,7 +28,6 @@ from __future__ import annotations
 import csv
 import functools
 import io
-import json
 import math
 import os
 from collections import Counter
@@ -40,6 +39,7 @@ from tqdm import tqdm
 
 from .dataset import Protein
 from .errors import PipelineError
+from .fileio import read_json
 from .settings import EvaluateSettings, Settings
 from .tokenizer import PTM_RESIDUE, RESIDUES, PTMTokenizer, residue_rows
 
@@ -261,12 +261,7 @@ def check_run_split(run_folder: Path, proteins: list[Protein], split_dir) -> Non
     from .layout import SPLIT_MAPPING
 
     path = run_folder / SPLIT_MAPPING
-    try:
-        mapping = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise PipelineError(f"{path} not found: is the run finished?") from None
-    except (OSError, ValueError) as exc:
-        raise PipelineError(f"{path}: unreadable ({exc})") from None
+    mapping = read_json(path, "is the run finished?")
     if not isinstance(mapping, dict):
         raise PipelineError(f"{path}: not the split stage's mapping of ids to splits")
     for p in proteins:

@@ -209,6 +209,17 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
+def read_json(path: str | os.PathLike, missing: str):
+    """A JSON file's value; a missing file is a one-line error that says ``missing`` (what to do),
+    an unreadable or invalid one says why."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise PipelineError(f"{path} not found: {missing}") from None
+    except (OSError, ValueError) as exc:
+        raise PipelineError(f"{path}: unreadable ({exc})") from None
+
+
 def atomic_write_json(path: str | os.PathLike, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
 

@@ -10,10 +10,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 
-from conftest import run_cli, tiny_config, write_config, write_csv
+from conftest import run_cli, tiny_config, write_config
 from ptm_mamba.data import BatchBuilder
 from ptm_mamba.embed import embed_proteins, store_attrs
 from ptm_mamba.embedding_store import EmbeddingReader, plan_shards
@@ -22,7 +21,6 @@ from ptm_mamba.esm import load_esm_of
 from ptm_mamba.dataset import Protein
 from ptm_mamba.masking import replicate_mask
 from ptm_mamba.settings import Settings
-from ptm_mamba.split import read_split
 from ptm_mamba.tokenizer import PTMTokenizer
 
 TOK = PTMTokenizer()

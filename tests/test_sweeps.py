@@ -10,7 +10,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-import yaml
 
 from conftest import REPO, error_line, run_cli, tiny_config, write_config
 from ptm_mamba import layout

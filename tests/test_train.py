@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, run_cli, write_config
+from conftest import run_cli, write_config
 from ptm_mamba.data import BatchBuilder
 from ptm_mamba.embedding_store import EmbeddingReader
 from ptm_mamba.layout import (BEST_CKPT, LAST_CKPT, METRICS_FILE, RESUME_DIR, RUN_FILES, SPLIT_MAPPING, run_dir,
