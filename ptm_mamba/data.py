@@ -69,7 +69,7 @@ class _BufferPool:
     def take(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         n = int(np.prod(shape))
         if torch.utils.data.get_worker_info() is not None:  # in shared memory: sent without a copy
-            storage = torch.UntypedStorage._new_shared(n * torch.empty(0, dtype=dtype).element_size())
+            storage = torch.UntypedStorage._new_shared(n * dtype.itemsize)
             return torch.empty(0, dtype=dtype).set_(storage).view(shape)
         for buf, idle in self.free:
             if buf.dtype == dtype and buf.numel() >= n and _idle(buf, idle):

@@ -590,18 +590,15 @@ class _ChunkAppender:
                                 f"{self.dset.name}, expected {len(self.dset)}")
 
 
-def _has_checksums(path: Path, K: int) -> bool:
+def _checksums_of(path: Path, K: int) -> list[np.ndarray] | None:
+    """A store's per-protein checksums, ``checksums/<k>`` for every replicate; None without them."""
     with _open(path) as f:
-        return all(f"checksums/{k}" in f for k in range(K))
-
-
-def _read_checksums(path: Path, replicate: int) -> np.ndarray:
-    name = f"checksums/{replicate}"
-    with _open(path) as f:
+        if not all(f"checksums/{k}" in f for k in range(K)):
+            return None
         try:
-            return f[name][()].astype(np.uint64)
+            return [f[f"checksums/{k}"][()].astype(np.uint64) for k in range(K)]
         except OSError as e:
-            raise _damaged(f"{path}: {name}", e) from None
+            raise _damaged(f"{path}: checksums", e) from None
 
 
 def _create_like(f: h5py.File, name: str, src: h5py.Dataset, rows: int) -> h5py.Dataset:
@@ -668,7 +665,8 @@ def gather(
     names = _store_datasets(K, ref.attrs.get("dtype", "float16"))
     # Shards with per-protein checksums had their values checked when written: the copy verifies
     # Fletcher32 (HDF5 does, reading) and carries the checksums over, without a second look at the values.
-    checksummed = all(_has_checksums(s.path, K) for s in shards)
+    sums = [_checksums_of(s.path, K) for s in shards]
+    checksummed = all(x is not None for x in sums)
     check_values = check_values and not checksummed
 
     out = _AtomicH5(out_path)
@@ -677,8 +675,8 @@ def gather(
         out.kept += [f.create_dataset("ids", data=np.array(all_ids, dtype=object), dtype=h5py.string_dtype("utf-8")),
                      f.create_dataset("offsets", data=offsets.astype(np.int64), fletcher32=True)]
         if checksummed:
-            out.kept += [f.create_dataset(f"checksums/{k}", data=np.concatenate(
-                [_read_checksums(s.path, k) for s in shards]), fletcher32=True) for k in range(K)]
+            out.kept += [f.create_dataset(f"checksums/{k}", data=np.concatenate([x[k] for x in sums]),
+                                          fletcher32=True) for k in range(K)]
         with _open(ref.path) as first:
             sinks = {}
             for name in names:
